@@ -1,0 +1,77 @@
+"""A small explicit model registry (after torchvision's ``models/_api.py``).
+
+Model files register factories with :func:`register_model`; nothing is discovered by
+scanning. ``create("patchcore", image_size=512)`` builds a model, ``list_models("*tiny")``
+lists names with an fnmatch pattern.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from collections.abc import Callable
+from typing import TypeVar
+
+from torch import nn
+
+F = TypeVar("F", bound=Callable[..., nn.Module])
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+# Modules whose import registers models. Listed explicitly, imported on first use, so
+# that `import visionscale.registry` stays cheap and there is no import-time scanning.
+_MODEL_MODULES = (
+    "visionscale.nn.resnet",
+    "visionscale.anomaly.patchcore",
+    "visionscale.anomaly.efficientad",
+    "visionscale.anomaly.ddad",
+)
+_loaded = False
+
+
+class UnknownModelError(KeyError):
+    """Raised for a name that is not registered; the message lists the known names."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+def register_model(name: str | None = None) -> Callable[[F], F]:
+    """Decorator registering a model factory under ``name`` (default: function name)."""
+
+    def wrap(fn: F) -> F:
+        key = name or fn.__name__
+        if key in _REGISTRY and _REGISTRY[key] is not fn:
+            raise ValueError(f"model {key!r} is already registered")
+        _REGISTRY[key] = fn
+        return fn
+
+    return wrap
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        for mod in _MODEL_MODULES:
+            importlib.import_module(mod)
+        _loaded = True
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted names of registered models matching an fnmatch ``pattern``."""
+    _ensure_loaded()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+
+
+def get_model_factory(name: str) -> Callable[..., nn.Module]:
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise UnknownModelError(f"unknown model {name!r}; known models: {known}") from None
+
+
+def create(name: str, **kwargs) -> nn.Module:
+    """Build a registered model. Keyword arguments go to its factory."""
+    return get_model_factory(name)(**kwargs)
