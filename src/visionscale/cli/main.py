@@ -1,0 +1,144 @@
+"""``visionscale`` command line: a thin typer layer over the Python API.
+
+Each command parses arguments, makes one library call and prints. Errors in the input
+print one line naming what is wrong and exit with status 2; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="How memory and latency of vision models grow with image resolution, and what fits on your GPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_resolutions(text: str) -> tuple[int, ...]:
+    values = []
+    for item in _split(text):
+        try:
+            v = int(item)
+        except ValueError:
+            raise ValueError(f"resolution {item!r} is not an integer number of pixels") from None
+        if v <= 0:
+            raise ValueError(f"resolution must be positive, got {v}")
+        values.append(v)
+    if not values:
+        raise ValueError("no resolutions given")
+    return tuple(values)
+
+
+@app.command("models")
+def models_cmd(pattern: str = typer.Argument("*", help="fnmatch pattern, e.g. '*tiny'")) -> None:
+    """List registered models."""
+    from visionscale.registry import list_models
+
+    for name in list_models(pattern):
+        out.print(name, highlight=False)
+
+
+@app.command("scale")
+def scale_cmd(
+    models: str = typer.Option("patchcore,efficientad_m,ddad", "--models", "-m", help="Comma-separated model names (see `visionscale models`)."),
+    resolutions: str = typer.Option("256,512,1024", "--resolutions", "-r", help="Comma-separated square sizes in px."),
+    target: int = typer.Option(3000, help="Extrapolate the fits to this side length (px)."),
+    dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16 (parameters and activations)."),
+    device: str = typer.Option("auto", help="auto (CUDA if available), cpu or cuda[:N]."),
+    batch_size: int = typer.Option(1, help="Images per forward pass (the seed uses 1)."),
+    timing: bool = typer.Option(True, "--timing/--no-timing", help="Measure runtime (analytic memory is always computed)."),
+    warmup: Optional[int] = typer.Option(None, help="Warm-up runs per resolution [default: 100 on CUDA, 1 on CPU]."),
+    repeats: Optional[int] = typer.Option(None, help="Timed runs [default: 1000 on CUDA, 3 on CPU]."),
+    time_budget: Optional[float] = typer.Option(None, help="Seconds for all timing [default: none on CUDA, 120 on CPU]; what does not fit is marked skipped."),
+    gpu: list[str] = typer.Option([], "--gpu", help="Add a GPU to the catalogue: 'NAME=SIZE', e.g. 'RTX 6000 Ada=48GiB'. Repeatable."),
+    only_gpus: bool = typer.Option(False, "--only-gpus", help="Use only the --gpu cards, not the built-in catalogue."),
+    cuda_context: str = typer.Option("512MiB", help="Memory the CUDA context and libraries take beside PyTorch's tensors."),
+    exact_limits: bool = typer.Option(True, "--exact-limits/--no-exact-limits", help="Also find each GPU's limit by bisection on the analytic pass."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
+    out_dir: Path = typer.Option(Path("scale-results"), "--out", "-o", help="Output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print results.json to stdout."),
+) -> None:
+    """Run the resolution-scalability study (defaults: seed 000's study)."""
+    from visionscale.profiling.gpus import GPUS, parse_gpu, parse_size
+    from visionscale.profiling.report import OutputError, check_output_dir, write_outputs
+    from visionscale.profiling.sweep import StudyConfig, StudyError, run_study
+    from visionscale.registry import UnknownModelError
+
+    try:
+        res = parse_resolutions(resolutions)
+        extra = tuple(parse_gpu(g) for g in gpu)
+        cards = extra if only_gpus else GPUS + extra
+        if not cards:
+            raise ValueError("--only-gpus needs at least one --gpu NAME=SIZE")
+        cfg = StudyConfig(
+            models=tuple(_split(models)), resolutions=res, target=target, dtype=dtype, device=device,
+            batch_size=batch_size, timing=timing, warmup=warmup, repeats=repeats, time_budget_s=time_budget,
+            gpus=cards, cuda_context_bytes=parse_size(cuda_context), exact_limits=exact_limits,
+        )
+        check_output_dir(out_dir)
+    except (ValueError, UnknownModelError, OutputError) as exc:
+        fail(str(exc))
+
+    try:
+        with err.status("starting") as status:
+            result = run_study(cfg, progress=lambda msg: status.update(msg))
+        written = write_outputs(result, out_dir, plots=plots)
+    except (StudyError, UnknownModelError) as exc:
+        fail(str(exc))
+    except OutputError as exc:
+        fail(str(exc))
+
+    if as_json:
+        sys.stdout.write((out_dir / "results.json").read_text() + "\n")
+        return
+    _print_summary(result)
+    out.print(f"wrote {len(written)} files to {out_dir}/ (report.md, results.json, CSVs, plots)", highlight=False)
+
+
+def _print_summary(result) -> None:
+    from rich.table import Table
+
+    t = Table(title="Largest square resolution per GPU (fit of peak memory)")
+    t.add_column("GPU")
+    models = list(dict.fromkeys(g["model"] for g in result.gpu_limits))
+    for m in models:
+        t.add_column(m, justify="right")
+    gpus = list(dict.fromkeys(g["gpu"] for g in result.gpu_limits))
+    for name in gpus:
+        cells = []
+        for m in models:
+            g = next(x for x in result.gpu_limits if x["gpu"] == name and x["model"] == m)
+            v = g["max_resolution"]
+            a = g.get("max_resolution_analytic")
+            cells.append(("–" if v is None else str(v)) + ("" if a is None else f" ({a})"))
+        t.add_row(name, *cells)
+    out.print(t)
+    if result.config.get("exact_limits"):
+        out.print("(in brackets: bisection on the analytic pass)", highlight=False)
+
+
+def main() -> None:  # pragma: no cover - entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,320 @@
+"""Write a study's outputs: results.json, tidy CSVs, PNG plots and report.md.
+
+Every file is written to a temporary name in the output folder and renamed into place,
+so an interrupted run never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visionscale.profiling.sweep import StudyResult
+
+MiB = 1024**2
+
+
+class OutputError(OSError):
+    """The output folder cannot be used."""
+
+
+def check_output_dir(path: Path) -> Path:
+    """Create ``path`` if needed and prove it is writable, before any work starts."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output path {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _csv_bytes(records: list[dict[str, Any]]) -> bytes:
+    buf = io.StringIO()
+    if records:
+        fields: list[str] = []
+        for rec in records:
+            fields.extend(k for k in rec if k not in fields)
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for rec in records:
+            writer.writerow({k: ("" if v is None else v) for k, v in rec.items()})
+    return buf.getvalue().encode()
+
+
+def _mib(x: float | None) -> str:
+    return "–" if x is None else f"{x / MiB:,.1f}"
+
+
+def _ms(x: float | None) -> str:
+    return "–" if x is None else f"{x:,.2f}"
+
+
+def _models(result: StudyResult) -> list[str]:
+    return list(dict.fromkeys(r["model"] for r in result.rows))
+
+
+def _components(result: StudyResult, model: str) -> list[str]:
+    return list(dict.fromkeys(r["component"] for r in result.rows if r["model"] == model))
+
+
+def _fit(result: StudyResult, model: str, component: str, metric: str) -> dict[str, Any] | None:
+    for f in result.fits:
+        if f["model"] == model and f["component"] == component and f["metric"] == metric:
+            return f
+    return None
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plot_model(result: StudyResult, model: str) -> bytes:
+    """Stacked per-component memory and runtime per resolution (seed Figures 2-7)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.rows if r["model"] == model]
+    res = sorted({r["resolution"] for r in rows})
+    comps = _components(result, model)
+    timed = any(r["time_ms_mean"] is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4.2), squeeze=False)
+    ax = axes[0][0]
+    x = np.arange(len(res))
+    bottom = np.zeros(len(res))
+    colors = plt.get_cmap("tab10")
+    for i, comp in enumerate(comps):
+        by_res = {r["resolution"]: r for r in rows if r["component"] == comp}
+        params = np.array([by_res[q]["params_bytes"] / MiB for q in res])
+        acts = np.array([by_res[q]["activation_sum_bytes"] / MiB for q in res])
+        ax.bar(x, params, bottom=bottom, color=colors(i), alpha=0.45, hatch="//", edgecolor="white")
+        bottom += params
+        ax.bar(x, acts, bottom=bottom, color=colors(i), label=comp)
+        bottom += acts
+    ax.set_xticks(x, [f"{q}×{q}" for q in res])
+    ax.set_ylabel("MiB (hatched: parameters, solid: activations)")
+    ax.set_title(f"{model}: memory per component ({result.config['dtype']}, seed Eq. 1)")
+    ax.legend()
+    if timed:
+        ax = axes[0][1]
+        bottom = np.zeros(len(res))
+        for i, comp in enumerate(comps):
+            by_res = {r["resolution"]: r for r in rows if r["component"] == comp}
+            t = np.array([by_res[q]["time_ms_mean"] or 0.0 for q in res])
+            ax.bar(x, t, bottom=bottom, color=colors(i), label=comp)
+            bottom += t
+        ax.set_xticks(x, [f"{q}×{q}" for q in res])
+        device = result.environment.get("gpu") or "CPU"
+        ax.set_ylabel("ms per image (mean)")
+        ax.set_title(f"{model}: runtime per component on {device}")
+        ax.legend()
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _model_totals(result: StudyResult, model: str, metric: str) -> dict[int, float]:
+    """Model-level value per resolution (memory from the study's totals, time summed)."""
+    if metric.endswith("_bytes"):
+        return {t["resolution"]: t[metric] for t in result.totals if t["model"] == model}
+    out: dict[int, float] = {}
+    for q in sorted({r["resolution"] for r in result.rows if r["model"] == model}):
+        sel = [r for r in result.rows if r["model"] == model and r["resolution"] == q]
+        if all(r[metric] is not None for r in sel):
+            out[q] = sum(r[metric] for r in sel)
+    return out
+
+
+def plot_comparison(result: StudyResult, metric: str) -> bytes:
+    """Fitted and extrapolated curves of all models with GPU and sensor lines (Figures 8-9)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target = result.config["target"]
+    xs = np.linspace(0, max(target, max(result.config["resolutions"])), 300)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = plt.get_cmap("tab10")
+    memory = metric.endswith("_bytes")
+    scale = 1 / 1024**3 if memory else 1.0
+    for i, model in enumerate(_models(result)):
+        f = _fit(result, model, "total", metric)
+        pts = _model_totals(result, model, metric)
+        if f is not None:
+            ax.plot(xs, (f["beta0"] + f["beta1"] * xs + f["beta2"] * xs**2) * scale, color=colors(i), label=f"{model} (fit)")
+        if pts:
+            ax.scatter(list(pts), [v * scale for v in pts.values()], color=colors(i), zorder=3)
+        if memory:
+            for c in result.checks:
+                if c["model"] == model and c["metric"] == metric:
+                    ax.scatter([c["resolution"]], [c["analytic_bytes"] * scale], marker="x", s=60, color=colors(i),
+                               zorder=4, label=f"{model} analytic at {c['resolution']}")
+    ymax = ax.get_ylim()[1]
+    if memory:
+        for gpu in result.config["gpus"]:
+            v = gpu["vram_bytes"] * scale
+            if v <= ymax * 1.05:
+                ax.axhline(v, color="grey", lw=0.8, ls="--")
+                ax.text(xs[1], v, f" {gpu['name']}", va="bottom", fontsize=7, color="dimgrey")
+        ax.set_ylabel(f"GiB ({'peak of live tensors + params' if metric == 'total_peak_bytes' else 'seed Eq. 1: params + sum of activations'})")
+    else:
+        ax.set_ylabel("ms per image")
+    for s in result.sensors:
+        if s["side_px"] <= xs[-1]:
+            ax.axvline(s["side_px"], color="tab:red", lw=0.8, ls=":")
+            ax.text(s["side_px"], ymax * 0.98, f"{s['megapixels']:g} MP", rotation=90, va="top", ha="right",
+                    fontsize=8, color="tab:red")
+    ax.set_ylim(0, ymax)
+    ax.set_xlabel("square image side (px)")
+    device = result.environment.get("gpu") or "CPU"
+    what = "memory" if memory else f"runtime on {device}"
+    ax.set_title(f"{what}, fitted on {result.config['resolutions']} px and extrapolated to {target} px")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _sensor_for(side: int | None, sensors: list[dict[str, Any]]) -> str:
+    if side is None:
+        return "–"
+    ok = [s for s in sensors if s["side_px"] <= side]
+    return f"{max(s['megapixels'] for s in ok):g} MP" if ok else "< 2 MP"
+
+
+def render_markdown(result: StudyResult, images: list[str]) -> str:
+    env, cfg = result.environment, result.config
+    device = env.get("gpu") or f"CPU ({env.get('processor')}, {env.get('cpu_count')} threads)"
+    lines = [
+        "# Resolution scalability study",
+        "",
+        f"Models: {', '.join(cfg['models'])}. Resolutions: {', '.join(map(str, cfg['resolutions']))} px "
+        f"(square, batch {cfg['batch_size']}, {cfg['dtype']}). Extrapolated to {cfg['target']} px.",
+        f"Device: {device}; torch {env['torch']}" + (f", CUDA {env.get('cuda')}" if env.get("cuda") else "") + ".",
+    ]
+    if cfg.get("timing"):
+        kind = "GPU (CUDA events)" if env["device"] == "cuda" else "**CPU timings** (host timer; not GPU numbers)"
+        lines.append(f"Runtime: {kind}, warm-up {cfg['warmup']}, repetitions {cfg['repeats']}"
+                     + (f", time budget {cfg['time_budget_s']:g} s" if cfg.get("time_budget_s") else "") + ".")
+    lines += [
+        "",
+        "Memory is computed from shapes on PyTorch's `meta` device. *Sum* is the seed's Eq. 1 "
+        "(every layer's output added up); *peak* is the most bytes held at once by live tensors, "
+        "which is what has to fit on a GPU beside the parameters and inputs.",
+        "",
+        "## Per component",
+        "",
+        "| model | component | px | params MiB | act. sum MiB | act. peak MiB | measured peak MiB | ms mean | ms median | ms p95 | n | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result.rows:
+        lines.append(
+            f"| {r['model']} | {r['component']} | {r['resolution']} | {_mib(r['params_bytes'])} | "
+            f"{_mib(r['activation_sum_bytes'])} | {_mib(r['activation_peak_bytes'])} | "
+            f"{_mib(r['measured_activation_peak_bytes'])} | {_ms(r['time_ms_mean'])} | {_ms(r['time_ms_median'])} | "
+            f"{_ms(r['time_ms_p95'])} | {r['time_n']} | {r['status']} |")
+    lines += ["", "## Quadratic fits of the model totals (x = side in px)", "",
+              "| model | metric | β0 | β1 | β2 | R² | at target |", "|---|---|---:|---:|---:|---:|---:|"]
+    for f in result.fits:
+        if f["component"] != "total":
+            continue
+        unit = (lambda v: f"{v / MiB:,.1f} MiB") if f["metric"].endswith("bytes") else (lambda v: f"{v:,.1f} ms")
+        lines.append(f"| {f['model']} | {f['metric']} | {f['beta0']:.4g} | {f['beta1']:.4g} | {f['beta2']:.4g} | "
+                     f"{f['r2']:.4f} | {unit(f['prediction_at_target'])} |")
+    if any(f["n"] == 3 for f in result.fits):
+        lines += ["", "With three resolutions a quadratic passes through every point (R² = 1 by construction); "
+                      "the check below compares the extrapolation with the analytic value at the target."]
+    if result.checks:
+        lines += ["", "## Extrapolation checked against the analytic pass", "",
+                  "| model | metric | px | fitted GiB | analytic GiB | fit error |", "|---|---|---:|---:|---:|---:|"]
+        for c in result.checks:
+            err = "–" if c["relative_error"] is None else f"{c['relative_error'] * 100:+.1f} %"
+            lines.append(f"| {c['model']} | {c['metric']} | {c['resolution']} | {c['fitted_bytes'] / 1024**3:,.2f} | "
+                         f"{c['analytic_bytes'] / 1024**3:,.2f} | {err} |")
+    lines += ["", f"## Largest square resolution per GPU (CUDA context allowance "
+                  f"{cfg['cuda_context_bytes'] / MiB:,.0f} MiB)", "",
+              "`max_resolution`: from the fit of the peak total; `seed sum`: from the fit of the seed's Eq. 1 total; "
+              f"`analytic`: bisection on the analytic pass (to {cfg['limit_step']} px).", "",
+              "| model | GPU | VRAM GiB | max px (peak fit) | sensor | max px (seed sum fit) | max px (analytic) |",
+              "|---|---|---:|---:|---|---:|---:|"]
+    for g in result.gpu_limits:
+        lines.append(f"| {g['model']} | {g['gpu']} | {g['vram_bytes'] / 1024**3:,.1f} | {g['max_resolution'] or '–'} | "
+                     f"{_sensor_for(g['max_resolution'], result.sensors)} | {g['max_resolution_seed_sum'] or '–'} | "
+                     f"{g.get('max_resolution_analytic') or '–'} |")
+    lines += ["", "Camera sensors (1:1): " + ", ".join(f"{s['megapixels']:g} MP = {s['side_px']} px" for s in result.sensors), ""]
+    if images:
+        lines += ["## Plots", ""] + [f"![{Path(i).stem}]({i})" for i in images] + [""]
+    return "\n".join(lines)
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+def write_outputs(result: StudyResult, out_dir: Path, plots: bool = True) -> list[Path]:
+    """Write all outputs of a study into ``out_dir``; returns the files written."""
+    out_dir = check_output_dir(Path(out_dir))
+    files: dict[str, bytes] = {}
+    files["results.json"] = json.dumps(result.to_dict(), indent=1, default=_json_default).encode()
+    files["rows.csv"] = _csv_bytes(result.rows)
+    files["fits.csv"] = _csv_bytes(result.fits)
+    files["gpu_limits.csv"] = _csv_bytes(result.gpu_limits)
+    files["checks.csv"] = _csv_bytes(result.checks)
+    files["totals.csv"] = _csv_bytes(result.totals)
+    images: list[str] = []
+    if plots:
+        for model in _models(result):
+            name = f"components_{model}.png"
+            files[name] = plot_model(result, model)
+            images.append(name)
+        for metric, name in (("total_peak_bytes", "memory_extrapolated.png"),
+                             ("total_sum_bytes", "memory_extrapolated_seed_sum.png"),
+                             ("time_ms_mean", "runtime_extrapolated.png")):
+            if any(f["component"] == "total" and f["metric"] == metric for f in result.fits):
+                files[name] = plot_comparison(result, metric)
+                images.append(name)
+    files["report.md"] = render_markdown(result, images).encode()
+    written = []
+    for name, data in files.items():
+        write_atomic(out_dir / name, data)
+        written.append(out_dir / name)
+    return written

@@ -1,0 +1,471 @@
+"""The resolution sweep: analytic memory, measured time and memory, fits and GPU limits.
+
+``run_study(StudyConfig(...))`` is what ``visionscale scale`` calls. It works on any
+registered model name and on any ``nn.Module`` (or a factory ``resolution -> nn.Module``)
+passed through ``modules=``. The order of work is chosen so bad input fails before
+anything expensive runs: names, resolutions and every model's size constraints are
+checked first, then the analytic pass (free, on the ``meta`` device), then timing.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from visionscale.components import Component, State, components_of, module_bytes
+from visionscale.profiling.fit import QuadraticFit, fit_quadratic
+from visionscale.profiling.gpus import CUDA_CONTEXT_BYTES, GPU, GPUS, SENSORS_MP, sensor_side
+from visionscale.profiling.memory import MemoryEstimate, estimate_model, model_totals
+from visionscale.profiling.timing import TimingStats, is_oom, measure_cuda_memory, time_component
+from visionscale.registry import get_model_factory
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# The seed's study: PatchCore-10, EfficientAD-M and DDAD-10 at 256/512/1024 px.
+DEFAULT_MODELS = ("patchcore", "efficientad_m", "ddad")
+DEFAULT_RESOLUTIONS = (256, 512, 1024)
+DEFAULT_TARGET = 3000
+
+ModelSource = nn.Module | Callable[[int], nn.Module]
+
+MEMORY_METRICS = ("params_bytes", "activation_sum_bytes", "activation_peak_bytes", "total_sum_bytes", "total_peak_bytes")
+
+
+class StudyError(ValueError):
+    """Bad study input, reported before any work is done."""
+
+
+@dataclass
+class StudyConfig:
+    """What to measure. ``None`` for warmup/repeats/time_budget_s means the device default:
+    the seed's 100 / 1000 and no budget on CUDA; 1 / 3 and 120 s on the CPU."""
+
+    models: tuple[str, ...] = DEFAULT_MODELS
+    resolutions: tuple[int, ...] = DEFAULT_RESOLUTIONS
+    target: int = DEFAULT_TARGET
+    dtype: str = "fp32"
+    device: str = "auto"
+    batch_size: int = 1
+    in_channels: int = 3
+    timing: bool = True
+    warmup: int | None = None
+    repeats: int | None = None
+    time_budget_s: float | None = None
+    gpus: tuple[GPU, ...] = GPUS
+    cuda_context_bytes: int = CUDA_CONTEXT_BYTES
+    exact_limits: bool = True
+    limit_step: int = 32
+    model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise StudyError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+        if dev.type not in ("cpu", "cuda"):
+            raise StudyError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        return dev
+
+
+@dataclass
+class StudyResult:
+    config: dict[str, Any]
+    environment: dict[str, Any]
+    rows: list[dict[str, Any]]
+    fits: list[dict[str, Any]]
+    gpu_limits: list[dict[str, Any]]
+    checks: list[dict[str, Any]]
+    totals: list[dict[str, Any]]
+    sensors: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class _Source:
+    """Builds one model at a resolution on a device, whatever the user handed us."""
+
+    def __init__(self, name: str, source: ModelSource | None, kwargs: dict[str, Any]):
+        self.name = name
+        self.kwargs = kwargs
+        if source is None:
+            self.factory: Callable[..., nn.Module] | None = get_model_factory(name)
+            self.module = None
+        elif isinstance(source, nn.Module):
+            self.factory, self.module = None, source
+        elif callable(source):
+            self.factory, self.module = source, None
+        else:
+            raise StudyError(f"model {name!r}: expected an nn.Module or a callable, got {type(source).__name__}")
+
+    def build(self, resolution: int, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+        if self.module is not None:
+            model = copy.deepcopy(self.module) if torch.device(device).type == "meta" else self.module
+            return model.to(device=device, dtype=dtype).eval()
+        assert self.factory is not None
+        kw = dict(self.kwargs)
+        if _accepts(self.factory, "image_size"):
+            kw.setdefault("image_size", resolution)
+        with torch.device(device):
+            model = self.factory(**kw)
+        return model.to(device=device, dtype=dtype).eval()
+
+
+def _validate(model: nn.Module, name: str, resolution: int) -> None:
+    check = getattr(model, "validate_input_size", None)
+    if check is not None:
+        try:
+            check(resolution, resolution)
+        except ValueError as exc:
+            raise StudyError(f"model {name!r} cannot run at {resolution}x{resolution}: {exc}") from None
+
+
+def _check_resolutions(resolutions) -> tuple[int, ...]:
+    out = []
+    for r in resolutions:
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise StudyError(f"resolutions must be positive integers (pixels), got {r!r}")
+        if r <= 0:
+            raise StudyError(f"resolutions must be positive, got {r}")
+        out.append(r)
+    if not out:
+        raise StudyError("no resolutions given")
+    return tuple(sorted(set(out)))
+
+
+def _nearest_supported(model_at: Callable[[int], nn.Module], name: str, target: int, step: int = 1) -> int | None:
+    """Smallest size >= target (within 64 px) that the model accepts, for the analytic check."""
+    for r in range(target, target + 65, step):
+        try:
+            _validate(model_at(r), name, r)
+            return r
+        except StudyError:
+            continue
+    return None
+
+
+def _meta_input(cfg: StudyConfig, resolution: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(cfg.batch_size, cfg.in_channels, resolution, resolution, device="meta", dtype=dtype)
+
+
+def analytic(source: _Source, cfg: StudyConfig, resolution: int) -> tuple[dict[str, MemoryEstimate], list[Component]]:
+    """Per-component analytic memory of a model at one square resolution."""
+    dtype = DTYPES[cfg.dtype]
+    model = source.build(resolution, "meta", dtype)
+    parts = components_of(model)
+    return estimate_model(parts, _meta_input(cfg, resolution, dtype)), parts
+
+
+def _totals_of(estimates: dict[str, MemoryEstimate], parts: list[Component]) -> dict[str, int]:
+    # Shared modules (one backbone used by two components) count once in the total.
+    return model_totals(estimates, module_bytes(nn.ModuleList([p.module for p in parts])))
+
+
+def _totals(source: _Source, cfg: StudyConfig, resolution: int) -> dict[str, int]:
+    return _totals_of(*analytic(source, cfg, resolution))
+
+
+def exact_limit(source: _Source, cfg: StudyConfig, vram_bytes: int, lo: int, hi: int = 16384) -> int | None:
+    """Largest multiple of ``cfg.limit_step`` whose analytic peak (plus the CUDA context)
+    fits into ``vram_bytes``, by bisection on the analytic pass. ``lo`` must fit.
+
+    Assumes memory grows with resolution, which holds for every conv/attention model.
+    Sizes the model rejects are treated as not fitting.
+    """
+    step = cfg.limit_step
+    budget = vram_bytes - cfg.cuda_context_bytes
+
+    def fits(r: int) -> bool:
+        try:
+            return _totals(source, cfg, r)["total_peak_bytes"] <= budget
+        except (StudyError, ValueError, RuntimeError):
+            return False
+
+    lo_k, hi_k = lo // step, hi // step
+    if lo_k < 1 or not fits(lo_k * step):
+        return None
+    if fits(hi_k * step):
+        return hi_k * step
+    while hi_k - lo_k > 1:
+        mid = (lo_k + hi_k) // 2
+        if fits(mid * step):
+            lo_k = mid
+        else:
+            hi_k = mid
+    return lo_k * step
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": torch.get_num_threads(),
+        "device": device.type,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version())
+    return env
+
+
+Progress = Callable[[str], None]
+
+
+def _timing_defaults(cfg: StudyConfig, device: torch.device) -> tuple[int, int, float | None]:
+    cuda = device.type == "cuda"
+    warmup = cfg.warmup if cfg.warmup is not None else (100 if cuda else 1)
+    repeats = cfg.repeats if cfg.repeats is not None else (1000 if cuda else 3)
+    budget = cfg.time_budget_s if cfg.time_budget_s is not None else (None if cuda else 120.0)
+    if warmup < 0 or repeats < 1:
+        raise StudyError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    return warmup, repeats, budget
+
+
+def _measure(
+    source: _Source, cfg: StudyConfig, resolution: int, device: torch.device, warmup: int, repeats: int,
+    deadline: float | None, label: str,
+) -> tuple[dict[str, dict[str, Any]], float]:
+    """Time (and on CUDA measure memory of) every component at one resolution.
+
+    Returns per-component measurement fields and the seconds one full pass took.
+    """
+    dtype = DTYPES[cfg.dtype]
+    model = source.build(resolution, device, dtype)
+    parts = components_of(model)
+    image = torch.randn(cfg.batch_size, cfg.in_channels, resolution, resolution, device=device, dtype=dtype)
+    # One pass in order, keeping the state each component starts from; it doubles as a
+    # first warm-up and tells how long a full pass takes (for the CPU time budget).
+    states: list[State] = []
+    state: State = {"image": image}
+    probe_ms: list[float] = []
+    t_all = time.perf_counter()
+    with torch.inference_mode():
+        for part in parts:
+            states.append(dict(state))
+            t0 = time.perf_counter()
+            state.update(part.run(state))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            probe_ms.append((time.perf_counter() - t0) * 1e3 * part.repeats)
+            for _ in range(part.repeats - 1):
+                state.update(part.run(state))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    pass_s = time.perf_counter() - t_all
+
+    out: dict[str, dict[str, Any]] = {}
+    for part, before, first_ms in zip(parts, states, probe_ms):
+        fields: dict[str, Any] = {}
+        if device.type == "cuda":
+            mem = measure_cuda_memory(part, before)
+            fields.update(measured_peak_bytes=mem.peak_allocated_bytes,
+                          measured_activation_peak_bytes=mem.activation_peak_bytes,
+                          measured_reserved_bytes=mem.peak_reserved_bytes)
+        reps, wu = repeats, max(warmup - 1, 0)
+        if deadline is not None:
+            left = deadline - time.perf_counter()
+            per_run = first_ms / 1e3
+            affordable = int(left / per_run) if per_run > 0 else reps + wu
+            if affordable < reps + wu:
+                wu = 0
+                reps = min(reps, affordable)
+        if reps >= 1:
+            stats = time_component(part, before, warmup=wu, repeats=reps, label=f"{label}/{part.name}@{resolution}")
+        else:  # no time left for more: the probe run is the only sample
+            stats = TimingStats(first_ms, first_ms, first_ms, 1, device.type)
+        fields.update(time_ms_mean=stats.mean_ms, time_ms_median=stats.median_ms, time_ms_p95=stats.p95_ms,
+                      time_n=stats.n, time_device=stats.device)
+        out[part.name] = fields
+    del model, parts, states, state, image
+    return out, pass_s
+
+
+def run_study(
+    cfg: StudyConfig,
+    modules: dict[str, ModelSource] | None = None,
+    progress: Progress | None = None,
+) -> StudyResult:
+    """Run the study described by ``cfg``.
+
+    Args:
+        cfg: What to measure.
+        modules: Extra models by name (``nn.Module`` or ``resolution -> nn.Module``);
+            when given, ``cfg.models`` may name them as well as registered models.
+        progress: Called with a short text before each step (the CLI shows it).
+    """
+    say = progress or (lambda _msg: None)
+    modules = modules or {}
+    if cfg.dtype not in DTYPES:
+        raise StudyError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.batch_size < 1 or cfg.in_channels < 1:
+        raise StudyError("batch size and input channels must be >= 1")
+    resolutions = _check_resolutions(cfg.resolutions)
+    if not isinstance(cfg.target, int) or cfg.target <= 0:
+        raise StudyError(f"extrapolation target must be a positive integer, got {cfg.target!r}")
+    device = cfg.resolved_device()
+    if not cfg.models:
+        raise StudyError("no models given")
+
+    # 1. Everything that can be wrong with the input, before any work.
+    sources = {n: _Source(n, modules.get(n), cfg.model_kwargs.get(n, {})) for n in cfg.models}
+    dtype = DTYPES[cfg.dtype]
+    for name, src in sources.items():
+        for r in resolutions:
+            _validate(src.build(r, "meta", dtype), name, r)
+    warmup, repeats, budget = _timing_defaults(cfg, device)
+
+    rows: list[dict[str, Any]] = []
+    fits: list[dict[str, Any]] = []
+    limits: list[dict[str, Any]] = []
+    checks: list[dict[str, Any]] = []
+
+    # 2. Analytic memory at every resolution (meta device: no memory, no time).
+    totals: dict[str, dict[int, dict[str, int]]] = {}
+    for name, src in sources.items():
+        totals[name] = {}
+        for r in resolutions:
+            say(f"analytic memory  {name} @ {r}x{r}")
+            estimates, parts = analytic(src, cfg, r)
+            totals[name][r] = _totals_of(estimates, parts)
+            for part in parts:
+                e = estimates[part.name]
+                rows.append(dict(
+                    model=name, component=part.name, resolution=r, height=r, width=r, batch_size=cfg.batch_size,
+                    dtype=cfg.dtype, device=device.type, repeats=part.repeats,
+                    params_bytes=e.params_bytes, input_bytes=e.input_bytes,
+                    activation_sum_bytes=e.activation_sum_bytes, activation_peak_bytes=e.activation_peak_bytes,
+                    total_sum_bytes=e.total_sum_bytes, total_peak_bytes=e.total_peak_bytes,
+                    measured_peak_bytes=None, measured_activation_peak_bytes=None, measured_reserved_bytes=None,
+                    time_ms_mean=None, time_ms_median=None, time_ms_p95=None, time_n=0, time_device=None,
+                    status="analytic",
+                ))
+
+    # 3. Measured runtime (and CUDA memory), cheapest first, within the time budget.
+    if cfg.timing:
+        deadline = None if budget is None else time.perf_counter() + budget
+        for name, src in sources.items():
+            last: tuple[int, float] | None = None
+            for r in resolutions:
+                status, fields = "ok", {}
+                need = cfg.cuda_context_bytes + totals[name][r]["total_peak_bytes"]
+                if device.type == "cuda":
+                    free, _ = torch.cuda.mem_get_info(device)
+                    over = need > free + torch.cuda.memory_reserved(device)
+                else:
+                    over = False
+                predicted = None if last is None else last[1] * (r / last[0]) ** 2
+                if over:
+                    status = "over_limit_predicted"
+                elif deadline is not None and predicted is not None and time.perf_counter() + predicted > deadline:
+                    status = "skipped_time_budget"
+                else:
+                    say(f"timing on {device.type}  {name} @ {r}x{r}")
+                    try:
+                        fields, pass_s = _measure(src, cfg, r, device, warmup, repeats, deadline, name)
+                        last = (r, pass_s)
+                    except Exception as exc:  # noqa: BLE001 - only OOM is expected here
+                        if not is_oom(exc):
+                            raise
+                        status = "oom"
+                        say(f"out of memory: {name} @ {r}x{r}; recorded as over the limit")
+                    finally:
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                for row in rows:
+                    if row["model"] == name and row["resolution"] == r:
+                        row.update(fields.get(row["component"], {}))
+                        row["status"] = status
+
+    # 4. Fits per model, component and metric, and totals per model.
+    component_names: dict[str, list[str]] = {}
+    for row in rows:
+        component_names.setdefault(row["model"], [])
+        if row["component"] not in component_names[row["model"]]:
+            component_names[row["model"]].append(row["component"])
+    fitted: dict[tuple[str, str, str], QuadraticFit] = {}
+
+    def add_fit(model: str, component: str, metric: str, xs: list[int], ys: list[float]) -> None:
+        if len(set(xs)) < 3:
+            return
+        f = fit_quadratic(xs, ys)
+        fitted[(model, component, metric)] = f
+        fits.append(dict(model=model, component=component, metric=metric, beta0=f.beta0, beta1=f.beta1,
+                         beta2=f.beta2, r2=f.r2, n=f.n, x="resolution_px",
+                         prediction_at_target=float(f(cfg.target)), target=cfg.target))
+
+    for name in sources:
+        for comp in component_names[name]:
+            sel = [row for row in rows if row["model"] == name and row["component"] == comp]
+            xs = [row["resolution"] for row in sel]
+            for metric in MEMORY_METRICS:
+                add_fit(name, comp, metric, xs, [row[metric] for row in sel])
+            timed = [row for row in sel if row["time_ms_mean"] is not None]
+            add_fit(name, comp, "time_ms_mean", [row["resolution"] for row in timed],
+                    [row["time_ms_mean"] for row in timed])
+        for metric in ("params_bytes", "activation_sum_bytes", "total_sum_bytes", "total_peak_bytes"):
+            add_fit(name, "total", metric, list(resolutions), [totals[name][r][metric] for r in resolutions])
+        timed_res = [r for r in resolutions if all(
+            row["time_ms_mean"] is not None for row in rows if row["model"] == name and row["resolution"] == r)]
+        add_fit(name, "total", "time_ms_mean", timed_res, [sum(
+            row["time_ms_mean"] for row in rows if row["model"] == name and row["resolution"] == r) for r in timed_res])
+
+    # 5. The fit checked against the analytic pass at the extrapolation target.
+    for name, src in sources.items():
+        target = _nearest_supported(lambda r, s=src: s.build(r, "meta", dtype), name, cfg.target)
+        if target is None:
+            continue
+        say(f"analytic check   {name} @ {target}x{target}")
+        at_target = _totals(src, cfg, target)
+        for metric in ("total_sum_bytes", "total_peak_bytes"):
+            f = fitted.get((name, "total", metric))
+            if f is None:
+                continue
+            predicted = float(f(target))
+            actual = at_target[metric]
+            checks.append(dict(model=name, metric=metric, resolution=target, fitted_bytes=predicted,
+                               analytic_bytes=actual, relative_error=(predicted - actual) / actual if actual else None))
+
+    # 6. The largest square resolution each model fits into on each GPU.
+    for name, src in sources.items():
+        for gpu in cfg.gpus:
+            budget_bytes = gpu.vram_bytes - cfg.cuda_context_bytes
+            entry: dict[str, Any] = dict(model=name, gpu=gpu.name, vram_bytes=gpu.vram_bytes,
+                                         cuda_context_bytes=cfg.cuda_context_bytes)
+            for metric, key in (("total_peak_bytes", "max_resolution"), ("total_sum_bytes", "max_resolution_seed_sum")):
+                f = fitted.get((name, "total", metric))
+                x = f.solve(budget_bytes) if f is not None else None
+                entry[key] = None if x is None else int(math.floor(x))
+            if cfg.exact_limits:
+                say(f"exact GPU limit  {name} on {gpu.name}")
+                entry["max_resolution_analytic"] = exact_limit(src, cfg, gpu.vram_bytes, lo=cfg.limit_step)
+            limits.append(entry)
+
+    sensors = [dict(megapixels=mp, side_px=sensor_side(mp)) for mp in SENSORS_MP]
+    config = asdict(cfg)
+    config.update(resolutions=list(resolutions), device=device.type, warmup=warmup if cfg.timing else None,
+                  repeats=repeats if cfg.timing else None, time_budget_s=budget if cfg.timing else None,
+                  gpus=[asdict(g) for g in cfg.gpus], models=list(cfg.models))
+    total_rows = [dict(model=n, resolution=r, **totals[n][r]) for n in sources for r in resolutions]
+    return StudyResult(config=config, environment=_environment(device), rows=rows, fits=fits,
+                       gpu_limits=limits, checks=checks, totals=total_rows, sensors=sensors)

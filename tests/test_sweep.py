@@ -1,0 +1,137 @@
+"""The study on small user modules: rows, fits, GPU limits, OOM handling, bad input."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from visionscale.profiling import GPU, StudyConfig, StudyError, run_study, write_outputs
+from visionscale.profiling.gpus import parse_gpu, parse_size
+from visionscale.registry import UnknownModelError
+
+
+def small_net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2, padding=1))
+
+
+def cfg(**kw):
+    base = dict(models=("net",), resolutions=(16, 32, 64), target=200, warmup=0, repeats=2,
+                gpus=(GPU("tiny card", 64 * 1024**2),), cuda_context_bytes=1024**2, device="cpu")
+    base.update(kw)
+    return StudyConfig(**base)
+
+
+def test_rows_fits_and_limits_for_a_user_module():
+    result = run_study(cfg(), modules={"net": small_net()})
+    assert [r["resolution"] for r in result.rows] == [16, 32, 64]
+    r32 = result.rows[1]
+    assert r32["activation_sum_bytes"] == (8 * 32 * 32 * 2 + 4 * 16 * 16) * 4
+    assert r32["time_n"] == 2 and r32["time_device"] == "cpu" and r32["time_ms_mean"] > 0
+    fit = next(f for f in result.fits if f["component"] == "total" and f["metric"] == "activation_sum_bytes")
+    assert fit["beta2"] == pytest.approx((8 * 2 + 4 / 4) * 4)  # bytes per px^2
+    assert fit["prediction_at_target"] == pytest.approx((8 * 2 + 1) * 4 * 200**2, rel=1e-6)
+    check = next(c for c in result.checks if c["metric"] == "total_peak_bytes")
+    assert abs(check["relative_error"]) < 1e-9  # pure conv net: exactly quadratic
+    (limit,) = result.gpu_limits
+    # the fitted peak at the limit fits into the card minus the context, one more px does not
+    peak = next(f for f in result.fits if f["component"] == "total" and f["metric"] == "total_peak_bytes")
+    at = lambda x: peak["beta0"] + peak["beta1"] * x + peak["beta2"] * x * x
+    budget = 63 * 1024**2
+    assert at(limit["max_resolution"]) <= budget < at(limit["max_resolution"] + 1)
+    assert limit["max_resolution_analytic"] % 32 == 0
+    assert abs(limit["max_resolution_analytic"] - limit["max_resolution"]) <= 32
+
+
+class OOMAbove(nn.Module):
+    """Raises the CUDA out-of-memory error for inputs wider than ``limit`` (simulated OOM)."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.limit = limit
+
+    def forward(self, x):
+        if x.device.type != "meta" and x.shape[-1] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self.conv(x)
+
+
+def test_out_of_memory_marks_resolution_and_goes_on():
+    result = run_study(cfg(resolutions=(16, 32, 64, 128)), modules={"net": OOMAbove(40)})
+    status = {r["resolution"]: r["status"] for r in result.rows}
+    assert status == {16: "ok", 32: "ok", 64: "oom", 128: "oom"}
+    assert all(r["time_ms_mean"] is None for r in result.rows if r["status"] == "oom")
+    assert result.rows[-1]["activation_sum_bytes"] > 0  # analytic numbers are still there
+
+
+def test_other_errors_are_not_swallowed():
+    class Broken(nn.Module):
+        def forward(self, x):
+            if x.device.type != "meta":
+                raise RuntimeError("shape mismatch somewhere")
+            return x * 2
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_study(cfg(), modules={"net": Broken()})
+
+
+def test_time_budget_skips_what_does_not_fit():
+    result = run_study(cfg(time_budget_s=0.0), modules={"net": small_net()})
+    status = [r["status"] for r in result.rows]
+    assert status[0] == "ok" and result.rows[0]["time_n"] == 1  # the probe run is all there is
+    assert set(status[1:]) == {"skipped_time_budget"}
+
+
+@pytest.mark.parametrize("res,msg", [((0, 32, 64), "positive"), ((16, "a", 64), "integers"), ((), "no resolutions")])
+def test_bad_resolutions(res, msg):
+    with pytest.raises(StudyError, match=msg):
+        run_study(cfg(resolutions=res), modules={"net": small_net()})
+
+
+def test_size_constraints_are_checked_before_any_work():
+    class Needs32(nn.Module):
+        calls = 0
+
+        def validate_input_size(self, h, w):
+            if h % 32 or w % 32:
+                raise ValueError(f"needs multiples of 32, got {h}x{w}")
+
+        def forward(self, x):
+            Needs32.calls += 1
+            return x
+
+    with pytest.raises(StudyError, match="cannot run at 48x48: needs multiples of 32"):
+        run_study(cfg(resolutions=(32, 48, 64)), modules={"net": Needs32()})
+    assert Needs32.calls == 0
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(UnknownModelError, match="known models: .*efficientad_m"):
+        run_study(cfg(models=("nope",)))
+
+
+def test_gpu_specs():
+    assert parse_size("24GiB") == 24 * 1024**3
+    assert parse_size("16000 MiB") == 16000 * 1024**2
+    assert parse_size("80GB") == 80 * 1000**3
+    assert parse_gpu("RTX 6000 Ada=48GiB") == GPU("RTX 6000 Ada", 48 * 1024**3)
+    with pytest.raises(ValueError, match="NAME=SIZE"):
+        parse_gpu("48GiB")
+    with pytest.raises(ValueError, match="cannot read memory size"):
+        parse_size("lots")
+
+
+def test_outputs_are_complete_and_parse(tmp_path):
+    result = run_study(cfg(), modules={"net": small_net()})
+    files = {p.name for p in write_outputs(result, tmp_path)}
+    assert {"results.json", "rows.csv", "fits.csv", "gpu_limits.csv", "report.md", "components_net.png",
+            "memory_extrapolated.png", "runtime_extrapolated.png"} <= files
+    data = json.loads((tmp_path / "results.json").read_text())
+    for key in ("model", "component", "resolution", "dtype", "device", "params_bytes", "activation_sum_bytes",
+                "activation_peak_bytes", "measured_peak_bytes", "time_ms_mean", "time_ms_median", "time_ms_p95"):
+        assert key in data["rows"][0]
+    assert {"model", "component", "metric", "beta0", "beta1", "beta2", "r2"} <= set(data["fits"][0])
+    assert {"model", "gpu", "vram_bytes", "max_resolution"} <= set(data["gpu_limits"][0])
+    assert (tmp_path / "memory_extrapolated.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
