@@ -1,0 +1,267 @@
+"""Weight files: metadata, safe loading, the download cache and atomic saving.
+
+Loading never unpickles arbitrary objects: ``.pth``/``.pt``/``.bin`` files go through
+``torch.load(..., weights_only=True)`` and ``.safetensors`` files through safetensors.
+Downloads land in torch.hub's checkpoint cache (``torch.hub.get_dir()/checkpoints``),
+the same place torchvision uses, so a file fetched by either is found by both.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import pickle
+import re
+import socket
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.error import URLError
+from urllib.parse import urlparse
+
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "WeightsSpec",
+    "WeightsUnavailableError",
+    "StateDictMismatchError",
+    "load_state_dict",
+    "load_into",
+    "download_to_cache",
+    "cache_path_for",
+    "save_file_atomic",
+]
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
+SAFETENSORS_SUFFIX = ".safetensors"
+# torchvision names files ``<arch>-<first 8 hex digits of sha256>.pth`` (torch.hub.HASH_REGEX).
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
+# Wrappers that training scripts put around the state dict.
+_WRAPPER_KEYS = ("state_dict", "model")
+# Errors that mean "the URL could not be fetched" (no network, DNS, refused, HTTP 404...).
+_NETWORK_ERRORS = (URLError, ConnectionError, TimeoutError, socket.gaierror, http.client.HTTPException)
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """Where a set of pretrained weights comes from and how inputs must look for it.
+
+    Attributes:
+        name: Weights name, e.g. ``"IMAGENET1K_V1"``.
+        url: Download URL (or ``""`` for weights that only exist as local files).
+        num_params: Parameter count of the network these weights fit.
+        input_size: Training crop ``(H, W)``; the nets themselves accept any size.
+        mean: Per-channel RGB mean the inputs were normalised with (0..1 scale).
+        std: Per-channel RGB std.
+        license: SPDX identifier of the weights' licence as published.
+        sha256_prefix: Leading hex digits of the file's sha256 (checked on download).
+        resize_size: Shorter-side resize before the centre crop in the eval recipe.
+    """
+
+    name: str
+    url: str
+    num_params: int
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    license: str
+    sha256_prefix: str | None = None
+    resize_size: int | None = None
+
+    @property
+    def filename(self) -> str:
+        return Path(urlparse(self.url).path).name
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be downloaded and are not in the cache."""
+
+
+class StateDictMismatchError(RuntimeError):
+    """A state dict does not fit a model (missing/unexpected keys or wrong shapes)."""
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a state dict from ``.safetensors`` or ``.pth``/``.pt``/``.bin`` onto the CPU.
+
+    Pickle files are read with ``weights_only=True``: a file that holds anything
+    other than tensors and plain containers is refused, never executed. A top-level
+    ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: Unsupported suffix, unreadable/corrupt file, or non-tensor entries.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"weights file not found: {p}")
+    if p.is_dir():
+        raise ValueError(f"weights path is a directory, expected a file: {p}")
+    suffix = p.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        try:
+            obj = safetensors.torch.load_file(str(p), device="cpu")
+        except Exception as e:  # safetensors raises its own SafetensorError, OSError...
+            raise ValueError(f"could not read safetensors file {p}: {e}") from e
+    elif suffix in PICKLE_SUFFIXES:
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # Refused globals and garbage bytes both land here. torch's own message
+            # suggests weights_only=False; we never do that, so keep only the reason.
+            found = re.search(r"Unsupported global: [^\n]*", str(e))
+            reason = found.group(0).strip() if found else (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(
+                f"refused to load {p}: it is corrupt or pickles objects other than tensors "
+                f"(torch.load with weights_only=True failed: {reason}). Arbitrary pickled objects "
+                f"are never unpickled here; re-save it as a plain state dict "
+                f"(torch.save(model.state_dict(), path)) or as .safetensors."
+            ) from e
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+            raise ValueError(f"could not read checkpoint {p} (corrupt or truncated?): {e}") from e
+    else:
+        allowed = ", ".join((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
+        raise ValueError(f"unsupported weights file type {suffix or '(no suffix)'!r} for {p}; expected one of {allowed}")
+    return _as_tensor_dict(obj, p)
+
+
+def _as_tensor_dict(obj: object, p: Path) -> dict[str, Tensor]:
+    # Unwrap {"state_dict": {...}} / {"model": {...}} (also nested once more, as in
+    # {"model": {"state_dict": ...}}), but only when the wrapper is not itself tensors.
+    for _ in range(2):
+        if isinstance(obj, Mapping) and not all(isinstance(v, Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+            if inner is not None:
+                obj = inner
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{p} holds a {type(obj).__name__}, expected a state dict (mapping of names to tensors)")
+    bad = [f"{k!r}: {type(v).__name__}" for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise ValueError(f"{p} is not a plain state dict; non-tensor entries: {shown}")
+    return dict(obj)
+
+
+def load_into(module: nn.Module, state_dict: Mapping[str, Tensor], source: str = "state dict") -> None:
+    """``module.load_state_dict(state_dict, strict=True)`` with a readable error.
+
+    Raises:
+        StateDictMismatchError: Lists missing keys, unexpected keys and shape mismatches.
+    """
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+
+        def fmt(items: list[str]) -> str:
+            return ", ".join(items[:10]) + (f" ... (+{len(items) - 10} more)" if len(items) > 10 else "")
+
+        parts = [f"weights from {source} do not fit {type(module).__name__}"]
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {fmt(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {fmt(unexpected)}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches: {fmt(shapes)}")
+        if unexpected and all(k.startswith("module.") for k in unexpected):
+            parts.append("hint: keys start with 'module.' (saved from DataParallel); strip that prefix")
+        raise StateDictMismatchError("; ".join(parts))
+    module.load_state_dict(state_dict, strict=True)
+
+
+def checkpoint_dir() -> Path:
+    """torch.hub's checkpoint cache, ``$TORCH_HOME/hub/checkpoints`` by default."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def cache_path_for(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where :func:`download_to_cache` stores ``url`` (file name = URL's last component)."""
+    name = Path(urlparse(url).path).name
+    if not name:
+        raise ValueError(f"cannot derive a file name from URL {url!r}")
+    return (Path(cache_dir) if cache_dir is not None else checkpoint_dir()) / name
+
+
+def download_to_cache(
+    url: str,
+    sha256_prefix: str | None = None,
+    *,
+    progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Return the cached file for ``url``, downloading it first if needed.
+
+    The sha256 prefix defaults to the one in the file name (``name-32ee1156.pth``), as
+    torchvision's ``check_hash`` does. It is checked on download; a file already in the
+    cache is trusted (as torch.hub does) so that large files are not re-hashed each run.
+
+    Raises:
+        WeightsUnavailableError: The download failed (e.g. offline); the message says
+            where to put the file by hand and what else to pass instead.
+        ValueError: ``sha256_prefix`` contradicts the file name, or the downloaded file's
+            hash does not match (nothing is written to the cache then).
+    """
+    dst = cache_path_for(url, cache_dir)
+    m = _HASH_IN_NAME.search(dst.name)
+    if sha256_prefix is None:
+        sha256_prefix = m.group(1) if m else None
+    elif m and not (m.group(1).startswith(sha256_prefix) or sha256_prefix.startswith(m.group(1))):
+        raise ValueError(f"sha256 prefix {sha256_prefix!r} contradicts the file name {dst.name!r} of {url}")
+    if dst.is_file():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # Looked up at call time so tests can monkeypatch torch.hub.download_url_to_file.
+        # It downloads to a ".partial" file beside dst and moves it only when complete.
+        torch.hub.download_url_to_file(url, str(dst), hash_prefix=sha256_prefix, progress=progress)
+    except _NETWORK_ERRORS as e:
+        raise WeightsUnavailableError(
+            f"could not download pretrained weights from {url} ({e}).\n"
+            f"If this machine is offline, download the file elsewhere and put it at:\n"
+            f"    {dst}\n"
+            f"Alternatively pass a local .pth/.safetensors file path as weights=..., "
+            f"or weights=None for random initialisation."
+        ) from e
+    except RuntimeError as e:
+        if "invalid hash" in str(e):
+            raise ValueError(f"download of {url} failed the sha256 check ({e}); nothing was cached at {dst}") from e
+        raise
+    return dst
+
+
+def save_file_atomic(
+    tensors: Mapping[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` as safetensors to ``path`` atomically.
+
+    The data goes to a temporary file in the same directory (same file system, so
+    ``os.replace`` is an atomic rename) and is fsynced first: readers see either the
+    old file or the complete new one, and a failure leaves the old file untouched.
+    """
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        # safetensors wants contiguous tensors; .contiguous() is a no-op when they are.
+        data = {k: v.detach().contiguous() for k, v in tensors.items()}
+        safetensors.torch.save_file(data, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return p
