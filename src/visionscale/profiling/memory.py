@@ -5,8 +5,10 @@ Two activation numbers are computed in one pass, because they answer different q
 * ``activation_sum_bytes`` is seed 000's Eq. 1 term ``sum_l a(l) * d_a``: the bytes of
   every layer's output (Eq. 3: ``H_out * W_out * C_out`` per conv), summed over all
   executed leaf modules, plus the outputs of tensor operations that run outside any leaf
-  module (``torch.cat``, the distance matrix of a nearest-neighbour search...), which are
-  layers in all but name. It is what the seed plots.
+  module (``torch.cat``, ``interpolate``, a residual ``+`` in a model's own ``forward``),
+  which are layers in all but name. A leaf module counts as one layer: its internal
+  temporaries (the distance blocks inside PatchCore's search module) show up in the peak,
+  not in the sum. It is what the seed plots.
 * ``activation_peak_bytes`` is the largest number of bytes held at once by tensors the
   component allocated. Intermediate tensors are freed as soon as nothing refers to them,
   and in-place ops and views allocate nothing, so this is what really has to fit on a GPU

@@ -1,0 +1,632 @@
+"""PatchCore inference graph: patch features, memory-bank nearest neighbours, score maps.
+
+Paper: Roth, Pemula, Zepeda, Schölkopf, Brox, Gehler, "Towards Total Recall in Industrial
+Anomaly Detection", CVPR 2022 (arXiv:2106.08265).
+Official code: github.com/amazon-science/patchcore-inspection (``src/patchcore/patchcore.py``,
+``common.py``). anomalib's ``PatchcoreModel`` (github.com/openvinotoolkit/anomalib) was used
+as a second reading of the paper's Eq. 7.
+
+Only inference is here: the memory bank is a random buffer of the size a 10% coreset of
+``num_train_images`` training images would have (PatchCore-10); ``set_memory_bank`` puts a
+real one in. :func:`nearest_neighbors` is the exact, chunked L2 search meant to be reused
+by coreset subsampling.
+
+Where this differs from the official code (on purpose, and why):
+
+* Patch aggregation. The official ``PatchMaker`` unfolds every 3x3 neighbourhood into a
+  ``C*9`` vector and its ``MeanMapper`` adaptive-average-pools that flat ``(C, 3, 3)``
+  vector to ``pretrain_embed_dim``. We take the paper's description instead (Eq. 2, an
+  average over the neighbourhood): 3x3 average pooling (zero padding counted, as with the
+  official zero-padded unfold) and then adaptive average pooling over channels. This
+  never builds the 9x larger unfolded tensor. Whenever ``pretrain_embed_dim`` divides
+  ``C`` the two are identical (each official bin then covers whole 3x3 patches: WRN
+  layer3, 1024 -> 1024). For WRN layer2 (512 -> 1024) the official bins split each
+  channel's patch into elements 0-4 and 4-8, so after the final 2048 -> 1024 pooling the
+  official code weights the patch centre twice (1,1,1,1,2,1,1,1,1)/10 where we weight all
+  nine positions 1/9.
+* Order. The official code upsamples layer3's unfolded patches, then reduces channels.
+  Channel pooling is per position and bilinear upsampling per channel, so they commute;
+  we reduce first and upsample fewer channels. The 3x3 pooling stays at layer3's
+  resolution before upsampling, as in the official code.
+* Image score. The official code scores an image by the max patch distance
+  (``anomaly_scorer_num_nn=1``, no reweighting). We use the paper's Eq. 7 reweighting
+  with b = ``num_neighbors`` = 9 neighbours (anomalib's default; b is unspecified in
+  the paper); ``num_neighbors=1`` gives the official max.
+* Distances are true L2 norms, as in the paper's equations (faiss ``IndexFlatL2`` returns
+  squared distances; the faiss path here takes their square root).
+* The backbone keeps only the stages it runs (stem..layer3); layer4 and fc are dropped
+  so their parameters are not counted. The official code keeps the whole network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visionscale.components import Component, State, run_components
+from visionscale.nn import resnet
+from visionscale.registry import register_model
+
+__all__ = [
+    "DEFAULT_MAX_CHUNK_BYTES",
+    "PatchCore",
+    "PatchCoreConfig",
+    "PatchFeatureExtractor",
+    "MemoryBankSearch",
+    "AnomalyMapPostprocess",
+    "nearest_neighbors",
+    "nn_chunk_sizes",
+    "nn_step_bytes",
+    "gaussian_kernel1d",
+    "gaussian_blur",
+    "reweighted_image_score",
+    "patchcore",
+    "patchcore_wrn50",
+    "patchcore_tiny",
+]
+
+DEFAULT_MAX_CHUNK_BYTES = 256 * 2**20
+_INDEX_BYTES = 8  # int64 neighbour indices
+_MIN_QUERY_ROWS = 1024  # rows per matmul before we start chunking the bank instead
+
+_BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "wide_resnet101_2": resnet.wide_resnet101_2,
+    "wide_resnet50_2": resnet.wide_resnet50_2,
+    "resnet50": resnet.resnet50,
+    "resnet18": resnet.resnet18,
+    "resnet_tiny": resnet.resnet_tiny,
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Exact nearest-neighbour search in bounded memory.
+
+
+def nn_step_bytes(query_rows: int, bank_rows: int, k: int, element_size: int) -> int:
+    """Bytes of temporaries held at once in one step of :func:`nearest_neighbors`.
+
+    One step compares ``query_rows`` queries with ``bank_rows`` bank vectors: the distance
+    block, both squared norms and the top-k bookkeeping (the block's top-k, the running
+    top-k, their concatenation and the merged result, values plus int64 indices).
+    """
+    topk = 5 * k * (element_size + _INDEX_BYTES)
+    return query_rows * bank_rows * element_size + bank_rows * element_size + query_rows * (element_size + topk)
+
+
+def nn_chunk_sizes(
+    num_queries: int, bank_size: int, k: int = 1, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, element_size: int = 4
+) -> tuple[int, int]:
+    """Query rows and bank rows per step so one step's temporaries fit ``max_chunk_bytes``.
+
+    The whole bank goes in one step while that leaves at least ``min(num_queries, 1024)``
+    query rows (no merging across bank chunks, large matmuls); beyond that the bank is cut
+    into chunks too. Depends on shapes only, so it behaves the same on ``meta``.
+
+    Returns:
+        ``(query_rows, bank_rows)``, each >= 1 and at most ``num_queries`` / ``bank_size``.
+
+    Raises:
+        ValueError: If the budget cannot hold even a 1 x 1 step.
+    """
+    if num_queries < 1 or bank_size < 1:
+        raise ValueError(f"need at least one query and one bank vector, got {num_queries} and {bank_size}")
+    k = min(k, bank_size)
+
+    def fits(q: int, b: int) -> bool:
+        return nn_step_bytes(q, b, k, element_size) <= max_chunk_bytes
+
+    if not fits(1, 1):
+        raise ValueError(
+            f"max_chunk_bytes={max_chunk_bytes} cannot hold one step of the search "
+            f"({nn_step_bytes(1, 1, k, element_size)} bytes for a single query and bank vector)"
+        )
+    # Largest query chunk that fits next to the whole bank (cost is linear in q).
+    per_row = nn_step_bytes(1, bank_size, k, element_size) - bank_size * element_size
+    q_full = (max_chunk_bytes - bank_size * element_size) // per_row if fits(1, bank_size) else 0
+    if q_full >= min(num_queries, _MIN_QUERY_ROWS):
+        return min(num_queries, q_full), bank_size
+    # Chunk the bank too: keep the query chunk at most 1024 rows and roughly no larger than
+    # the bank chunk, so tiny budgets still give balanced blocks.
+    q = min(num_queries, _MIN_QUERY_ROWS)
+    while True:
+        fixed = nn_step_bytes(q, 0, k, element_size)
+        b = (max_chunk_bytes - fixed) // ((q + 1) * element_size) if max_chunk_bytes > fixed else 0
+        if q == 1 or b >= q:
+            break
+        q = max(1, q // 2)
+    return q, max(1, min(bank_size, b))
+
+
+def nearest_neighbors(
+    queries: Tensor,
+    bank: Tensor,
+    k: int = 1,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    use_faiss: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Exact k nearest neighbours in L2 without building the (queries x bank) matrix.
+
+    Loops over query chunks and bank chunks sized by :func:`nn_chunk_sizes`; each step
+    computes ``||q||^2 - 2 q.b + ||b||^2`` with one matmul, clamps it at 0 (rounding can
+    make it slightly negative) and merges its top-k into a running top-k. Loops depend on
+    shapes only, so the search runs on ``meta``, where only the first query chunk is
+    computed and the others just allocate their results (same live tensors, far fewer
+    steps). ``queries`` may be a strided view, e.g.
+    ``emb[i].flatten(1).T`` of a (B, D, h, w) map; matmul reads it without a copy.
+
+    Args:
+        queries: (Q, D).
+        bank: (N, D), same dtype and device.
+        k: Neighbours per query; clipped to N.
+        max_chunk_bytes: Budget for one step's temporaries (see :func:`nn_step_bytes`);
+            the (Q, k) results come on top of it.
+        use_faiss: Use faiss ``IndexFlatL2`` when importable and both tensors are on CPU
+            (never on ``meta``). Its index is built per call.
+
+    Returns:
+        ``(dist, idx)``: L2 distances (Q, k) ascending, and int64 bank indices (Q, k).
+    """
+    if queries.dim() != 2 or bank.dim() != 2 or queries.shape[1] != bank.shape[1]:
+        raise ValueError(f"expected queries (Q, D) and bank (N, D), got {tuple(queries.shape)} and {tuple(bank.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    num_q, num_b = queries.shape[0], bank.shape[0]
+    k = min(k, num_b)
+    if use_faiss and queries.device.type == "cpu" and bank.device.type == "cpu":
+        found = _faiss_search(queries, bank, k)
+        if found is not None:
+            return found
+
+    q_rows, b_rows = nn_chunk_sizes(num_q, num_b, k, max_chunk_bytes, queries.element_size())
+    on_meta = queries.device.type == "meta"
+    dists: list[Tensor] = []
+    idxs: list[Tensor] = []
+    for qs in range(0, num_q, q_rows):
+        if on_meta and qs > 0:
+            # Shapes only: every query chunk allocates exactly what the first one did, so
+            # after one full pass just allocate the chunk's results. Keeps a 3000 px
+            # profile (~6000 steps) as cheap as one chunk, with the same live tensors.
+            rows = min(q_rows, num_q - qs)
+            dists.append(queries.new_empty((rows, k)))
+            idxs.append(torch.empty((rows, k), dtype=torch.int64, device=queries.device))
+            continue
+        d, i = _knn_rows(queries[qs : qs + q_rows], bank, k, b_rows)  # its temporaries die here
+        dists.append(d)
+        idxs.append(i)
+    if len(dists) == 1:
+        return dists[0], idxs[0]
+    return torch.cat(dists), torch.cat(idxs)
+
+
+def _knn_rows(q: Tensor, bank: Tensor, k: int, b_rows: int) -> tuple[Tensor, Tensor]:
+    """k nearest bank rows of one query chunk (q, D), bank chunks of ``b_rows`` at a time."""
+    num_b = bank.shape[0]
+    q_sq = torch.linalg.vector_norm(q, dim=1).square().unsqueeze(1)  # (q, 1), no (q, D) temp
+    best_d = best_i = None
+    for bs in range(0, num_b, b_rows):
+        b = bank[bs : bs + b_rows]  # (b, D) view
+        b_sq = torch.linalg.vector_norm(b, dim=1).square()  # (b,)
+        block = torch.addmm(b_sq.unsqueeze(0), q, b.T, alpha=-2)  # (q, b) = ||b||^2 - 2 q.b
+        block.add_(q_sq).clamp_min_(0)  # squared distances, in place: no second block
+        if k == 1:
+            d, i = block.min(dim=1, keepdim=True)  # (q, 1), first index on ties
+        else:
+            d, i = block.topk(min(k, block.shape[1]), dim=1, largest=False)  # (q, <=k)
+        del block
+        i = i + bs
+        if best_d is None:
+            best_d, best_i = d, i
+        elif k == 1:
+            better = d < best_d  # strict: the earlier chunk wins ties, like argmin
+            best_d = torch.where(better, d, best_d)
+            best_i = torch.where(better, i, best_i)
+        else:
+            best_d, pos = torch.cat([best_d, d], dim=1).topk(k, dim=1, largest=False)  # (q, k)
+            best_i = torch.cat([best_i, i], dim=1).gather(1, pos)
+    return best_d.sqrt(), best_i
+
+
+def _faiss_search(queries: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """faiss IndexFlatL2 search on CPU, or None when faiss is not installed."""
+    try:
+        import faiss  # optional dependency, imported only when asked for
+    except ImportError:
+        return None
+    index = faiss.IndexFlatL2(bank.shape[1])
+    index.add(bank.detach().to(torch.float32).contiguous().numpy())
+    sq, idx = index.search(queries.detach().to(torch.float32).contiguous().numpy(), k)
+    dist = torch.from_numpy(sq).clamp_min_(0).sqrt_().to(queries.dtype)  # faiss gives squared L2
+    return dist, torch.from_numpy(idx).to(torch.int64)
+
+
+def reweighted_image_score(
+    embedding: Tensor,
+    patch_dist: Tensor,
+    patch_idx: Tensor,
+    bank: Tensor,
+    num_neighbors: int = 9,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+) -> Tensor:
+    """Image score of the paper's Eq. 7.
+
+    ``s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) * s*``, where
+    ``m_test*`` is the patch with the largest nearest-neighbour distance ``s*``, ``m*`` its
+    nearest bank vector and ``N_b(m*)`` the ``b`` bank vectors nearest to ``m*`` (``m*``
+    itself among them). A test patch whose match sits in a dense part of the bank gets a
+    smaller weight. ``num_neighbors <= 1`` returns ``s*`` (the official code's score).
+
+    Args:
+        embedding: Patch features (B, D, h, w).
+        patch_dist: Nearest-neighbour distance per patch (B, h*w).
+        patch_idx: Bank index of that neighbour (B, h*w), int64.
+        bank: Memory bank (N, D).
+        num_neighbors: b.
+
+    Returns:
+        (B,) scores.
+    """
+    s_star, pos = patch_dist.max(dim=1)  # (B,), (B,)
+    if num_neighbors <= 1:
+        return s_star
+    batch, dim = embedding.shape[:2]
+    m_star = bank[patch_idx.gather(1, pos.unsqueeze(1)).squeeze(1)]  # (B, D)
+    flat = embedding.flatten(2)  # (B, D, h*w) view
+    m_test = flat.gather(2, pos.view(batch, 1, 1).expand(batch, dim, 1)).squeeze(2)  # (B, D)
+    _, support = nearest_neighbors(m_star, bank, k=num_neighbors, max_chunk_bytes=max_chunk_bytes)  # (B, b)
+    d_support = torch.linalg.vector_norm(m_test.unsqueeze(1) - bank[support], dim=2)  # (B, b)
+    d_star = torch.linalg.vector_norm(m_test - m_star, dim=1)  # (B,) == s* up to rounding
+    # exp(d*) / sum exp(d) computed as exp(d* - logsumexp(d)): no overflow for large d.
+    weight = 1 - torch.exp(d_star - torch.logsumexp(d_support, dim=1))
+    return weight * s_star
+
+
+# ----------------------------------------------------------------------------------------
+# Gaussian smoothing of the anomaly map.
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> Tensor:
+    """Normalised 1-D Gaussian with radius ``int(truncate * sigma + 0.5)``, as scipy's.
+
+    sigma = 4 gives 33 taps, the size behind the official ``gaussian_filter(sigma=4)``.
+    """
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).to(torch.get_default_dtype())
+
+
+def _symmetric_pad(x: Tensor, pad: int, dim: int) -> Tensor:
+    """Pad ``dim`` by mirroring with the edge repeated (``d c b a | a b c d``).
+
+    This is scipy.ndimage's default ``mode="reflect"``, which the official code's
+    ``gaussian_filter`` uses; torch's ``reflect`` leaves the edge out (scipy's ``mirror``).
+    """
+    n = x.shape[dim]
+    left = x.narrow(dim, 0, pad).flip(dim)
+    right = x.narrow(dim, n - pad, pad).flip(dim)
+    return torch.cat([left, x, right], dim=dim)
+
+
+def gaussian_blur(x: Tensor, kernel: Tensor) -> Tensor:
+    """Separable Gaussian blur of (B, 1, H, W) maps with scipy's ``reflect`` borders.
+
+    Two 1-D passes (a 1xK then a Kx1 ``conv2d``, i.e. conv1d along each axis without
+    reshaping); needs H, W >= K // 2.
+    """
+    size = kernel.numel()
+    pad = size // 2
+    if min(x.shape[-2:]) < pad:
+        got = tuple(x.shape[-2:])
+        raise ValueError(f"gaussian blur with {size} taps needs maps of at least {pad}x{pad}, got {got}")
+    kernel = kernel.to(dtype=x.dtype, device=x.device)
+    x = F.conv2d(_symmetric_pad(x, pad, 3), kernel.view(1, 1, 1, size))  # along W
+    return F.conv2d(_symmetric_pad(x, pad, 2), kernel.view(1, 1, size, 1))  # along H
+
+
+# ----------------------------------------------------------------------------------------
+# Model.
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    """PatchCore architecture and the (simulated) memory bank.
+
+    Attributes:
+        backbone: Key of ``visionscale.nn.resnet`` factories (``wide_resnet101_2``...).
+        backbone_weights: None = random init; ``"DEFAULT"``, a weights name or a file path.
+        layers: Backbone stages whose maps are aggregated; the first sets the patch grid.
+        image_size: (H, W) the bank size is computed for (train and test resolution).
+        patch_size: Neighbourhood p of the local average (official ``patchsize=3``).
+        pretrain_embed_dim: Channels each layer is pooled to; None keeps them.
+        embed_dim: Channels of the concatenation after pooling (official
+            ``target_embed_dimension``, 1024); None skips both poolings (512+1024 = 1536
+            for WRN), which is anomalib's embedding.
+        num_train_images: Training images the bank is built from.
+        coreset_ratio: Fraction of training patches kept (0.1 = PatchCore-10).
+        num_neighbors: b of Eq. 7; 1 = plain max (the official code).
+        sigma: Gaussian smoothing of the anomaly map (paper: 4).
+        max_chunk_bytes: Temporaries budget of the nearest-neighbour search.
+        use_faiss: Search with faiss on CPU when it is installed.
+    """
+
+    backbone: str = "wide_resnet101_2"
+    backbone_weights: str | None = None
+    layers: tuple[str, ...] = ("layer2", "layer3")
+    image_size: tuple[int, int] = (256, 256)
+    patch_size: int = 3
+    pretrain_embed_dim: int | None = 1024
+    embed_dim: int | None = 1024
+    num_train_images: int = 200
+    coreset_ratio: float = 0.1
+    num_neighbors: int = 9
+    sigma: float = 4.0
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+    use_faiss: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backbone not in _BACKBONES:
+            raise ValueError(f"backbone must be one of {sorted(_BACKBONES)}, got {self.backbone!r}")
+        if not self.layers or any(n not in resnet.STAGES for n in self.layers):
+            raise ValueError(f"layers must be a non-empty subset of {resnet.STAGES}, got {self.layers!r}")
+        if self.patch_size < 1 or self.patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be odd and positive (the map keeps its size), got {self.patch_size}")
+        if not 0 < self.coreset_ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        for name in ("num_train_images", "num_neighbors", "max_chunk_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("pretrain_embed_dim", "embed_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be None or >= 1, got {value}")
+        if self.sigma <= 0:
+            raise ValueError(f"sigma must be positive, got {self.sigma}")
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))
+
+
+def _stage_size(n: int, stride: int) -> int:
+    # Every stride-2 step of a ResNet (7x7/2 conv, 3x3/2 max pool, strided 3x3 and 1x1
+    # convs, all padded) maps n -> ceil(n / 2), so a stride-s stage has ceil(n / s) pixels.
+    return -(-n // stride)
+
+
+def _channel_pool(x: Tensor, channels: int) -> Tensor:
+    """Adaptive average pooling over the channel axis of (B, C, h, w) -> (B, channels, h, w).
+
+    Same bins as the official ``F.adaptive_avg_pool1d`` on each position's vector, done as a
+    3-D pool over (C, h, w) with h and w unchanged, so no (B*h*w, C) permuted copy is made.
+    """
+    if x.shape[1] == channels:
+        return x  # identity bins
+    return F.adaptive_avg_pool3d(x.unsqueeze(1), (channels, x.shape[2], x.shape[3])).squeeze(1)
+
+
+class PatchFeatureExtractor(nn.Module):
+    """Backbone + locally aware patch features: (B, 3, H, W) -> (B, D, ceil(H/8), ceil(W/8))."""
+
+    def __init__(self, backbone: nn.Module, layers: tuple[str, ...], patch_size: int,
+                 pretrain_embed_dim: int | None, embed_dim: int | None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.layers = tuple(layers)
+        self.patch_size = patch_size
+        self.pretrain_embed_dim = pretrain_embed_dim if embed_dim is not None else None
+        self.embed_dim = embed_dim
+        # (B, out_channels, h, w): the concatenated layers, or embed_dim after pooling.
+        self.out_channels = embed_dim if embed_dim is not None else sum(backbone.channels[n] for n in self.layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.backbone.features(x, self.layers)
+        ref = feats[self.layers[0]].shape[-2:]  # patch grid = first layer's map (stride 8)
+        pad = self.patch_size // 2
+        maps = []
+        for name in self.layers:
+            f = feats[name]  # (B, C_l, h_l, w_l)
+            # Eq. 2: average over the p x p neighbourhood, at the layer's own resolution.
+            f = F.avg_pool2d(f, self.patch_size, stride=1, padding=pad, count_include_pad=True)
+            if self.pretrain_embed_dim is not None:
+                f = _channel_pool(f, self.pretrain_embed_dim)  # (B, P, h_l, w_l)
+            if f.shape[-2:] != ref:
+                f = F.interpolate(f, size=ref, mode="bilinear", align_corners=False)  # (B, P, h, w)
+            maps.append(f)
+        emb = torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]  # (B, sum P, h, w)
+        if self.embed_dim is not None:
+            emb = _channel_pool(emb, self.embed_dim)  # (B, D, h, w)
+        return emb
+
+
+class MemoryBankSearch(nn.Module):
+    """Holds the memory bank; patch scores by exact nearest-neighbour search, image score by Eq. 7."""
+
+    memory_bank: Tensor
+
+    def __init__(self, bank_size: int, dim: int, num_neighbors: int = 9,
+                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, use_faiss: bool = False) -> None:
+        super().__init__()
+        # Random stand-in for a coreset of nominal patch features (N, D): same size and
+        # cost as the real bank; built on whatever device is the default (meta is free).
+        self.register_buffer("memory_bank", torch.randn(bank_size, dim))
+        self.num_neighbors = num_neighbors
+        self.max_chunk_bytes = max_chunk_bytes
+        self.use_faiss = use_faiss
+
+    def forward(self, embedding: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, D, h, w) -> patch scores (B, 1, h, w) and image scores (B,)."""
+        batch, dim, h, w = embedding.shape
+        bank = self.memory_bank
+        dists, idxs = [], []
+        for i in range(batch):
+            queries = embedding[i].flatten(1).T  # (h*w, D) strided view, no copy
+            d, j = nearest_neighbors(queries, bank, 1, self.max_chunk_bytes, self.use_faiss)
+            dists.append(d.T)  # (1, h*w)
+            idxs.append(j.T)
+        patch_dist = torch.cat(dists) if batch > 1 else dists[0]  # (B, h*w)
+        patch_idx = torch.cat(idxs) if batch > 1 else idxs[0]
+        score = reweighted_image_score(embedding, patch_dist, patch_idx, bank, self.num_neighbors, self.max_chunk_bytes)
+        return patch_dist.view(batch, 1, h, w), score
+
+
+class AnomalyMapPostprocess(nn.Module):
+    """Patch scores (B, 1, h, w) -> anomaly map (B, 1, H, W): bilinear upsampling + Gaussian blur."""
+
+    kernel: Tensor
+
+    def __init__(self, sigma: float = 4.0) -> None:
+        super().__init__()
+        self.register_buffer("kernel", gaussian_kernel1d(sigma))  # (2 * int(4 sigma + 0.5) + 1,)
+
+    @property
+    def radius(self) -> int:
+        return self.kernel.shape[0] // 2
+
+    def forward(self, patch_scores: Tensor, size: tuple[int, int]) -> Tensor:
+        x = F.interpolate(patch_scores, size=tuple(size), mode="bilinear", align_corners=False)  # (B, 1, H, W)
+        return gaussian_blur(x, self.kernel)
+
+
+class PatchCore(nn.Module):
+    """PatchCore at inference: ``forward(x)`` -> ``{"anomaly_map": (B,1,H,W), "pred_score": (B,)}``.
+
+    Components, in order: ``feature_extractor`` (backbone + patch aggregation),
+    ``nn_search`` (memory bank + nearest neighbours + Eq. 7) and ``postprocess``
+    (upsampling + Gaussian blur).
+    """
+
+    def __init__(self, config: PatchCoreConfig | None = None) -> None:
+        super().__init__()
+        cfg = config or PatchCoreConfig()
+        self.config = cfg
+        backbone = _BACKBONES[cfg.backbone](weights=cfg.backbone_weights, num_classes=0)
+        # Keep only the stages that run: features() stops at the deepest requested layer.
+        last = max(resnet.STAGES.index(n) for n in cfg.layers)
+        for name in resnet.STAGES[last + 1 :]:
+            delattr(backbone, name)
+        self.feature_extractor = PatchFeatureExtractor(
+            backbone, cfg.layers, cfg.patch_size, cfg.pretrain_embed_dim, cfg.embed_dim
+        )
+        self.feature_stride = backbone.strides[cfg.layers[0]]
+        self.embed_dim = self.feature_extractor.out_channels
+        self.bank_size = self.bank_size_for(cfg.image_size)
+        self.nn_search = MemoryBankSearch(
+            self.bank_size, self.embed_dim, cfg.num_neighbors, cfg.max_chunk_bytes, cfg.use_faiss
+        )
+        self.postprocess = AnomalyMapPostprocess(cfg.sigma)
+
+    def feature_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """Patch grid (h, w) for an input size: ceil(H / 8) x ceil(W / 8) for layer2."""
+        h, w = _pair(image_size)
+        return _stage_size(h, self.feature_stride), _stage_size(w, self.feature_stride)
+
+    def bank_size_for(self, image_size: int | tuple[int, int]) -> int:
+        """N = round(coreset_ratio * num_train_images * h * w), at least 1."""
+        h, w = self.feature_size(image_size)
+        cfg = self.config
+        return max(1, round(cfg.coreset_ratio * cfg.num_train_images * h * w))
+
+    @property
+    def min_input_size(self) -> int:
+        # 32 px leaves a 2x2 layer3 map (stride 16) for the 3x3 neighbourhood; the blur's
+        # reflected border needs the map to be at least its radius (16 px for sigma 4).
+        return max(32, self.postprocess.radius)
+
+    def validate_input_size(self, h: int, w: int) -> None:
+        """Any H, W >= 32 works (no divisibility needed: the grid is ceil(H/8) x ceil(W/8))."""
+        m = self.min_input_size
+        if h < m or w < m:
+            raise ValueError(
+                f"PatchCore needs height and width >= {m} (a 2x2 layer3 map for the 3x3 patch "
+                f"neighbourhood, and a map no smaller than the Gaussian blur's radius), got {h}x{w}"
+            )
+
+    def set_memory_bank(self, bank: Tensor) -> None:
+        """Replace the memory bank with (N, D) patch features (any N, D = ``embed_dim``)."""
+        if bank.dim() != 2 or bank.shape[1] != self.embed_dim:
+            raise ValueError(f"memory bank must be (N, {self.embed_dim}), got {tuple(bank.shape)}")
+        if bank.shape[0] < 1:
+            raise ValueError("memory bank must not be empty")
+        old = self.nn_search.memory_bank
+        self.nn_search.memory_bank = bank.detach().to(device=old.device, dtype=old.dtype)
+
+    def components(self) -> list[Component]:
+        def extract(state: State) -> State:
+            return {"embedding": self.feature_extractor(state["image"])}  # (B, D, h, w)
+
+        def search(state: State) -> State:
+            patch_scores, pred_score = self.nn_search(state["embedding"])
+            return {"patch_scores": patch_scores, "pred_score": pred_score}  # (B,1,h,w), (B,)
+
+        def post(state: State) -> State:
+            size = tuple(state["image"].shape[-2:])
+            return {"anomaly_map": self.postprocess(state["patch_scores"], size)}  # (B, 1, H, W)
+
+        return [
+            Component("feature_extractor", self.feature_extractor, extract),
+            Component("nn_search", self.nn_search, search),
+            Component("postprocess", self.postprocess, post),
+        ]
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        self.validate_input_size(x.shape[-2], x.shape[-1])
+        state = run_components(self.components(), x)
+        return {"anomaly_map": state["anomaly_map"], "pred_score": state["pred_score"]}
+
+
+# ----------------------------------------------------------------------------------------
+# Registered configurations.
+
+
+@register_model()
+def patchcore(
+    image_size: int | tuple[int, int] = 256,
+    num_train_images: int = 200,
+    coreset_ratio: float = 0.1,
+    backbone: str = "wide_resnet101_2",
+    backbone_weights: str | None = None,
+    **kw,
+) -> PatchCore:
+    """PatchCore-10 on Wide-ResNet-101-2, layers 2+3, 1024-d patches, 10% coreset bank.
+
+    Args:
+        image_size: Train/test resolution; sets the bank size.
+        num_train_images: Training images behind the bank.
+        coreset_ratio: Fraction of their patches kept.
+        backbone: Backbone factory name.
+        backbone_weights: None (random), ``"DEFAULT"``, a weights name or a path.
+        **kw: Other :class:`PatchCoreConfig` fields.
+    """
+    cfg = PatchCoreConfig(
+        backbone=backbone,
+        backbone_weights=backbone_weights,
+        image_size=_pair(image_size),
+        num_train_images=num_train_images,
+        coreset_ratio=coreset_ratio,
+        **kw,
+    )
+    return PatchCore(cfg)
+
+
+@register_model()
+def patchcore_wrn50(image_size: int | tuple[int, int] = 256, **kw) -> PatchCore:
+    """PatchCore-10 on Wide-ResNet-50-2 (the paper's main-table backbone)."""
+    kw.setdefault("backbone", "wide_resnet50_2")
+    return patchcore(image_size=image_size, **kw)
+
+
+@register_model()
+def patchcore_tiny(image_size: int | tuple[int, int] = 256, **kw) -> PatchCore:
+    """PatchCore on ``resnet_tiny`` (16+32 channels -> 32-d patches), 8-image bank: CPU tests."""
+    kw.setdefault("backbone", "resnet_tiny")
+    kw.setdefault("num_train_images", 8)
+    kw.setdefault("pretrain_embed_dim", 32)
+    kw.setdefault("embed_dim", 32)
+    return patchcore(image_size=image_size, **kw)
