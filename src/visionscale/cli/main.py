@@ -68,7 +68,7 @@ def scale_cmd(
     timing: bool = typer.Option(True, "--timing/--no-timing", help="Measure runtime (analytic memory is always computed)."),
     warmup: Optional[int] = typer.Option(None, help="Warm-up runs per resolution [default: 100 on CUDA, 1 on CPU]."),
     repeats: Optional[int] = typer.Option(None, help="Timed runs [default: 1000 on CUDA, 3 on CPU]."),
-    time_budget: Optional[float] = typer.Option(None, help="Seconds for all timing [default: none on CUDA, 120 on CPU]; what does not fit is marked skipped."),
+    time_budget: Optional[float] = typer.Option(None, help="Seconds for all timing [default: none on CUDA, 60 on CPU]; what does not fit is marked skipped."),
     gpu: list[str] = typer.Option([], "--gpu", help="Add a GPU to the catalogue: 'NAME=SIZE', e.g. 'RTX 6000 Ada=48GiB'. Repeatable."),
     only_gpus: bool = typer.Option(False, "--only-gpus", help="Use only the --gpu cards, not the built-in catalogue."),
     cuda_context: str = typer.Option("512MiB", help="Memory the CUDA context and libraries take beside PyTorch's tensors."),

@@ -47,7 +47,7 @@ class StudyError(ValueError):
 @dataclass
 class StudyConfig:
     """What to measure. ``None`` for warmup/repeats/time_budget_s means the device default:
-    the seed's 100 / 1000 and no budget on CUDA; 1 / 3 and 120 s on the CPU."""
+    the seed's 100 / 1000 and no budget on CUDA; 1 / 3 and 60 s on the CPU."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
     resolutions: tuple[int, ...] = DEFAULT_RESOLUTIONS
@@ -183,33 +183,62 @@ def _totals(source: _Source, cfg: StudyConfig, resolution: int) -> dict[str, int
     return _totals_of(*analytic(source, cfg, resolution))
 
 
-def exact_limit(source: _Source, cfg: StudyConfig, vram_bytes: int, lo: int, hi: int = 16384) -> int | None:
+def exact_limit(
+    source: _Source, cfg: StudyConfig, vram_bytes: int, lo: int, hi: int = 16384,
+    cache: dict[int, int | None] | None = None, guess: float | None = None,
+) -> int | None:
     """Largest multiple of ``cfg.limit_step`` whose analytic peak (plus the CUDA context)
-    fits into ``vram_bytes``, by bisection on the analytic pass. ``lo`` must fit.
+    fits into ``vram_bytes``, searched with analytic passes. None if ``lo`` does not fit.
 
-    Assumes memory grows with resolution, which holds for every conv/attention model.
-    Sizes the model rejects are treated as not fitting.
+    Assumes memory grows with resolution, which holds for every conv/attention model;
+    sizes the model rejects count as not fitting. The search interpolates on
+    ``sqrt(peak)``, nearly linear in the side length, starting from ``guess`` (the fit's
+    answer), so it needs a handful of passes rather than a full bisection. ``cache``
+    (resolution -> peak bytes) lets the searches for several GPUs share passes.
     """
     step = cfg.limit_step
     budget = vram_bytes - cfg.cuda_context_bytes
+    cache = {} if cache is None else cache
 
-    def fits(r: int) -> bool:
-        try:
-            return _totals(source, cfg, r)["total_peak_bytes"] <= budget
-        except (StudyError, ValueError, RuntimeError):
-            return False
+    def peak(k: int) -> int | None:
+        r = k * step
+        if r not in cache:
+            try:
+                _validate(source.build(r, "meta", DTYPES[cfg.dtype]), source.name, r)
+                cache[r] = _totals(source, cfg, r)["total_peak_bytes"]
+            except (StudyError, ValueError, RuntimeError):
+                cache[r] = None
+        return cache[r]
 
-    lo_k, hi_k = lo // step, hi // step
-    if lo_k < 1 or not fits(lo_k * step):
+    def fits(k: int) -> bool:
+        p = peak(k)
+        return p is not None and p <= budget
+
+    lo_k, max_k = -(-lo // step), hi // step
+    if lo_k < 1 or lo_k > max_k or not fits(lo_k):
         return None
-    if fits(hi_k * step):
-        return hi_k * step
+    # Bracket: lo_k fits, hi_k does not (or is the cap and fits).
+    hi_k = min(max_k, max(lo_k + 1, round((guess or 2 * lo) / step)))
+    while fits(hi_k):
+        if hi_k == max_k:
+            return max_k * step
+        lo_k, hi_k = hi_k, min(max_k, hi_k * 2)
     while hi_k - lo_k > 1:
-        mid = (lo_k + hi_k) // 2
-        if fits(mid * step):
+        p_lo, p_hi = peak(lo_k), peak(hi_k)
+        if p_hi is not None and p_lo is not None and p_hi > p_lo:
+            frac = (math.sqrt(budget) - math.sqrt(p_lo)) / (math.sqrt(p_hi) - math.sqrt(p_lo))
+            mid = lo_k + int(frac * (hi_k - lo_k))
+        else:
+            mid = (lo_k + hi_k) // 2
+        mid = min(max(mid, lo_k + 1), hi_k - 1)
+        if fits(mid):
             lo_k = mid
+            if mid + 1 < hi_k and not fits(mid + 1):
+                hi_k = mid + 1
         else:
             hi_k = mid
+            if mid - 1 > lo_k and fits(mid - 1):
+                lo_k = mid - 1
     return lo_k * step
 
 
@@ -236,7 +265,7 @@ def _timing_defaults(cfg: StudyConfig, device: torch.device) -> tuple[int, int, 
     cuda = device.type == "cuda"
     warmup = cfg.warmup if cfg.warmup is not None else (100 if cuda else 1)
     repeats = cfg.repeats if cfg.repeats is not None else (1000 if cuda else 3)
-    budget = cfg.time_budget_s if cfg.time_budget_s is not None else (None if cuda else 120.0)
+    budget = cfg.time_budget_s if cfg.time_budget_s is not None else (None if cuda else 60.0)
     if warmup < 0 or repeats < 1:
         raise StudyError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
     return warmup, repeats, budget
@@ -361,29 +390,33 @@ def run_study(
                     status="analytic",
                 ))
 
-    # 3. Measured runtime (and CUDA memory), cheapest first, within the time budget.
+    # 3. Measured runtime (and CUDA memory), cheapest first and resolution by resolution
+    # across models, so a time budget leaves every model its smallest size measured. The
+    # next size's cost is predicted from the last one as growing with side**4 (PatchCore's
+    # search and DDAD's attention grow that fast): conservative, so it skips, not overruns.
     if cfg.timing:
         deadline = None if budget is None else time.perf_counter() + budget
-        for name, src in sources.items():
-            last: tuple[int, float] | None = None
-            for r in resolutions:
+        last: dict[str, tuple[int, float]] = {}
+        for r in resolutions:
+            for name, src in sources.items():
                 status, fields = "ok", {}
                 need = cfg.cuda_context_bytes + totals[name][r]["total_peak_bytes"]
+                over = False
                 if device.type == "cuda":
                     free, _ = torch.cuda.mem_get_info(device)
                     over = need > free + torch.cuda.memory_reserved(device)
-                else:
-                    over = False
-                predicted = None if last is None else last[1] * (r / last[0]) ** 2
+                prev = last.get(name)
+                predicted = None if prev is None else prev[1] * (r / prev[0]) ** 4
                 if over:
                     status = "over_limit_predicted"
-                elif deadline is not None and predicted is not None and time.perf_counter() + predicted > deadline:
+                elif deadline is not None and (time.perf_counter() > deadline or (
+                        predicted is not None and time.perf_counter() + predicted > deadline)):
                     status = "skipped_time_budget"
                 else:
                     say(f"timing on {device.type}  {name} @ {r}x{r}")
                     try:
                         fields, pass_s = _measure(src, cfg, r, device, warmup, repeats, deadline, name)
-                        last = (r, pass_s)
+                        last[name] = (r, pass_s)
                     except Exception as exc:  # noqa: BLE001 - only OOM is expected here
                         if not is_oom(exc):
                             raise
@@ -448,7 +481,9 @@ def run_study(
 
     # 6. The largest square resolution each model fits into on each GPU.
     for name, src in sources.items():
-        for gpu in cfg.gpus:
+        passes: dict[int, int | None] = {}
+        floor = resolutions[0]
+        for gpu in sorted(cfg.gpus, key=lambda g: g.vram_bytes):
             budget_bytes = gpu.vram_bytes - cfg.cuda_context_bytes
             entry: dict[str, Any] = dict(model=name, gpu=gpu.name, vram_bytes=gpu.vram_bytes,
                                          cuda_context_bytes=cfg.cuda_context_bytes)
@@ -458,7 +493,9 @@ def run_study(
                 entry[key] = None if x is None else int(math.floor(x))
             if cfg.exact_limits:
                 say(f"exact GPU limit  {name} on {gpu.name}")
-                entry["max_resolution_analytic"] = exact_limit(src, cfg, gpu.vram_bytes, lo=cfg.limit_step)
+                found = exact_limit(src, cfg, gpu.vram_bytes, lo=floor, cache=passes, guess=entry["max_resolution"])
+                entry["max_resolution_analytic"] = found
+                floor = found or floor  # a bigger card holds at least as much
             limits.append(entry)
 
     sensors = [dict(megapixels=mp, side_px=sensor_side(mp)) for mp in SENSORS_MP]

@@ -1,0 +1,102 @@
+"""Benchmark the main job: wall time of the default study and of the analytic pass alone.
+
+Usage: python benchmarks/bench_scale.py [--write]   (--write updates docs/benchmarks.md)
+
+Measures, on this machine:
+  1. the analytic pass (meta device) per model and resolution, median of 3;
+  2. the whole default study as `visionscale scale` runs it (timing, fits, exact GPU
+     limits, outputs), once, end to end in a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from visionscale.profiling.sweep import DEFAULT_MODELS, StudyConfig, _Source, analytic
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- bench_scale:begin -->", "<!-- bench_scale:end -->"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def bench_analytic(resolutions=(256, 512, 1024, 3000)) -> list[tuple[str, int, float]]:
+    cfg = StudyConfig()
+    out = []
+    for name in DEFAULT_MODELS:
+        src = _Source(name, None, {})
+        for r in resolutions:
+            if name == "ddad" and r % 32:
+                r = (r + 31) // 32 * 32
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                analytic(src, cfg, r)
+                times.append(time.perf_counter() - t0)
+            out.append((name, r, statistics.median(times)))
+    return out
+
+
+def bench_default_study() -> tuple[float, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "visionscale.cli.main", "scale", "--out", tmp],
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode:
+            sys.stderr.write(proc.stderr)
+        return wall, proc.returncode
+
+
+def render(analytic_rows, wall, rc) -> str:
+    lines = [BEGIN, "", f"Machine: {machine()}. Command: `python benchmarks/bench_scale.py --write`.", "",
+             f"Default study (`visionscale scale`, no arguments, CPU): **{wall:.1f} s** wall time (exit code {rc}).", "",
+             "Analytic pass alone (meta device, all components, median of 3):", "",
+             "| model | px | seconds |", "|---|---:|---:|"]
+    lines += [f"| {m} | {r} | {s:.3f} |" for m, r, s in analytic_rows]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    args = ap.parse_args()
+    rows = bench_analytic()
+    for m, r, s in rows:
+        print(f"analytic {m:14s} {r:5d} px  {s:.3f} s")
+    wall, rc = bench_default_study()
+    print(f"default study wall time: {wall:.1f} s (exit {rc})")
+    if args.write:
+        doc = ROOT / "docs" / "benchmarks.md"
+        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+        block = render(rows, wall, rc)
+        if BEGIN in text:
+            text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip() + "\n\n## The scale study (`benchmarks/bench_scale.py`)\n\n" + block + "\n"
+        doc.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""DDAD: anomaly detection by conditioned denoising, DDAD-10 inference graph.
+
+Paper: A. Mousakhan, T. Brox, J. Tayyub, "Anomaly Detection with Conditioned Denoising
+Diffusion Models", arXiv:2305.15956, 2023. Official code: https://github.com/arimousa/DDAD
+(``reconstruction.py: Reconstruction``, ``anomaly_map.py: heat_map``, ``config.yaml``,
+``main.py: build_model``).
+
+Input: images scaled to [-1, 1] (the official ``Dataset_maker`` maps ToTensor's [0, 1]
+with ``2t - 1``). Pipeline, with the official ``config.yaml`` defaults:
+
+1. Noise the image to step 250 of a 1000-step linear beta schedule (1e-4 .. 0.02):
+   ``x_T = sqrt(a_250) y + sqrt(1 - a_250) n`` (``a`` = cumulative alpha product).
+2. Ten DDIM steps over ``range(0, 250, 25)`` reversed: t = 225, 200, ..., 0, each to the
+   previous element (-1 = clean, a = 1). Note the trajectory starts at t = 225 although
+   the image was noised to 250; that is what the official loop does. Each step
+   conditions the noise estimate on the input ``y`` (paper Sec. 3, conditioned
+   denoising):
+
+       y_t     = sqrt(a_t) y + sqrt(1 - a_t) eps            (eps = U-Net(x_t, t))
+       eps_hat = eps - w sqrt(1 - a_t) (y_t - x_t)
+       x0_t    = (x_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t)
+       x_next  = sqrt(a_next) x0_t + c1 z + c2 eps_hat,
+       c1 = eta sqrt((1 - a_t / a_next)(1 - a_next) / (1 - a_t)),  c2 = sqrt(1 - a_next - c1^2)
+
+   with w = 2 and eta = 1 (config defaults; the README tunes w per category, 0..11).
+3. Anomaly map (``heat_map``): pixel distance ``D_p`` = mean over channels of
+   ``|x0 - y|``; feature distance ``D_f`` = sum over layer2 and layer3 of
+   ``1 - cos`` between 3x3-averaged features of input and reconstruction, each
+   bilinearly upsampled (align_corners=True) to the input size;
+   ``map = D_f + v * max(D_f) / max(D_p) * D_p`` with v = 1 (MVTec), then a Gaussian
+   blur with sigma 4 (kernel 33, reflected border, as kornia's ``gaussian_blur2d``).
+   Image score = max of the map.
+
+Deviations from the official code, all on purpose:
+
+* ``max(D_f) / max(D_p)`` is taken per image, not over the whole test batch, so a
+  score does not depend on which images share its batch (identical for batch size 1).
+* The 3x3 feature averaging is ``avg_pool2d`` (zero padding counted, as with the
+  official ``Unfold`` + mean) instead of materialising 9x the features, and works for
+  non-square maps.
+* The official feature extractor also runs (and discards) layer4, and keeps the fc
+  head. Here layer4 and fc are dropped; ``run_layer4=True`` keeps and runs layer4 to
+  reproduce that cost.
+* The official evaluation center-crops maps to 224 px before taking the max; the map
+  here covers the whole input.
+* Noise comes from a ``torch.Generator`` seeded with ``seed + step`` on the image's
+  device, so ``forward`` is reproducible (the official code uses the global RNG). Step 0
+  draws the initial noise, then that step's ``z``. No ``z`` is drawn when c1 = 0.
+
+Components: ``denoiser`` (the U-Net plus one conditioned DDIM step, ``repeats`` = 10)
+and ``feature_extractor`` (backbone on input and reconstruction, plus the map). The
+step index lives in the state as a CPU int64 scalar under ``"ddad_step"``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visionscale.components import Component, State, run_components
+from visionscale.nn import resnet
+from visionscale.nn.unet import UNet, UNetConfig
+from visionscale.registry import register_model
+
+__all__ = ["DDAD", "DDADConfig", "ddad", "ddad_tiny", "linear_beta_schedule"]
+
+_BACKBONES = {
+    "wide_resnet101_2": resnet.wide_resnet101_2,  # official config.yaml default
+    "wide_resnet50_2": resnet.wide_resnet50_2,
+    "resnet50": resnet.resnet50,
+    "resnet_tiny": resnet.resnet_tiny,
+}
+
+STEP_KEY = "ddad_step"
+
+
+def linear_beta_schedule(start: float, end: float, n: int) -> list[float]:
+    """``np.linspace(start, end, n)`` in Python floats (official ``_compute_alpha``)."""
+    return [start + (end - start) * i / (n - 1) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class DDADConfig:
+    """DDAD inference settings (defaults: official ``config.yaml``).
+
+    Attributes:
+        unet: Denoiser architecture (official 256 px DDAD model by default).
+        backbone: Feature extractor factory in ``visionscale.nn.resnet``.
+        backbone_weights: None (random init), ``"DEFAULT"``, a weights name or a path.
+        feature_layers: Layers compared feature-wise (official: layer2, layer3).
+        num_train_steps: Diffusion steps of the schedule (``trajectory_steps``).
+        beta_start: First beta.
+        beta_end: Last beta.
+        noise_step: Step the input is noised to (``test_trajectoy_steps``).
+        skip: Stride of the denoising trajectory (``skip``); 250 / 25 = 10 steps.
+        eta: DDIM stochasticity (1 = DDPM-like variance).
+        w: Conditioning weight; larger stays closer to the input.
+        v: Weight of the pixel distance against the feature distance.
+        sigma: Gaussian blur of the map.
+        seed: Seed of the noise generators.
+        run_layer4: Keep and run the backbone's unused layer4 like the official code.
+    """
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    backbone: str = "wide_resnet101_2"
+    backbone_weights: str | None = None
+    feature_layers: tuple[str, ...] = ("layer2", "layer3")
+    num_train_steps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    noise_step: int = 250
+    skip: int = 25
+    eta: float = 1.0
+    w: float = 2.0
+    v: float = 1.0
+    sigma: float = 4.0
+    seed: int = 42
+    run_layer4: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backbone not in _BACKBONES:
+            raise ValueError(f"backbone must be one of {sorted(_BACKBONES)}, got {self.backbone!r}")
+        if not 0 < self.noise_step < self.num_train_steps:
+            raise ValueError(f"noise_step must be in (0, {self.num_train_steps}), got {self.noise_step}")
+        if self.skip < 1:
+            raise ValueError(f"skip must be >= 1, got {self.skip}")
+
+
+class GaussianBlur(nn.Module):
+    """Separable Gaussian blur with reflected borders (kornia ``gaussian_blur2d`` defaults)."""
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        self.radius = int(4 * sigma + 0.5)  # official kernel_size = 2 * int(4 sigma + 0.5) + 1
+        x = torch.arange(-self.radius, self.radius + 1, dtype=torch.float64)
+        k = torch.exp(-(x**2) / (2 * sigma**2))
+        self.register_buffer("kernel", (k / k.sum()).float(), persistent=False)  # (2r+1,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        r = self.radius
+        k = self.kernel.to(x.dtype)
+        x = F.pad(x.reshape(b * c, 1, h, w), (r, r, r, r), mode="reflect")
+        x = F.conv2d(x, k.view(1, 1, 1, -1))  # along W
+        x = F.conv2d(x, k.view(1, 1, -1, 1))  # along H
+        return x.reshape(b, c, h, w)
+
+
+class DDAD(nn.Module):
+    """DDAD inference: conditioned DDIM reconstruction, then pixel + feature distance.
+
+    ``forward(x)`` with ``x`` (B, 3, H, W) in [-1, 1] returns ``anomaly_map`` (B, 1, H, W),
+    ``pred_score`` (B,) and ``reconstruction`` (B, 3, H, W); it equals running
+    :meth:`components` with :func:`visionscale.components.run_components`.
+    """
+
+    def __init__(self, config: DDADConfig | None = None):
+        super().__init__()
+        cfg = self.config = config or DDADConfig()
+        self.unet = UNet(cfg.unet)
+        backbone = _BACKBONES[cfg.backbone](weights=cfg.backbone_weights, num_classes=0)
+        self._backbone_layers = cfg.feature_layers + (("layer4",) if cfg.run_layer4 else ())
+        last = max(resnet.STAGES.index(n) for n in self._backbone_layers)
+        for name in resnet.STAGES[last + 1 :]:
+            delattr(backbone, name)  # stages that never run hold no parameters
+        self.backbone = backbone
+
+        # Schedule in Python floats: the step arithmetic uses them, so it needs no
+        # host-device sync and also runs on the meta device. Buffers mirror it.
+        betas = linear_beta_schedule(cfg.beta_start, cfg.beta_end, cfg.num_train_steps)
+        alpha_bar, prod = [1.0], 1.0  # index t + 1; t = -1 (clean image) -> 1
+        for b in betas:
+            prod *= 1.0 - b
+            alpha_bar.append(prod)
+        self._alpha_bar = alpha_bar
+        self.register_buffer("betas", torch.tensor(betas, dtype=torch.float32), persistent=False)
+        self.register_buffer("alphas_cumprod", torch.tensor(alpha_bar[1:], dtype=torch.float32), persistent=False)
+
+        # Official: seq = range(0, noise_step, skip), walked backwards, next = previous or -1.
+        seq = list(range(0, cfg.noise_step, cfg.skip))
+        nxt = [-1] + seq[:-1]
+        self.timesteps: tuple[tuple[int, int], ...] = tuple(zip(reversed(seq), reversed(nxt)))
+
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.blur = GaussianBlur(cfg.sigma)
+
+    @property
+    def num_steps(self) -> int:
+        """Denoising steps per image (10 for DDAD-10)."""
+        return len(self.timesteps)
+
+    def alpha_bar(self, t: int) -> float:
+        """Cumulative alpha product at step ``t`` (0-based); ``t = -1`` gives 1."""
+        return self._alpha_bar[t + 1]
+
+    def validate_input_size(self, h: int, w: int) -> None:
+        """U-Net divisibility, and a map larger than the blur radius (reflected border)."""
+        self.unet.validate_input_size(h, w)
+        r = self.blur.radius
+        if h <= r or w <= r:
+            raise ValueError(
+                f"DDAD's Gaussian blur (sigma {self.config.sigma}) reflects a {r} px border, "
+                f"so height and width must exceed {r}, got {h}x{w}"
+            )
+
+    def _randn(self, like: Tensor, gen: torch.Generator | None) -> Tensor:
+        return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
+
+    def _generator(self, device: torch.device, step: int) -> torch.Generator | None:
+        if device.type == "meta":  # shapes only: nothing to seed
+            return None
+        gen = torch.Generator(device=device)
+        gen.manual_seed(self.config.seed + step)
+        return gen
+
+    @torch.no_grad()
+    def denoise_step(self, state: State) -> State:
+        """One conditioned DDIM step; step 0 also noises the input to ``noise_step``."""
+        cfg = self.config
+        y = state["image"]  # (B, 3, H, W) in [-1, 1]: the condition (target) image
+        step = int(state[STEP_KEY]) if STEP_KEY in state else 0
+        if step >= self.num_steps:
+            raise RuntimeError(f"DDAD denoiser already ran all {self.num_steps} steps")
+        gen = self._generator(y.device, step)
+        if step == 0:
+            self.validate_input_size(*y.shape[-2:])
+            a = self.alpha_bar(cfg.noise_step)
+            x_t = math.sqrt(a) * y + math.sqrt(1 - a) * self._randn(y, gen)
+        else:
+            x_t = state["x_t"]
+        t, t_next = self.timesteps[step]
+        at, an = self.alpha_bar(t), self.alpha_bar(t_next)
+
+        eps = self.unet(x_t, torch.full((y.shape[0],), float(t), device=y.device))  # (B, 3, H, W)
+        y_t = math.sqrt(at) * y + math.sqrt(1 - at) * eps  # the condition, noised with eps
+        eps_hat = eps - (cfg.w * math.sqrt(1 - at)) * (y_t - x_t)
+        x0 = (x_t - math.sqrt(1 - at) * eps_hat) / math.sqrt(at)
+        c1 = cfg.eta * math.sqrt((1 - at / an) * (1 - an) / (1 - at))
+        c2 = math.sqrt(max(1 - an - c1**2, 0.0))
+        x_next = math.sqrt(an) * x0 + c2 * eps_hat
+        if c1 > 0:
+            x_next = x_next + c1 * self._randn(y, gen)
+
+        out: State = {"x_t": x_next, STEP_KEY: torch.tensor(step + 1, dtype=torch.int64, device="cpu")}
+        # On the meta device (the profiler's shape-only pass) the later steps are skipped,
+        # as they allocate exactly what the first did; the reconstruction's shape is known now.
+        if step + 1 == self.num_steps or x_next.device.type == "meta":
+            out["reconstruction"] = x_next
+        return out
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        # [-1, 1] -> [0, 1] -> ImageNet statistics (official feature_distance transform).
+        return ((x + 1) / 2 - self.mean) / self.std
+
+    def anomaly_map(self, state: State) -> State:
+        """Pixel + feature distance between input and reconstruction, blurred; score = max."""
+        cfg = self.config
+        x, rec = state["image"], state["reconstruction"]
+        size = tuple(x.shape[-2:])
+        d_pix = (rec - x).abs().mean(dim=1, keepdim=True)  # (B, 1, H, W)
+        # Two backbone passes as in the official code (input first, then reconstruction).
+        f_in = self.backbone.features(self._normalize(x), self._backbone_layers)
+        f_rec = self.backbone.features(self._normalize(rec), self._backbone_layers)
+        d_feat = torch.zeros_like(d_pix)
+        for name in cfg.feature_layers:
+            a = F.avg_pool2d(f_in[name], 3, stride=1, padding=1)  # (B, C_l, h_l, w_l)
+            b = F.avg_pool2d(f_rec[name], 3, stride=1, padding=1)
+            dist = 1 - F.cosine_similarity(a, b, dim=1)[:, None]  # (B, 1, h_l, w_l)
+            d_feat = d_feat + F.interpolate(dist, size=size, mode="bilinear", align_corners=True)
+        max_pix = d_pix.amax(dim=(1, 2, 3), keepdim=True).clamp_min(torch.finfo(d_pix.dtype).tiny)
+        amap = d_feat + cfg.v * d_feat.amax(dim=(1, 2, 3), keepdim=True) / max_pix * d_pix
+        amap = self.blur(amap)  # (B, 1, H, W)
+        return {"anomaly_map": amap, "pred_score": amap.amax(dim=(1, 2, 3))}
+
+    def components(self) -> list[Component]:
+        """The U-Net step (x ``num_steps``), then the feature extractor with the map."""
+        return [
+            Component("denoiser", self.unet, self.denoise_step, repeats=self.num_steps),
+            Component("feature_extractor", self.backbone, self.anomaly_map),
+        ]
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        state = run_components(self.components(), x)
+        return {k: state[k] for k in ("anomaly_map", "pred_score", "reconstruction")}
+
+
+_UNET_FIELDS = {f.name for f in fields(UNetConfig)}
+
+
+def _build(unet: UNetConfig, **kw) -> DDAD:
+    # U-Net keywords (e.g. attention="sdpa", dropout) go to its config, the rest to DDADConfig.
+    unet_kw = {k: kw.pop(k) for k in list(kw) if k in _UNET_FIELDS}
+    if unet_kw:
+        unet = replace(unet, **unet_kw)
+    return DDAD(DDADConfig(unet=unet, **kw)).eval()
+
+
+@register_model()
+def ddad(image_size: int | tuple[int, int] = 256, backbone: str = "wide_resnet101_2",
+         attention: str = "math", **kw) -> DDAD:
+    """DDAD-10 as in the official code: 256 px U-Net (base 64), Wide-ResNet-101-2 features.
+
+    ``image_size`` is unused: the network is the one the official code trains at 256 px,
+    run at any H, W divisible by 32 (see :meth:`DDAD.validate_input_size`; the first
+    denoising step checks it). The official ``UNetModel`` would build a different
+    network for ``img_size=512``. Returned in eval mode, random weights unless
+    ``backbone_weights`` is given (the U-Net always starts random).
+
+    Args:
+        image_size: Unused; accepted so the profiler can build any model per resolution.
+        backbone: ``wide_resnet101_2`` (official default), ``wide_resnet50_2``, ``resnet50``.
+        attention: ``"math"`` (reference: explicit tokens x tokens weights) or ``"sdpa"``.
+        **kw: :class:`DDADConfig` fields (``w``, ``v``, ``eta``, ``seed``...) or
+            :class:`UNetConfig` fields (``dropout``, ``num_heads``...).
+    """
+    return _build(UNetConfig(attention=attention), backbone=backbone, **kw)
+
+
+@register_model()
+def ddad_tiny(image_size: int | tuple[int, int] = 256, backbone: str = "resnet_tiny",
+              attention: str = "math", **kw) -> DDAD:
+    """Tiny DDAD for CPU tests: 3-level U-Net (8-16-16 channels, 4 groups), resnet_tiny.
+
+    Same code and the same 10-step trajectory; H, W must be multiples of 4 and > 16.
+    ``image_size`` is unused.
+    """
+    unet = UNetConfig(base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1, attention_ds=(2, 4),
+                      num_heads=2, norm_groups=4, attention=attention)
+    return _build(unet, backbone=backbone, **kw)
