@@ -166,7 +166,8 @@ def plot_comparison(result: StudyResult, metric: str) -> bytes:
     import matplotlib.pyplot as plt
 
     target = result.config["target"]
-    xs = np.linspace(0, max(target, max(result.config["resolutions"])), 300)
+    right = max([target, *result.config["resolutions"], *(x["side_px"] for x in result.sensors)]) * 1.03
+    xs = np.linspace(1, right, 400)
     fig, ax = plt.subplots(figsize=(9, 5.5))
     colors = plt.get_cmap("tab10")
     memory = metric.endswith("_bytes")
@@ -178,27 +179,38 @@ def plot_comparison(result: StudyResult, metric: str) -> bytes:
             ax.plot(xs, (f["beta0"] + f["beta1"] * xs + f["beta2"] * xs**2) * scale, color=colors(i), label=f"{model} (fit)")
         if pts:
             ax.scatter(list(pts), [v * scale for v in pts.values()], color=colors(i), zorder=3)
+        if metric == "total_peak_bytes":
+            extra = [(p["resolution"], p["total_peak_bytes"]) for p in result.analytic_points
+                     if p["model"] == model and p["resolution"] <= right]
+            if extra:
+                ax.scatter([e[0] for e in extra], [e[1] * scale for e in extra], marker=".", s=25, color=colors(i),
+                           alpha=0.7, label=f"{model} analytic passes")
         if memory:
             for c in result.checks:
                 if c["model"] == model and c["metric"] == metric:
                     ax.scatter([c["resolution"]], [c["analytic_bytes"] * scale], marker="x", s=60, color=colors(i),
                                zorder=4, label=f"{model} analytic at {c['resolution']}")
-    ymax = ax.get_ylim()[1]
     if memory:
-        for gpu in result.config["gpus"]:
+        # Log scale: attention and the PatchCore bank span four orders of magnitude.
+        ax.set_yscale("log")
+        seen: list[float] = []
+        for gpu in sorted(result.config["gpus"], key=lambda g: g["vram_bytes"]):
             v = gpu["vram_bytes"] * scale
-            if v <= ymax * 1.05:
-                ax.axhline(v, color="grey", lw=0.8, ls="--")
-                ax.text(xs[1], v, f" {gpu['name']}", va="bottom", fontsize=7, color="dimgrey")
-        ax.set_ylabel(f"GiB ({'peak of live tensors + params' if metric == 'total_peak_bytes' else 'seed Eq. 1: params + sum of activations'})")
+            ax.axhline(v, color="grey", lw=0.8, ls="--")
+            if all(abs(v - u) / u > 0.15 for u in seen):  # cards of equal size share one label
+                names = [g["name"] for g in result.config["gpus"] if abs(g["vram_bytes"] * scale - v) / v <= 0.15]
+                ax.text(xs[-1], v, " / ".join(names) + " ", va="bottom", ha="right", fontsize=7, color="dimgrey")
+                seen.append(v)
+        ax.set_ylabel(f"GiB, log scale ({'peak of live tensors + params' if metric == 'total_peak_bytes' else 'seed Eq. 1: params + sum of activations'})")
     else:
         ax.set_ylabel("ms per image")
+    ymin, ymax = ax.get_ylim()
     for s in result.sensors:
         if s["side_px"] <= xs[-1]:
             ax.axvline(s["side_px"], color="tab:red", lw=0.8, ls=":")
-            ax.text(s["side_px"], ymax * 0.98, f"{s['megapixels']:g} MP", rotation=90, va="top", ha="right",
+            ax.text(s["side_px"], ymax * (0.9 if memory else 0.98), f"{s['megapixels']:g} MP", rotation=90, va="top", ha="right",
                     fontsize=8, color="tab:red")
-    ax.set_ylim(0, ymax)
+    ax.set_ylim(ymin if memory else 0, ymax)
     ax.set_xlabel("square image side (px)")
     device = result.environment.get("gpu") or "CPU"
     what = "memory" if memory else f"runtime on {device}"

@@ -86,6 +86,7 @@ class StudyResult:
     gpu_limits: list[dict[str, Any]]
     checks: list[dict[str, Any]]
     totals: list[dict[str, Any]]
+    analytic_points: list[dict[str, Any]]
     sensors: list[dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
@@ -368,6 +369,7 @@ def run_study(
     fits: list[dict[str, Any]] = []
     limits: list[dict[str, Any]] = []
     checks: list[dict[str, Any]] = []
+    points: list[dict[str, Any]] = []  # every analytic pass the GPU-limit search made
 
     # 2. Analytic memory at every resolution (meta device: no memory, no time).
     totals: dict[str, dict[int, dict[str, int]]] = {}
@@ -497,6 +499,7 @@ def run_study(
                 entry["max_resolution_analytic"] = found
                 floor = found or floor  # a bigger card holds at least as much
             limits.append(entry)
+        points += [dict(model=name, resolution=r, total_peak_bytes=b) for r, b in sorted(passes.items()) if b is not None]
 
     sensors = [dict(megapixels=mp, side_px=sensor_side(mp)) for mp in SENSORS_MP]
     config = asdict(cfg)
@@ -505,4 +508,5 @@ def run_study(
                   gpus=[asdict(g) for g in cfg.gpus], models=list(cfg.models))
     total_rows = [dict(model=n, resolution=r, **totals[n][r]) for n in sources for r in resolutions]
     return StudyResult(config=config, environment=_environment(device), rows=rows, fits=fits,
-                       gpu_limits=limits, checks=checks, totals=total_rows, sensors=sensors)
+                       gpu_limits=limits, checks=checks, totals=total_rows, analytic_points=points,
+                       sensors=sensors)
