@@ -117,23 +117,26 @@ def scale_cmd(
 def _print_summary(result) -> None:
     from rich.table import Table
 
-    t = Table(title="Largest square resolution per GPU (fit of peak memory)")
+    exact = bool(result.config.get("exact_limits"))
+    title = "Largest square resolution per GPU, px: analytic (quadratic fit)" if exact else \
+        "Largest square resolution per GPU, px (quadratic fit of peak memory)"
+    t = Table(title=title)
     t.add_column("GPU")
     models = list(dict.fromkeys(g["model"] for g in result.gpu_limits))
     for m in models:
         t.add_column(m, justify="right")
-    gpus = list(dict.fromkeys(g["gpu"] for g in result.gpu_limits))
-    for name in gpus:
+    for name in dict.fromkeys(g["gpu"] for g in result.gpu_limits):
         cells = []
         for m in models:
             g = next(x for x in result.gpu_limits if x["gpu"] == name and x["model"] == m)
-            v = g["max_resolution"]
-            a = g.get("max_resolution_analytic")
-            cells.append(("–" if v is None else str(v)) + ("" if a is None else f" ({a})"))
+            fit = "–" if g["max_resolution"] is None else str(g["max_resolution"])
+            if exact:
+                a = g.get("max_resolution_analytic")
+                cells.append(f"{'–' if a is None else a} ({fit})")
+            else:
+                cells.append(fit)
         t.add_row(name, *cells)
     out.print(t)
-    if result.config.get("exact_limits"):
-        out.print("(in brackets: bisection on the analytic pass)", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -280,14 +280,17 @@ def render_markdown(result: StudyResult, images: list[str]) -> str:
                          f"{c['analytic_bytes'] / 1024**3:,.2f} | {err} |")
     lines += ["", f"## Largest square resolution per GPU (CUDA context allowance "
                   f"{cfg['cuda_context_bytes'] / MiB:,.0f} MiB)", "",
-              "`max_resolution`: from the fit of the peak total; `seed sum`: from the fit of the seed's Eq. 1 total; "
-              f"`analytic`: bisection on the analytic pass (to {cfg['limit_step']} px).", "",
-              "| model | GPU | VRAM GiB | max px (peak fit) | sensor | max px (seed sum fit) | max px (analytic) |",
+              f"`analytic`: search on the analytic peak (to {cfg['limit_step']} px), the number to plan with; "
+              "`peak fit`: the seed's method, quadratic fit of the peak total; `seed sum fit`: fit of the seed's "
+              "Eq. 1 total (every activation held at once, so pessimistic). *Sensor*: the largest square camera "
+              "sensor that fits, by the first available of these columns.", "",
+              "| model | GPU | VRAM GiB | max px (analytic) | sensor | max px (peak fit) | max px (seed sum fit) |",
               "|---|---|---:|---:|---|---:|---:|"]
     for g in result.gpu_limits:
-        lines.append(f"| {g['model']} | {g['gpu']} | {g['vram_bytes'] / 1024**3:,.1f} | {g['max_resolution'] or '–'} | "
-                     f"{_sensor_for(g['max_resolution'], result.sensors)} | {g['max_resolution_seed_sum'] or '–'} | "
-                     f"{g.get('max_resolution_analytic') or '–'} |")
+        best = g.get("max_resolution_analytic") or g["max_resolution"]
+        lines.append(f"| {g['model']} | {g['gpu']} | {g['vram_bytes'] / 1024**3:,.1f} | "
+                     f"{g.get('max_resolution_analytic') or '–'} | {_sensor_for(best, result.sensors)} | "
+                     f"{g['max_resolution'] or '–'} | {g['max_resolution_seed_sum'] or '–'} |")
     lines += ["", "Camera sensors (1:1): " + ", ".join(f"{s['megapixels']:g} MP = {s['side_px']} px" for s in result.sensors), ""]
     if images:
         lines += ["## Plots", ""] + [f"![{Path(i).stem}]({i})" for i in images] + [""]

@@ -1,0 +1,102 @@
+"""`visionscale scale` in-process on tiny models, and its bad-input errors."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from visionscale.cli.main import app
+
+runner = CliRunner()
+TINY = "patchcore_tiny,efficientad_tiny,ddad_tiny"
+
+
+def scale(*args):
+    return runner.invoke(app, ["scale", *args])
+
+
+def test_scale_on_tiny_models_writes_every_output(tmp_path):
+    out = tmp_path / "study"
+    res = scale("--models", TINY, "--resolutions", "64,96,128", "--target", "256", "--warmup", "0",
+                "--repeats", "1", "--device", "cpu", "--out", str(out), "--gpu", "Toy=2GiB")
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "results.json").read_text())
+    comps = {(r["model"], r["component"]) for r in data["rows"]}
+    assert {("patchcore_tiny", "feature_extractor"), ("patchcore_tiny", "nn_search"), ("patchcore_tiny", "postprocess"),
+            ("efficientad_tiny", "teacher"), ("efficientad_tiny", "student"), ("efficientad_tiny", "autoencoder"),
+            ("ddad_tiny", "denoiser"), ("ddad_tiny", "feature_extractor")} == comps
+    denoiser = next(r for r in data["rows"] if r["component"] == "denoiser")
+    assert denoiser["repeats"] == 10
+    assert all(r["status"] == "ok" and r["time_ms_mean"] > 0 for r in data["rows"])
+    # memory grows with resolution for every component that holds activations
+    for model, comp in comps:
+        sums = [r["activation_sum_bytes"] for r in data["rows"] if (r["model"], r["component"]) == (model, comp)]
+        assert sums == sorted(sums) and sums[0] < sums[-1]
+    assert {g["gpu"] for g in data["gpu_limits"]} >= {"Toy", "H100 80GB"}
+    assert any(f["component"] == "total" and f["metric"] == "total_peak_bytes" for f in data["fits"])
+    for name in ("report.md", "rows.csv", "fits.csv", "gpu_limits.csv", "memory_extrapolated.png",
+                 "components_ddad_tiny.png"):
+        assert (out / name).stat().st_size > 0
+    assert "Largest square resolution" in res.output
+
+
+def test_json_output_and_no_timing(tmp_path):
+    res = scale("--models", "efficientad_tiny", "--resolutions", "64,128,192", "--target", "256", "--no-timing",
+                "--no-plots", "--no-exact-limits", "--json", "--out", str(tmp_path / "o"))
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert {r["status"] for r in data["rows"]} == {"analytic"}
+    assert data["config"]["dtype"] == "fp32"
+
+
+def test_fp16_halves_activation_bytes(tmp_path):
+    def sums(dtype):
+        res = scale("--models", "efficientad_tiny", "--resolutions", "64,128,192", "--no-timing", "--no-plots",
+                    "--no-exact-limits", "--dtype", dtype, "--json", "--out", str(tmp_path / dtype))
+        assert res.exit_code == 0, res.output
+        return [r["activation_sum_bytes"] for r in json.loads(res.stdout)["rows"]]
+
+    assert [2 * b for b in sums("fp16")] == sums("fp32")
+
+
+def test_models_command_lists_tiny_variants():
+    res = runner.invoke(app, ["models", "*tiny"])
+    assert res.exit_code == 0
+    assert {"patchcore_tiny", "efficientad_tiny", "ddad_tiny", "resnet_tiny"} <= set(res.output.split())
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--models", "patchcore,nope"], "unknown model 'nope'; known models:"),
+        (["--resolutions", "256,0"], "resolution must be positive"),
+        (["--resolutions", "256,-5"], "resolution must be positive"),
+        (["--resolutions", "256,abc"], "'abc' is not an integer"),
+        (["--resolutions", "256.5"], "not an integer"),
+        (["--models", "ddad", "--resolutions", "256,500,1024"], "DDAD"),
+        (["--models", "efficientad_m", "--resolutions", "128,256,512"], "256"),
+        (["--dtype", "fp8"], "dtype must be one of"),
+        (["--gpu", "no-size"], "NAME=SIZE"),
+        (["--device", "cuda:0"], None),  # no GPU in CI: clear error; with a GPU it would run
+    ],
+)
+def test_bad_input_fails_before_any_work(tmp_path, args, message):
+    out = tmp_path / "never"
+    res = scale(*args, "--no-timing", "--out", str(out))
+    if message is None:  # --device cuda
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA GPU is present: the cuda path is exercised by the study itself")
+        message = "no CUDA GPU is available"
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("I am a file")
+    res = scale("--models", "efficientad_tiny", "--resolutions", "64,128,192", "--out", str(blocker / "sub"))
+    assert res.exit_code == 2
+    assert "cannot write to output folder" in res.output
