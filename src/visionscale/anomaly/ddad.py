@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from visionscale.components import Component, State, run_components
 from visionscale.nn import resnet
+from visionscale.nn.filters import gaussian_blur, gaussian_kernel1d
 from visionscale.nn.unet import UNet, UNetConfig
 from visionscale.registry import register_model
 
@@ -135,19 +136,12 @@ class GaussianBlur(nn.Module):
 
     def __init__(self, sigma: float):
         super().__init__()
-        self.radius = int(4 * sigma + 0.5)  # official kernel_size = 2 * int(4 sigma + 0.5) + 1
-        x = torch.arange(-self.radius, self.radius + 1, dtype=torch.float64)
-        k = torch.exp(-(x**2) / (2 * sigma**2))
-        self.register_buffer("kernel", (k / k.sum()).float(), persistent=False)  # (2r+1,)
+        kernel = gaussian_kernel1d(sigma)  # official kernel_size = 2 * int(4 sigma + 0.5) + 1
+        self.radius = kernel.numel() // 2
+        self.register_buffer("kernel", kernel.float(), persistent=False)  # (2r+1,)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        r = self.radius
-        k = self.kernel.to(x.dtype)
-        x = F.pad(x.reshape(b * c, 1, h, w), (r, r, r, r), mode="reflect")
-        x = F.conv2d(x, k.view(1, 1, 1, -1))  # along W
-        x = F.conv2d(x, k.view(1, 1, -1, 1))  # along H
-        return x.reshape(b, c, h, w)
+        return gaussian_blur(x, self.kernel, border="reflect")
 
 
 class DDAD(nn.Module):

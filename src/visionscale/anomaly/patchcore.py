@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from visionscale.components import Component, State, run_components
 from visionscale.nn import resnet
+from visionscale.nn.filters import gaussian_blur, gaussian_kernel1d
 from visionscale.registry import register_model
 
 __all__ = [
@@ -288,43 +289,7 @@ def reweighted_image_score(
 # Gaussian smoothing of the anomaly map.
 
 
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> Tensor:
-    """Normalised 1-D Gaussian with radius ``int(truncate * sigma + 0.5)``, as scipy's.
-
-    sigma = 4 gives 33 taps, the size behind the official ``gaussian_filter(sigma=4)``.
-    """
-    radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (kernel / kernel.sum()).to(torch.get_default_dtype())
-
-
-def _symmetric_pad(x: Tensor, pad: int, dim: int) -> Tensor:
-    """Pad ``dim`` by mirroring with the edge repeated (``d c b a | a b c d``).
-
-    This is scipy.ndimage's default ``mode="reflect"``, which the official code's
-    ``gaussian_filter`` uses; torch's ``reflect`` leaves the edge out (scipy's ``mirror``).
-    """
-    n = x.shape[dim]
-    left = x.narrow(dim, 0, pad).flip(dim)
-    right = x.narrow(dim, n - pad, pad).flip(dim)
-    return torch.cat([left, x, right], dim=dim)
-
-
-def gaussian_blur(x: Tensor, kernel: Tensor) -> Tensor:
-    """Separable Gaussian blur of (B, 1, H, W) maps with scipy's ``reflect`` borders.
-
-    Two 1-D passes (a 1xK then a Kx1 ``conv2d``, i.e. conv1d along each axis without
-    reshaping); needs H, W >= K // 2.
-    """
-    size = kernel.numel()
-    pad = size // 2
-    if min(x.shape[-2:]) < pad:
-        got = tuple(x.shape[-2:])
-        raise ValueError(f"gaussian blur with {size} taps needs maps of at least {pad}x{pad}, got {got}")
-    kernel = kernel.to(dtype=x.dtype, device=x.device)
-    x = F.conv2d(_symmetric_pad(x, pad, 3), kernel.view(1, 1, 1, size))  # along W
-    return F.conv2d(_symmetric_pad(x, pad, 2), kernel.view(1, 1, size, 1))  # along H
+# gaussian_kernel1d / gaussian_blur live in visionscale.nn.filters (shared with DDAD).
 
 
 # ----------------------------------------------------------------------------------------
