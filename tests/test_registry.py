@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from visionscale import create, list_models
+from visionscale.registry import UnknownModelError, register_model
+
+
+def test_lists_every_family_and_filters_with_fnmatch():
+    names = list_models()
+    for name in ("resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2", "patchcore", "patchcore_wrn50",
+                 "efficientad_s", "efficientad_m", "ddad", "patchcore_tiny", "efficientad_tiny", "ddad_tiny"):
+        assert name in names
+    assert names == sorted(names)
+    assert list_models("efficientad_*") == ["efficientad_m", "efficientad_s", "efficientad_tiny"]
+    assert list_models("no-such-*") == []
+
+
+def test_create_passes_keyword_arguments():
+    def bank_rows(model):
+        return next(b for n, b in model.named_buffers() if n.endswith("memory_bank")).shape[0]
+
+    with torch.device("meta"):
+        small = create("patchcore", image_size=256)
+        large = create("patchcore", image_size=512)
+        few = create("patchcore", image_size=256, num_train_images=20)
+    assert bank_rows(small) == 20480  # 10 % of 200 images x 32 x 32 patches
+    assert bank_rows(large) == 4 * bank_rows(small)
+    assert bank_rows(few) == bank_rows(small) // 10
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(UnknownModelError) as info:
+        create("patchcor")
+    assert "unknown model 'patchcor'" in str(info.value) and "patchcore_tiny" in str(info.value)
+
+
+def test_duplicate_registration_raises():
+    @register_model("_test_dummy_model")
+    def first():
+        return torch.nn.Identity()
+
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_model("_test_dummy_model")
+        def second():
+            return torch.nn.Identity()
+
+    assert "_test_dummy_model" in list_models("_test_*")
