@@ -100,3 +100,22 @@ def test_unwritable_output_folder(tmp_path):
     res = scale("--models", "efficientad_tiny", "--resolutions", "64,128,192", "--out", str(blocker / "sub"))
     assert res.exit_code == 2
     assert "cannot write to output folder" in res.output
+
+
+def test_user_model_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "usernet.py").write_text(
+        "import torch.nn as nn\n"
+        "net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())\n"
+        "def build(image_size=None):\n    return nn.Conv2d(3, 2, 1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    res = scale("--models", "usernet:net,usernet:build", "--resolutions", "16,32,64", "--target", "128",
+                "--no-timing", "--no-plots", "--no-exact-limits", "--json", "--out", str(tmp_path / "o"))
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["rows"]
+    assert {r["model"] for r in rows} == {"usernet:net", "usernet:build"}
+    conv = next(r for r in rows if r["model"] == "usernet:build" and r["resolution"] == 32)
+    assert conv["activation_sum_bytes"] == 2 * 32 * 32 * 4
+    bad = scale("--models", "usernet:nothing", "--no-timing", "--out", str(tmp_path / "p"))
+    assert bad.exit_code == 2 and "has no attribute 'nothing'" in bad.output
+    bad = scale("--models", "no_such_module_xyz:net", "--no-timing", "--out", str(tmp_path / "q"))
+    assert bad.exit_code == 2 and "cannot import 'no_such_module_xyz'" in bad.output

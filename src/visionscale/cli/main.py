@@ -59,7 +59,7 @@ def models_cmd(pattern: str = typer.Argument("*", help="fnmatch pattern, e.g. '*
 
 @app.command("scale")
 def scale_cmd(
-    models: str = typer.Option("patchcore,efficientad_m,ddad", "--models", "-m", help="Comma-separated model names (see `visionscale models`)."),
+    models: str = typer.Option("patchcore,efficientad_m,ddad", "--models", "-m", help="Comma-separated model names (see `visionscale models`), or your own as 'package.module:attr' (an nn.Module or a function returning one; it may take image_size)."),
     resolutions: str = typer.Option("256,512,1024", "--resolutions", "-r", help="Comma-separated square sizes in px."),
     target: int = typer.Option(3000, help="Extrapolate the fits to this side length (px)."),
     dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16 (parameters and activations)."),

@@ -101,12 +101,30 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def _import_object(spec: str) -> Any:
+    """``"package.module:attr"`` -> the object (a user's model or model factory)."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise StudyError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from None
+    for part in attr.split("."):
+        if not part or not hasattr(obj, part):
+            raise StudyError(f"model {spec!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
 class _Source:
     """Builds one model at a resolution on a device, whatever the user handed us."""
 
     def __init__(self, name: str, source: ModelSource | None, kwargs: dict[str, Any]):
         self.name = name
         self.kwargs = kwargs
+        if source is None and ":" in name:
+            source = _import_object(name)
         if source is None:
             self.factory: Callable[..., nn.Module] | None = get_model_factory(name)
             self.module = None
