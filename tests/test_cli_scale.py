@@ -18,7 +18,7 @@ def scale(*args):
 def test_scale_on_tiny_models_writes_every_output(tmp_path):
     out = tmp_path / "study"
     res = scale("--models", TINY, "--resolutions", "64,96,128", "--target", "256", "--warmup", "0",
-                "--repeats", "1", "--device", "cpu", "--out", str(out), "--gpu", "Toy=2GiB")
+                "--repeats", "1", "--device", "cpu", "--time-budget", "3600", "--out", str(out), "--gpu", "Toy=2GiB")
     assert res.exit_code == 0, res.output
     data = json.loads((out / "results.json").read_text())
     comps = {(r["model"], r["component"]) for r in data["rows"]}

@@ -521,6 +521,7 @@ class PatchCore(nn.Module):
             raise ValueError("memory bank must not be empty")
         old = self.nn_search.memory_bank
         self.nn_search.memory_bank = bank.detach().to(device=old.device, dtype=old.dtype)
+        self.bank_size = int(bank.shape[0])
 
     def components(self) -> list[Component]:
         def extract(state: State) -> State:

@@ -13,7 +13,6 @@ import os
 import pickle
 import re
 import socket
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from urllib.parse import urlparse
 import safetensors.torch
 import torch
 from torch import Tensor, nn
+
+from visionscale.io.atomic import atomic_path
 
 __all__ = [
     "WeightsSpec",
@@ -249,19 +250,8 @@ def save_file_atomic(
     """
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        # safetensors wants contiguous tensors; .contiguous() is a no-op when they are.
-        data = {k: v.detach().contiguous() for k, v in tensors.items()}
+    # safetensors wants contiguous tensors; .contiguous() is a no-op when they are.
+    data = {k: v.detach().contiguous() for k, v in tensors.items()}
+    with atomic_path(p) as tmp:
         safetensors.torch.save_file(data, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return p

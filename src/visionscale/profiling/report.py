@@ -12,11 +12,13 @@ import json
 import math
 import os
 import tempfile
+
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from visionscale.io.atomic import write_atomic
 from visionscale.profiling.sweep import StudyResult
 
 MiB = 1024**2
@@ -41,20 +43,6 @@ def check_output_dir(path: Path) -> Path:
     return path
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _csv_bytes(records: list[dict[str, Any]]) -> bytes:

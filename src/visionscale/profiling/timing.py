@@ -136,4 +136,6 @@ def is_oom(exc: BaseException) -> bool:
     """True for out-of-memory errors from CUDA, the CPU allocator or Python."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    # CUDA: "CUDA out of memory"; CPU allocator: "DefaultCPUAllocator: can't allocate memory".
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

@@ -1,0 +1,27 @@
+"""What every ``visionscale`` sub-command shares: the two consoles and how errors are printed.
+
+Results go to stdout (``out``), notes, warnings and errors to stderr (``err``). ``fail`` prints
+one line ``error: <message>`` (the message is escaped, so paths with ``[`` stay intact) and
+exits with status 2: the CLI's code for bad input.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def split_csv(text: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
+    return [t.strip() for t in text.split(",") if t.strip()]
