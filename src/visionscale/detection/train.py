@@ -1,0 +1,516 @@
+"""Train and evaluate the anchor-based detector with plain or EAPM losses.
+
+``train(TrainConfig(...))`` runs: anchor matching by IoU (positive / negative / ignore),
+focal + balanced L1 (``loss="focal+balanced_l1"``) or their EAPM forms (``loss="eapm"``),
+AdamW with warm-up and cosine decay, checkpoints as safetensors after every epoch (resume
+continues bit-for-bit: data order and flips are drawn from (seed, epoch)), loss curves as
+PNG, and COCO metrics (AP, AP50, AP75, AP_S/M/L via pycocotools) on the validation set.
+``compare(...)`` trains both losses on the same data and seeds, like the paper's Tables 1-2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+from visionscale.detection import boxes as box_ops
+from visionscale.detection.data import AnnotationError, DetectionDataset, ImageCache, to_coco_gt
+from visionscale.detection.losses import balanced_l1_loss, eapm_balanced_l1_loss, eapm_focal_loss, sigmoid_focal_loss
+
+__all__ = ["TrainConfig", "TrainError", "TrainResult", "train", "evaluate", "compare", "load_dataset",
+           "load_model", "METRICS", "format_table", "LOSSES"]
+
+LOSSES = ("focal+balanced_l1", "eapm")
+METRICS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
+CHECKPOINT, WEIGHTS = "last.safetensors", "model.safetensors"
+Progress = Callable[[dict[str, Any]], None]
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or continue; the message says why."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on (stored in its checkpoints).
+
+    Attributes:
+        train_ann, val_ann: Annotation files (COCO JSON, or WIDER FACE ``*_bbx_gt.txt``).
+        train_images, val_images: Image folders (COCO default: the JSON's folder).
+        data_format: "coco" or "widerface".
+        model: Registered detector name (``ssd_tiny``, ``ssd_resnet18``).
+        loss: "focal+balanced_l1" (plain) or "eapm" (both losses modulated).
+        mu, theta: EAPM strengths for classification and regression (0 turns one off).
+        mf_grad: EAPM backward mode: "paper", "constant" (MF detached) or "full".
+        eapm_xy: "plain" (t_x, t_y unmodulated) or "gos".
+        focal_alpha, focal_gamma: Focal loss (RetinaNet: 0.25, 2).
+        bl1_alpha, bl1_gamma, bl1_beta: Balanced L1 (Libra RetinaNet: 0.5, 1.5, 0.11).
+        pos_iou, neg_iou: Anchor matching thresholds (RetinaNet: 0.5, 0.4).
+        image_size: Training / evaluation side in pixels (images are resized).
+        epochs, batch_size, lr, weight_decay, warmup_steps: Optimisation (AdamW).
+        flip: Random horizontal flips.
+        seed: Model init, data order and flips.
+        eval_every: Evaluate every N epochs (0: only after the last one).
+        out_dir: Checkpoints, metrics, curves.
+    """
+
+    train_ann: str
+    val_ann: str | None = None
+    train_images: str | None = None
+    val_images: str | None = None
+    data_format: Literal["coco", "widerface"] = "coco"
+    model: str = "ssd_tiny"
+    loss: str = "focal+balanced_l1"
+    mu: float = 1.5
+    theta: float = 1.0
+    mf_grad: str = "paper"
+    eapm_xy: str = "plain"
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    bl1_alpha: float = 0.5
+    bl1_gamma: float = 1.5
+    bl1_beta: float = 0.11
+    pos_iou: float = 0.5
+    neg_iou: float = 0.4
+    image_size: int = 160
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    flip: bool = True
+    seed: int = 0
+    eval_every: int = 0
+    out_dir: str = "detect-run"
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.data_format not in ("coco", "widerface"):
+            raise ValueError(f"data_format must be 'coco' or 'widerface', got {self.data_format!r}")
+        if self.mf_grad not in ("paper", "constant", "full"):
+            raise ValueError(f"mf_grad must be 'paper', 'constant' or 'full', got {self.mf_grad!r}")
+        if self.eapm_xy not in ("plain", "gos"):
+            raise ValueError(f"eapm_xy must be 'plain' or 'gos', got {self.eapm_xy!r}")
+        for name in ("mu", "theta"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be >= 0, got {v}")
+        for name in ("epochs", "batch_size", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be at least 32 px (the coarsest level has stride 32), got {self.image_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.neg_iou <= self.pos_iou <= 1:
+            raise ValueError(f"need 0 <= neg_iou <= pos_iou <= 1, got {self.neg_iou}, {self.pos_iou}")
+
+    def label(self) -> str:
+        if self.loss == "eapm":
+            return f"EAPM (mu={self.mu:g}, theta={self.theta:g})"
+        return "focal + balanced L1"
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig
+    metrics: dict[str, float | None]
+    history: dict[str, list]
+    seconds: float
+    out_dir: Path
+    cpu_seconds: float = 0.0  # process CPU time of this call (robust to other work sharing the cores)
+
+
+# ----------------------------------------------------------------------------- data
+def load_dataset(ann: str | Path, images: str | Path | None, data_format: str, strict: bool = False) -> DetectionDataset:
+    """Read annotations in ``data_format`` ("coco" or "widerface")."""
+    if data_format == "coco":
+        from visionscale.detection.coco import load_coco
+
+        return load_coco(ann, images, strict=strict)
+    if data_format == "widerface":
+        from visionscale.detection.widerface import load_widerface
+
+        if images is None:
+            raise AnnotationError("WIDER FACE needs the images folder (WIDER_train/images)")
+        return load_widerface(ann, images, strict=strict)
+    raise ValueError(f"unknown data format {data_format!r}")
+
+
+# ----------------------------------------------------------------------------- losses
+def detection_loss(
+    cfg: TrainConfig, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor,
+    gt_boxes: list[Tensor], gt_labels: list[Tensor], gt_ignore: list[Tensor],
+) -> tuple[Tensor, Tensor, int]:
+    """(cls loss, reg loss, positives) for a batch; both losses are sums over anchors / positives.
+
+    Args:
+        cls_logits: (B, A, C); box_deltas: (B, A, 4); anchors: (A, 4); per image gt (G_b, 4).
+    """
+    b, a, c = cls_logits.shape
+    assigned = torch.stack([
+        box_ops.match_anchors(anchors, gb, cfg.pos_iou, cfg.neg_iou, gt_ignore=gi)
+        for gb, gi in zip(gt_boxes, gt_ignore)
+    ])  # (B, A)
+    pos = assigned >= 0
+    valid = assigned != box_ops.IGNORE
+    cls_t = torch.zeros_like(cls_logits)  # (B, A, C)
+    reg_t = []
+    for i in range(b):
+        idx = assigned[i][pos[i]]
+        cls_t[i, pos[i], gt_labels[i][idx]] = 1.0
+        reg_t.append(box_ops.encode(anchors[pos[i]], gt_boxes[i][idx]))
+    reg_t = torch.cat(reg_t) if reg_t else box_deltas.new_zeros((0, 4))
+    num_pos = int(pos.sum())
+    norm = max(num_pos, 1)  # no positives: the negatives still train, nothing divides by 0
+    logits, targets, preds = cls_logits[valid], cls_t[valid], box_deltas[pos]  # (V, C), (V, C), (P, 4)
+    if cfg.loss == "eapm":
+        cls = eapm_focal_loss(logits, targets, mu=cfg.mu, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma,
+                              reduction="sum", mf_grad=cfg.mf_grad)
+        reg = eapm_balanced_l1_loss(preds, reg_t, theta=cfg.theta, alpha=cfg.bl1_alpha, gamma=cfg.bl1_gamma,
+                                    beta=cfg.bl1_beta, reduction="sum", mf_grad=cfg.mf_grad, xy=cfg.eapm_xy)
+    else:
+        cls = sigmoid_focal_loss(logits, targets, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, reduction="sum")
+        reg = balanced_l1_loss(preds, reg_t, alpha=cfg.bl1_alpha, gamma=cfg.bl1_gamma, beta=cfg.bl1_beta,
+                               reduction="sum")
+    return cls / norm, reg / norm, num_pos
+
+
+# ----------------------------------------------------------------------------- model & checkpoints
+def build_model(name: str, num_classes: int) -> nn.Module:
+    import visionscale.detection.model  # noqa: F401  (registers ssd_*)
+    from visionscale.registry import create
+
+    model = create(name, num_classes=num_classes)
+    if not (hasattr(model, "anchors") and hasattr(model, "num_classes")):
+        raise TrainError(f"model {name!r} is not an anchor-based detector (needs anchors(h, w) and num_classes)")
+    return model
+
+
+def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    """Optimizer state split into flat tensors (safetensors) and JSON-able rest."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optim_state(tensors: dict[str, Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for key, v in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None, meta: dict) -> None:
+    """Model (+ optimizer) tensors and a JSON ``meta`` in one safetensors file, written atomically."""
+    from visionscale.io.atomic import write_atomic
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = dict(meta)
+    if opt is not None:
+        t, rest = _optim_tensors(opt)
+        tensors.update(t)
+        meta["optimizer"] = rest
+    write_atomic(path, st_save(tensors, metadata={"visionscale": json.dumps(meta)}))
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise TrainError(f"checkpoint not found: {path}") from None
+    try:
+        tensors = st_load(raw)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})["visionscale"])
+    except Exception as exc:  # corrupt or foreign file
+        raise TrainError(f"{path} is not a visionscale detection checkpoint ({exc})") from None
+    return tensors, meta
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the detector saved in ``model.safetensors`` / ``last.safetensors``."""
+    tensors, meta = read_checkpoint(path)
+    model = build_model(meta["config"]["model"], len(meta["class_names"]))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    return model.eval(), meta
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(model: nn.Module, cache: ImageCache, batch_size: int = 32) -> list[dict]:
+    """COCO-style detections ``{"image_id", "category_id", "bbox": xywh, "score"}`` in original pixels."""
+    model.eval()
+    size = cache.size
+    anchors = model.anchors(size, size)
+    ds = cache.dataset
+    out = []
+    for start in range(0, len(cache), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(cache)))
+        imgs = cache.images[idx].float().div_(255)
+        cls, box = model(imgs)
+        for j, i in enumerate(idx.tolist()):
+            b, s, l = box_ops.postprocess(cls[j], box[j], anchors, (size, size))
+            sx, sy = cache.scale[i].tolist()
+            b = b * torch.tensor([sx, sy, sx, sy])
+            rec = ds.records[i]
+            for bb, ss, ll in zip(box_ops.xyxy_to_xywh(b).tolist(), s.tolist(), l.tolist()):
+                out.append({"image_id": int(rec.image_id), "category_id": int(ds.category_ids[ll]),
+                            "bbox": [round(v, 2) for v in bb], "score": round(ss, 5)})
+    return out
+
+
+def coco_metrics(dataset: DetectionDataset, detections: list[dict]) -> dict[str, float | None]:
+    """AP, AP50, AP75, AP_S, AP_M, AP_L in percent (pycocotools); None where no GT of that size exists."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO()
+    gt.dataset = to_coco_gt(dataset)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        if detections:
+            dt = gt.loadRes(detections)
+            ev = COCOeval(gt, dt, iouType="bbox")
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            stats = ev.stats[:6].tolist()
+    if not detections:  # pycocotools cannot load an empty result list: AP is 0 where GT exists
+        areas = [a["area"] for a in gt.dataset["annotations"] if not a["iscrowd"]]
+        has = [bool(areas), bool(areas), bool(areas), any(a < 32**2 for a in areas),
+               any(32**2 <= a < 96**2 for a in areas), any(a >= 96**2 for a in areas)]
+        stats = [0.0 if h else -1.0 for h in has]
+    # -1 means "no ground truth in this area range"; report it as missing, not as 0.
+    return {m: (None if v < 0 else round(100 * v, 2)) for m, v in zip(METRICS, stats)}
+
+
+def evaluate(model: nn.Module, cache: ImageCache, batch_size: int = 32) -> dict[str, float | None]:
+    return coco_metrics(cache.dataset, predict(model, cache, batch_size))
+
+
+# ----------------------------------------------------------------------------- training
+def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    warm = min(cfg.warmup_steps, max(1, total // 10))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _comparable(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("out_dir")
+    d.pop("eval_every")
+    return d
+
+
+def train(
+    cfg: TrainConfig,
+    progress: Progress | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    data: tuple[ImageCache, ImageCache | None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train one detector; writes checkpoints, metrics.json, history.json and loss_curves.png.
+
+    Args:
+        cfg: The run.
+        progress: Called with ``{"kind": "step"|"epoch"|"eval", ...}`` events.
+        resume: Continue from ``out_dir/last.safetensors`` (same config required).
+        overwrite: Allow starting afresh in a folder that holds a checkpoint.
+        data: Pre-loaded (train, val) caches (``compare`` shares them between runs).
+        stop_after: Stop after this many epochs in total (simulates an interruption).
+    """
+    from visionscale.io.atomic import write_atomic
+    from visionscale.profiling.report import check_output_dir
+
+    out = check_output_dir(Path(cfg.out_dir))
+    ckpt = out / CHECKPOINT
+    if resume and not ckpt.exists():
+        raise TrainError(f"--resume: no checkpoint {ckpt}")
+    if not resume and ckpt.exists() and not overwrite:
+        raise TrainError(f"{out} already holds a checkpoint; resume it, overwrite it, or pick another output folder")
+
+    if data is None:
+        train_ds = load_dataset(cfg.train_ann, cfg.train_images, cfg.data_format)
+        val_ds = load_dataset(cfg.val_ann, cfg.val_images, cfg.data_format) if cfg.val_ann else None
+        data = (ImageCache(train_ds, cfg.image_size), ImageCache(val_ds, cfg.image_size) if val_ds else None)
+    train_cache, val_cache = data
+    if len(train_cache) == 0:
+        raise TrainError(f"no training images in {cfg.train_ann}")
+    if train_cache.size != cfg.image_size:
+        raise TrainError(f"pre-loaded images are {train_cache.size} px, config says {cfg.image_size}")
+    class_names = train_cache.dataset.class_names
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, len(class_names))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_cache) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    history: dict[str, list] = {"step": [], "epoch": [], "loss": [], "cls": [], "reg": [], "lr": [], "eval": []}
+    start_epoch, elapsed = 0, 0.0
+    if resume:
+        tensors, meta = read_checkpoint(ckpt)
+        if meta.get("config", {}) and _comparable(TrainConfig(**meta["config"])) != _comparable(cfg):
+            old = _comparable(TrainConfig(**meta["config"]))
+            diff = {k: (old[k], v) for k, v in _comparable(cfg).items() if old.get(k) != v}
+            raise TrainError(f"cannot resume {ckpt}: the settings differ (checkpoint, now): {diff}")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        opt.load_state_dict(_optim_state(tensors, meta["optimizer"]))
+        start_epoch, history, elapsed = meta["epoch"], meta["history"], meta.get("seconds", 0.0)
+
+    anchors = model.anchors(cfg.image_size, cfg.image_size)
+    t0, c0 = time.perf_counter(), time.process_time()
+    metrics: dict[str, float | None] = {}
+    last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    for epoch in range(start_epoch, last_epoch):
+        model.train()
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # order and flips of this epoch
+        order = torch.randperm(len(train_cache), generator=g)
+        flips = torch.rand(len(train_cache), generator=g) < 0.5 if cfg.flip else None
+        for k in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + k
+            idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+            imgs, gtb, gtl, gti = train_cache.batch(idx, flips[idx] if flips is not None else None)
+            lr = _lr_at(cfg, step, total)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            cls_logits, box_deltas = model(imgs)
+            try:
+                cls_loss, reg_loss, num_pos = detection_loss(cfg, cls_logits, box_deltas, anchors, gtb, gtl, gti)
+            except ValueError as exc:
+                raise TrainError(f"epoch {epoch + 1}, step {step + 1}: {exc}") from None
+            loss = cls_loss + reg_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+            for key, v in (("step", step + 1), ("epoch", epoch + 1), ("loss", loss.item()), ("cls", cls_loss.item()),
+                           ("reg", reg_loss.item()), ("lr", lr)):
+                history[key].append(v)
+            if progress:
+                progress({"kind": "step", "step": step + 1, "total": total, "epoch": epoch + 1,
+                          "loss": history["loss"][-1]})
+        done = epoch + 1
+        if val_cache is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.epochs):
+            metrics = evaluate(model, val_cache)
+            history["eval"].append({"epoch": done, **metrics})
+            if progress:
+                progress({"kind": "eval", "epoch": done, **metrics})
+        seconds = elapsed + time.perf_counter() - t0
+        meta = {"config": asdict(cfg), "epoch": done, "history": history, "seconds": seconds,
+                "class_names": class_names, "category_ids": train_cache.dataset.category_ids}
+        save_checkpoint(ckpt, model, opt, meta)
+        if progress:
+            progress({"kind": "epoch", "epoch": done, "epochs": cfg.epochs, "loss": history["loss"][-1]})
+
+    seconds = elapsed + time.perf_counter() - t0
+    if history["eval"] and history["eval"][-1]["epoch"] == last_epoch:
+        metrics = {m: history["eval"][-1].get(m) for m in METRICS}
+    meta = {"config": asdict(cfg), "epoch": last_epoch, "seconds": seconds, "class_names": class_names,
+            "category_ids": train_cache.dataset.category_ids, "history": {}}
+    if last_epoch == cfg.epochs:
+        save_checkpoint(out / WEIGHTS, model, None, meta)
+    write_atomic(out / "history.json", json.dumps(history).encode())
+    write_atomic(out / "metrics.json", json.dumps({"label": cfg.label(), "metrics": metrics, "seconds": round(seconds, 2),
+                                                   "epochs_done": last_epoch, "config": asdict(cfg)}, indent=2).encode())
+    if history["step"]:
+        from visionscale.detection.plots import plot_loss_curves
+
+        plot_loss_curves(history, out / "loss_curves.png", title=cfg.label())
+    return TrainResult(cfg, metrics, history, seconds, out, time.process_time() - c0)
+
+
+# ----------------------------------------------------------------------------- comparison
+def compare(
+    cfg: TrainConfig,
+    seeds: tuple[int, ...] = (0,),
+    progress: Progress | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Train the plain losses and EAPM (``cfg.mu``, ``cfg.theta``) on the same data and seeds.
+
+    Runs go to ``cfg.out_dir/{baseline,eapm}_seed{S}``. Returns ``{"rows": [...], "runs": [...]}``
+    where each row is one setting with metrics averaged over the seeds.
+    """
+    if not seeds:
+        raise ValueError("need at least one seed")
+    if cfg.val_ann is None:
+        raise TrainError("compare needs validation annotations")
+    train_ds = load_dataset(cfg.train_ann, cfg.train_images, cfg.data_format)
+    val_ds = load_dataset(cfg.val_ann, cfg.val_images, cfg.data_format)
+    data = (ImageCache(train_ds, cfg.image_size), ImageCache(val_ds, cfg.image_size))
+    settings = [("baseline", replace(cfg, loss="focal+balanced_l1")), ("eapm", replace(cfg, loss="eapm"))]
+    runs = []
+    for seed in seeds:
+        for tag, c in settings:
+            c = replace(c, seed=seed, out_dir=str(Path(cfg.out_dir) / f"{tag}_seed{seed}"))
+            if progress:
+                progress({"kind": "run", "label": c.label(), "seed": seed})
+            res = train(c, progress=progress, overwrite=overwrite, data=data)
+            runs.append({"setting": tag, "label": c.label(), "seed": seed, "metrics": res.metrics,
+                         "seconds": round(res.seconds, 1), "cpu_seconds": round(res.cpu_seconds, 1),
+                         "final_loss": res.history["loss"][-1]})
+    rows = []
+    for tag, c in settings:
+        mine = [r for r in runs if r["setting"] == tag]
+        avg = {}
+        for m in METRICS:
+            vals = [r["metrics"].get(m) for r in mine if r["metrics"].get(m) is not None]
+            avg[m] = round(sum(vals) / len(vals), 2) if vals else None
+        rows.append({"setting": tag, "label": c.label(), "metrics": avg, "seeds": list(seeds),
+                     "seconds": round(sum(r["seconds"] for r in mine), 1),
+                     "cpu_seconds": round(sum(r["cpu_seconds"] for r in mine), 1)})
+    return {"rows": rows, "runs": runs, "config": {k: v for k, v in asdict(cfg).items() if k != "seed"}}
+
+
+def format_table(result: dict, per_seed: bool = True) -> str:
+    """Markdown table: one row per setting (mean over seeds), then optionally one per run."""
+    def cell(v):
+        return "–" if v is None else f"{v:.1f}"
+
+    def secs(r):
+        return f"{r.get('cpu_seconds', 0):.0f} / {r['seconds']:.0f}"
+
+    lines = ["| Setting | " + " | ".join(METRICS) + " | CPU s / wall s |", "|---" * (len(METRICS) + 2) + "|"]
+    for r in result["rows"]:
+        n = len(r["seeds"])
+        label = r["label"] + (f", mean of {n} seeds" if n > 1 else "")
+        lines.append(f"| {label} | " + " | ".join(cell(r["metrics"][m]) for m in METRICS) + f" | {secs(r)} |")
+    if per_seed and len(result["runs"]) > 2:
+        for r in result["runs"]:
+            lines.append(f"| &nbsp;&nbsp;{r['label']}, seed {r['seed']} | "
+                         + " | ".join(cell(r["metrics"].get(m)) for m in METRICS) + f" | {secs(r)} |")
+    return "\n".join(lines)
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]

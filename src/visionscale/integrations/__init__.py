@@ -1,0 +1,1 @@
+"""Plugins that expose visionscale pieces to other frameworks (imported only on request)."""
