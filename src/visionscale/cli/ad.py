@@ -1,0 +1,238 @@
+"""``visionscale ad``: anomaly detection from the command line (demo data, fit, predict, eval).
+
+A thin typer layer over :mod:`visionscale.anomaly`: each command parses arguments, makes one
+library call and prints. Bad input prints ``error: ...`` on stderr and exits with status 2;
+notes and warnings go to stderr, results (tables, ``--json``, ``--csv``) to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from visionscale.cli._common import err, fail, out, split_csv
+
+app = typer.Typer(
+    help="Anomaly detection: make demo data, fit PatchCore, predict on images, evaluate on a data set.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+
+
+def note(message: str) -> None:
+    if message.startswith("running on RANDOM"):
+        err.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        err.print(f"note: {message}", highlight=False, soft_wrap=True)
+
+
+def warn_if_random(run) -> None:
+    if run.config.get("weights") is None:
+        note("running on RANDOM backbone weights: this run was fitted without --weights; refit with "
+             "--weights FILE (an ImageNet state dict of the backbone) for meaningful anomaly scores")
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"256"`` -> (256, 256); ``"320x256"`` (width x height) -> (256, 320) as (H, W)."""
+    parts = text.lower().replace(" ", "").split("x")
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--image-size must be N or WIDTHxHEIGHT in pixels, got {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or min(vals) < 1:
+        raise ValueError(f"--image-size must be N or WIDTHxHEIGHT in pixels, got {text!r}")
+    w, h = vals
+    return h, w
+
+
+@contextmanager
+def _progress():
+    """A rich progress bar on stderr; yields a ``progress(stage, done, total)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars: dict[str, int] = {}
+    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as prog:
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = prog.add_task(stage, total=total)
+            prog.update(bars[stage], completed=done, total=total)
+
+        yield update
+
+
+
+
+@app.command("make-demo")
+def make_demo_cmd(
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Folder to write the categories into."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives identical files."),
+    size: int = typer.Option(256, help="Side of the square images, px."),
+    categories: str = typer.Option("brick,grass,gravel", help="Comma-separated textures: brick, grass, gravel."),
+    train: int = typer.Option(40, help="Good training images per category."),
+    test_good: int = typer.Option(10, help="Good test images per category."),
+    test_defect: int = typer.Option(5, help="Test images per defect type (scratch, stain, hole, color)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing category folders."),
+) -> None:
+    """Build MVTec-layout demo categories from scikit-image's textures, with exact defect masks."""
+    from visionscale.anomaly.synthetic import make_demo
+
+    try:
+        written = make_demo(out_dir, seed=seed, size=size, categories=split_csv(categories), num_train=train,
+                            num_test_good=test_good, num_test_defect=test_defect, overwrite=overwrite)
+    except (ValueError, FileExistsError, OSError) as exc:
+        fail(str(exc))
+    for p in written:
+        out.print(f"wrote {p}", highlight=False)
+
+
+@app.command("fit")
+def fit_cmd(
+    data: Path = typer.Option(..., "--data", help="MVTec AD root or category, or a normal/ abnormal/ masks/ folder."),
+    run_dir: Path = typer.Option(..., "--out", help="Run folder to write (an unfinished one is resumed)."),
+    model: str = typer.Option("patchcore", "--model", help="patchcore (WRN-101-2), patchcore_wrn50 or patchcore_tiny."),
+    category: Optional[str] = typer.Option(None, "--category", help="MVTec category when DATA holds several."),
+    image_size: str = typer.Option("256", "--image-size", help="N or WIDTHxHEIGHT, px."),
+    coreset_ratio: float = typer.Option(0.1, "--coreset-ratio", help="Share of patch features kept (0.1, 0.01)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Backbone weights: a .pth/.safetensors file, or DEFAULT (download). Random if not given."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and list them, instead of stopping."),
+    seed: int = typer.Option(0, help="Seeds random weights, projection, coreset start and hold-outs."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Fit an anomaly detector on normal images and save it with its thresholds."""
+    from visionscale.anomaly.data import DataError
+    from visionscale.anomaly.train import FitConfig, FitError, fit_patchcore
+
+    try:
+        cfg = FitConfig(model=model, image_size=parse_image_size(image_size), coreset_ratio=coreset_ratio,
+                        batch_size=batch_size, weights=weights, seed=seed, device=device, skip_bad=skip_bad)
+        with _progress() as progress:
+            result = fit_patchcore(data, run_dir, cfg, category=category, progress=progress, log=note)
+    except (FitError, DataError, ValueError, OSError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail(f"interrupted; finished batches are kept in {run_dir}: run the same command again to resume", 130)
+    if as_json:
+        sys.stdout.write(json.dumps({"run": str(result.run), "calibration": result.calibration,
+                                     "metrics": result.metrics, "state": result.state}, indent=2, default=str) + "\n")
+        return
+    _print_fit(result)
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
+def _print_fit(result) -> None:
+    st, cal = result.state, result.calibration
+    stages = st.get("stages", {})
+    secs = ", ".join(f"{k} {v.get('seconds', 0):.1f} s" for k, v in stages.items())
+    co = stages.get("coreset", {})
+    out.print(f"fitted {result.run}: memory bank {co.get('bank_rows', '?')} of {co.get('patch_rows', '?')} patches "
+              f"({secs}; peak memory {st.get('peak_rss_bytes', 0) / 2**20:,.0f} MiB)", highlight=False)
+    out.print(f"image threshold {cal['image_threshold']:.4f}: {cal['image_threshold_source']}", highlight=False)
+    if result.metrics:
+        _print_metrics(result.metrics)
+
+
+def _print_metrics(m: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"test set: {m['num_images']} images, {m['num_anomalous']} anomalous")
+    for col in ("image AUROC", "image F1", "pixel AUROC", "pixel F1", f"AUPRO@{m['fpr_limit']:g}"):
+        t.add_column(col, justify="right")
+    t.add_row(_fmt(m["image_auroc"]), _fmt(m["image_f1"]), _fmt(m["pixel_auroc"]), _fmt(m["pixel_f1"]),
+              _fmt(m["aupro"]))
+    out.print(t)
+
+
+@app.command("predict")
+def predict_cmd(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="Run folder written by `ad fit`."),
+    images: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Image files or folders of images."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where heatmaps and predictions.json/csv go [default: RUN/predictions]."),
+    as_json: bool = typer.Option(False, "--json", help="Print predictions as JSON on stdout."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print predictions as CSV on stdout."),
+    heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Write heatmap overlay PNGs."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and list them."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+) -> None:
+    """Score images: anomalous or normal, a score, and a heatmap overlay each."""
+    from visionscale.anomaly.data import DataError
+    from visionscale.anomaly.predict import RunError, load_run, predict, records_csv
+
+    if as_json and as_csv:
+        fail("--json and --csv exclude each other")
+    try:
+        run = load_run(run_dir, device)
+        warn_if_random(run)
+        with _progress() as progress:
+            records, log = predict(run, images, out_dir or run_dir / "predictions", batch_size=batch_size,
+                                   skip_bad=skip_bad, overlays=heatmaps, progress=progress)
+    except (RunError, DataError, FileNotFoundError, ValueError, OSError) as exc:
+        fail(str(exc))
+    for n in (log.size_note(run.image_size), log.bad_note()):
+        if n:
+            note(n)
+    if as_json:
+        sys.stdout.write(json.dumps(records, indent=2) + "\n")
+    elif as_csv:
+        sys.stdout.write(records_csv(records))
+    else:
+        from rich.table import Table
+
+        t = Table(title=f"threshold {run.calibration['image_threshold']:.4f} (normalized 0.5)")
+        for col in ("image", "label", "score", "normalized"):
+            t.add_column(col, justify="left" if col in ("image", "label") else "right")
+        for r in records:
+            style = "bold red" if r["label"] == "anomalous" else None
+            t.add_row(r["path"], r["label"], f"{r['score']:.4f}", f"{r['normalized_score']:.3f}", style=style)
+        out.print(t)
+        out.print(f"wrote predictions and heatmaps to {out_dir or run_dir / 'predictions'}", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="Run folder written by `ad fit`."),
+    data: Path = typer.Option(..., "--data", help="Data set with a test split (MVTec or folder layout)."),
+    category: Optional[str] = typer.Option(None, "--category"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where metrics.json, scores.csv, roc.png, pro.png go [default: RUN/eval]."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write ROC and PRO curves as PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON on stdout."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and list them."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+) -> None:
+    """Evaluate a fitted run on a test set: image/pixel AUROC, AUPRO@0.3, F1; ROC and PRO PNGs."""
+    from visionscale.anomaly.data import DataError
+    from visionscale.anomaly.predict import RunError, evaluate, load_run
+
+    dest = out_dir or run_dir / "eval"
+    try:
+        run = load_run(run_dir, device)
+        warn_if_random(run)
+        with _progress() as progress:
+            res = evaluate(run, data, category, dest, batch_size=batch_size, skip_bad=skip_bad, plots=plots,
+                           progress=progress)
+    except (RunError, DataError, FileNotFoundError, ValueError, OSError) as exc:
+        fail(str(exc))
+    for n in res.metrics.notes:
+        note(n)
+    if as_json:
+        sys.stdout.write((dest / "metrics.json").read_text())
+        return
+    _print_metrics(res.metrics.as_dict())
+    out.print(f"wrote {', '.join(p.name for p in res.files)} to {dest}", highlight=False)
