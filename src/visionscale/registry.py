@@ -25,6 +25,7 @@ _MODEL_MODULES = (
     "visionscale.anomaly.patchcore",
     "visionscale.anomaly.efficientad",
     "visionscale.anomaly.ddad",
+    "visionscale.detection.model",
 )
 _loaded = False
 

@@ -6,13 +6,12 @@ print one line naming what is wrong and exit with status 2; nothing is written t
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+from visionscale.cli._common import err, fail, out, split_csv
 
 app = typer.Typer(
     help="How memory and latency of vision models grow with image resolution, and what fits on your GPU.",
@@ -20,22 +19,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
-out = Console()
 
 
-def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
 
 
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def parse_resolutions(text: str) -> tuple[int, ...]:
     values = []
-    for item in _split(text):
+    for item in split_csv(text):
         try:
             v = int(item)
         except ValueError:
@@ -90,7 +82,7 @@ def scale_cmd(
         if not cards:
             raise ValueError("--only-gpus needs at least one --gpu NAME=SIZE")
         cfg = StudyConfig(
-            models=tuple(_split(models)), resolutions=res, target=target, dtype=dtype, device=device,
+            models=tuple(split_csv(models)), resolutions=res, target=target, dtype=dtype, device=device,
             batch_size=batch_size, timing=timing, warmup=warmup, repeats=repeats, time_budget_s=time_budget,
             gpus=cards, cuda_context_bytes=parse_size(cuda_context), exact_limits=exact_limits,
         )
@@ -137,6 +129,15 @@ def _print_summary(result) -> None:
                 cells.append(fit)
         t.add_row(name, *cells)
     out.print(t)
+
+
+from visionscale.cli import ad as _ad, classify as _classify, detect as _detect  # noqa: E402
+from visionscale.cli.inspect import inspect_cmd  # noqa: E402
+
+app.add_typer(_ad.app, name="ad")
+app.add_typer(_classify.app, name="classify")
+app.add_typer(_detect.app, name="detect")
+app.command("inspect")(inspect_cmd)
 
 
 def main() -> None:  # pragma: no cover - entry point
