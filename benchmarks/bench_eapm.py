@@ -13,33 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 
+from benchlib import machine, update_section
 from visionscale.detection.demo import DemoConfig, make_demo
 from visionscale.detection.train import TrainConfig, compare, format_table
 
-ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- bench_eapm:begin -->", "<!-- bench_eapm:end -->"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def verdict(result: dict) -> str:
@@ -68,7 +52,6 @@ def verdict(result: dict) -> str:
 
 def render(result: dict, demo: DemoConfig, cfg: TrainConfig, wall: float, cpu: float) -> str:
     lines = [
-        BEGIN,
         f"Machine: {machine()}. CPU only. \"CPU s\" is the training process's CPU time (all threads), "
         f"\"wall s\" its elapsed time; other jobs may share the cores, which inflates both.",
         "",
@@ -85,22 +68,8 @@ def render(result: dict, demo: DemoConfig, cfg: TrainConfig, wall: float, cpu: f
         verdict(result),
         "",
         f"Wall time of the whole benchmark: {wall / 60:.1f} min; CPU time {cpu / 60:.1f} min.",
-        END,
     ]
     return "\n".join(lines)
-
-
-def write_doc(block: str) -> Path:
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## EAPM (`benchmarks/bench_eapm.py`)\n\n" + block + "\n"
-    from visionscale.profiling.report import write_atomic
-
-    write_atomic(doc, text.encode())
-    return doc
 
 
 def main() -> None:
@@ -139,7 +108,7 @@ def main() -> None:
     print(verdict(result))
     print(f"wall time {wall:.0f} s")
     if args.write:
-        print(f"updated {write_doc(render(result, demo, cfg, wall, cpu))}")
+        print(f"updated {update_section('bench_eapm', 'EAPM (`benchmarks/bench_eapm.py`)', render(result, demo, cfg, wall, cpu))}")
     # a sanity floor: the baseline must have learnt something, or the comparison means nothing
     if result["rows"][0]["metrics"]["AP"] is None or result["rows"][0]["metrics"]["AP"] < 10:
         sys.exit("baseline AP below 10: the detector did not learn; the comparison is meaningless")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- bench_patchcore_fit:begin -->", "<!-- bench_patchcore_fit:end -->"
+from benchlib import ROOT, machine, update_section
+
 MiB = 2**20
 
 CHILD = """
@@ -38,20 +37,6 @@ cfg = FitConfig(model=model, image_size=int(size), coreset_ratio=float(ratio), b
 r = fit_patchcore(data, out, cfg, keep_cache=keep == "1")
 print(json.dumps({"state": r.state, "calibration": r.calibration, "metrics": r.metrics}))
 """
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}; load average {load:.1f} at the start (shared machine)")
 
 
 def fit_child(data: Path, out: Path, model: str, size: int, ratio: float, batch: int, keep: bool = False) -> dict:
@@ -147,7 +132,7 @@ def render(args, raw: dict) -> str:
     fe, co, ca = (st["stages"][k] for k in ("features", "coreset", "calibration"))
     proj_note = " (128-d JL projection)" if fe["feature_dim"] > 128 else ""
     dim = fe["feature_dim"]
-    lines = [BEGIN, "", header, "",
+    lines = [header, "",
              f"`{args.model}` ({'Wide-ResNet-50-2' if args.model == 'patchcore_wrn50' else args.model}, layers 2+3, "
              f"{dim}-d patches) at {args.size}x{args.size} px, batch {args.batch}, **random backbone weights** "
              f"(nothing can be downloaded here). Every fit runs in its own process. "
@@ -209,21 +194,7 @@ def render(args, raw: dict) -> str:
     for d in demo:
         lines.append(f"| {d['category']} | {d['image_auroc']:.3f} | {d['pixel_auroc']:.3f} | {d['aupro']:.3f} | "
                      f"{d['image_f1']:.3f} | {d['wall']:.0f} |")
-    lines += ["", END]
     return "\n".join(lines)
-
-
-def write_section(block: str) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## PatchCore fit (`benchmarks/bench_patchcore_fit.py`)\n\n" + block + "\n"
-    from visionscale.profiling.report import write_atomic
-
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(doc, text.encode())
 
 
 def main() -> None:
@@ -241,7 +212,7 @@ def main() -> None:
         block = render(args, json.loads(Path(args.render).read_text()))
         print(block)
         if args.write:
-            write_section(block)
+            update_section('bench_patchcore_fit', 'PatchCore fit (`benchmarks/bench_patchcore_fit.py`)', block)
         return
     header = f"Machine: {machine()}. CPU numbers."
     print(header, flush=True)
@@ -266,7 +237,7 @@ def main() -> None:
     block = render(args, raw)
     print(block)
     if args.write:
-        write_section(block)
+        update_section('bench_patchcore_fit', 'PatchCore fit (`benchmarks/bench_patchcore_fit.py`)', block)
 
 
 if __name__ == "__main__":

@@ -11,33 +11,16 @@ Measures, on this machine:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-import torch
 
+from benchlib import machine, update_section
 from visionscale.profiling.sweep import DEFAULT_MODELS, StudyConfig, _Source, analytic
 
-ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- bench_scale:begin -->", "<!-- bench_scale:end -->"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def bench_analytic(resolutions=(256, 512, 1024, 3000)) -> list[tuple[str, int, float]]:
@@ -69,12 +52,11 @@ def bench_default_study() -> tuple[float, int]:
 
 
 def render(analytic_rows, wall, rc) -> str:
-    lines = [BEGIN, "", f"Machine: {machine()}. Command: `python benchmarks/bench_scale.py --write`.", "",
+    lines = [f"Machine: {machine()}. Command: `python benchmarks/bench_scale.py --write`.", "",
              f"Default study (`visionscale scale`, no arguments, CPU): **{wall:.1f} s** wall time (exit code {rc}).", "",
              "Analytic pass alone (meta device, all components, median of 3):", "",
              "| model | px | seconds |", "|---|---:|---:|"]
     lines += [f"| {m} | {r} | {s:.3f} |" for m, r, s in analytic_rows]
-    lines += ["", END]
     return "\n".join(lines)
 
 
@@ -88,14 +70,7 @@ def main() -> None:
     wall, rc = bench_default_study()
     print(f"default study wall time: {wall:.1f} s (exit {rc})")
     if args.write:
-        doc = ROOT / "docs" / "benchmarks.md"
-        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-        block = render(rows, wall, rc)
-        if BEGIN in text:
-            text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n## The scale study (`benchmarks/bench_scale.py`)\n\n" + block + "\n"
-        doc.write_text(text)
+        print(f"updated {update_section('bench_scale', 'The scale study (`benchmarks/bench_scale.py`)', render(rows, wall, rc))}")
 
 
 if __name__ == "__main__":
