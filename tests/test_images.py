@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionscale.io.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_image
+from visionscale.io.images import IMAGE_SUFFIXES, ImageReadError, collect_images, list_images, read_image
 
 
 def _save(img: Image.Image, path, **kw):
@@ -151,3 +151,21 @@ def test_list_images_filters_sorts_and_recurses(tmp_path):
         list_images(tmp_path / "missing")
     with pytest.raises(NotADirectoryError):
         list_images(tmp_path / "a.jpg")
+
+
+def test_collect_images_expands_folders_keeps_files_and_names_what_is_missing(tmp_path):
+    img = np.zeros((4, 4, 3), np.uint8)
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    for rel in ("a/2.png", "a/1.jpg", "a/sub/3.png", "b.png"):
+        Image.fromarray(img).save(tmp_path / rel)
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    got = collect_images([tmp_path / "b.png", tmp_path / "a"])
+    assert [p.name for p in got] == ["b.png", "1.jpg", "2.png"]
+    assert [p.name for p in collect_images([tmp_path / "a"], recursive=True)] == ["1.jpg", "2.png", "3.png"]
+    with pytest.raises(FileNotFoundError, match="input not found: .*missing.png"):
+        collect_images([tmp_path / "b.png", tmp_path / "missing.png"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images in folder .*empty"):
+        collect_images([tmp_path / "empty"])
+    with pytest.raises(FileNotFoundError, match="no input images"):
+        collect_images([])

@@ -54,7 +54,7 @@ from visionscale.classify.data import (
 )
 from visionscale.classify.metrics import classification_report
 from visionscale.classify.model import Classifier, ClassifierConfig, count_parameters
-from visionscale.io.images import list_images
+from visionscale.io.images import collect_images
 from visionscale.io.weights import load_into, load_state_dict, save_file_atomic
 from visionscale.io.atomic import write_atomic
 from visionscale.profiling.report import check_output_dir
@@ -519,22 +519,6 @@ def augmentation_preview(images: Tensor, labels: Tensor, classes: Sequence[str],
     return tile_grid(tiles, cols=variants + 1, min_tile=64)
 
 
-def _images_from(inputs: Sequence[str | Path]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            found = list_images(p, recursive=True)
-            if not found:
-                raise DataError(f"no images in folder {p}")
-            files += found
-        elif p.exists():
-            files.append(p)
-        else:
-            raise DataError(f"input not found: {p}")
-    if not files:
-        raise DataError("no input images given")
-    return files
 
 
 @torch.no_grad()
@@ -548,7 +532,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], top_k: int = 3
     dev = resolve_device(device)
     model = load_classifier(checkpoint, device=str(dev))
     cfg = model.config
-    files = _images_from(inputs)
+    files = _collect_inputs(inputs)
     k = max(1, min(top_k, cfg.num_classes))
     out = []
     for start in range(0, len(files), batch_size):
@@ -607,3 +591,10 @@ def write_eval_outputs(report: dict, out_dir: str | Path) -> list[Path]:
         written.append(out / name)
     return written
 
+
+
+def _collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    try:
+        return collect_images(inputs, recursive=True)
+    except FileNotFoundError as exc:
+        raise DataError(str(exc)) from None

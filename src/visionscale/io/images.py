@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "ImageReadError", "read_image", "list_images"]
+__all__ = ["IMAGE_SUFFIXES", "ImageReadError", "collect_images", "read_image", "list_images"]
 
 # Lower-case suffixes that list_images() picks up (all decodable by a stock Pillow).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm")
@@ -131,3 +132,28 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
             found.append(p)
     return sorted(found)
+
+
+def collect_images(items: Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
+    """The image files named by command-line style arguments: a file stays, a folder becomes
+    its images (sorted; with ``recursive``, those of its subfolders too).
+
+    Raises:
+        FileNotFoundError: a path does not exist ("input not found"), a folder holds no
+            images, or nothing was given.
+    """
+    files: list[Path] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = list_images(p, recursive=recursive)
+            if not found:
+                raise FileNotFoundError(f"no images in folder {p}")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"input not found: {p}")
+    if not files:
+        raise FileNotFoundError("no input images given")
+    return files
