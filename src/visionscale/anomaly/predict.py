@@ -1,9 +1,10 @@
 """Use a fitted run folder: load it, score images (labels, heatmaps), evaluate on a data set.
 
-A run folder is what :func:`visionscale.anomaly.train.fit_patchcore` writes (see there);
-everything needed to predict is inside it: ``config.json`` (model and input size),
-``model.safetensors`` (backbone + memory bank) and ``calibration.json`` (thresholds and
-score normalisation).
+A run folder is what :func:`visionscale.anomaly.train.fit` writes for any method (PatchCore,
+EfficientAD, DDAD; see there); everything needed to predict is inside it: ``config.json``
+(model, method and input size), ``model.safetensors`` (the whole model: backbone + memory
+bank, or teacher + student + autoencoder with their normalisation, or U-Net + feature
+extractor) and ``calibration.json`` (thresholds and score normalisation).
 
 Predictions say *anomalous* when the image score is >= the saved image threshold.
 ``normalized_score`` is ``clip((score - threshold) / span + 0.5, 0, 1)`` with ``span`` =
@@ -35,10 +36,15 @@ from visionscale.anomaly.data import (
     iter_batches,
     load_dataset,
 )
-from visionscale.anomaly.metrics import ImageMetrics, evaluate_scores, pro_curve, roc_curve
-from visionscale.io.images import list_images, read_image
-from visionscale.io.weights import load_into, load_state_dict
+from visionscale.anomaly.metrics import (
+    ImageMetrics,
+    evaluate_scores,
+    pro_curve,
+    roc_curve,
+)
 from visionscale.io.atomic import write_atomic
+from visionscale.io.images import list_images, read_image
+from visionscale.io.weights import load_state_dict
 
 __all__ = [
     "RunError",
@@ -102,7 +108,9 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "auto") -> Loa
     Raises:
         RunError: The folder or one of its files is missing or unreadable.
     """
-    from visionscale.anomaly.train import build_model  # the builder lives with fitting
+    from visionscale.anomaly.train import (
+        build_run_model,  # the builders live with fitting
+    )
 
     path = Path(run).expanduser()
     if not path.is_dir():
@@ -113,18 +121,9 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "auto") -> Loa
     if not weights.is_file():
         raise RunError(f"{path} is not a complete run folder: model.safetensors is missing (did fitting finish?)")
     dev = resolve_device(device)
-    model = build_model(config["model"], tuple(config["image_size"]), float(config["coreset_ratio"]), None,
-                        seed=int(config.get("seed", 0)))
     try:
-        state = load_state_dict(weights)
-        bank = state.get("nn_search.memory_bank")
-        if bank is None:
-            raise RunError(f"{weights} has no memory bank (nn_search.memory_bank)")
-        model.set_memory_bank(bank)  # its size differs from the placeholder's
-        load_into(model, state, source=str(weights))
-    except (ValueError, RuntimeError) as exc:
-        if isinstance(exc, RunError):
-            raise
+        model = build_run_model(config, load_state_dict(weights), str(weights))
+    except (ValueError, RuntimeError, KeyError) as exc:
         raise RunError(f"cannot load {weights}: {exc}") from None
     model.eval().to(dev)
     return LoadedRun(path, config, calibration, model, dev)

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
 from visionscale.cli._common import err, fail, out, split_csv
 
 app = typer.Typer(
-    help="Anomaly detection: make demo data, fit PatchCore, predict on images, evaluate on a data set.",
+    help="Anomaly detection: make demo data, fit PatchCore / EfficientAD / DDAD, predict on images, evaluate.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -27,16 +28,24 @@ app = typer.Typer(
 
 
 def note(message: str) -> None:
-    if message.startswith("running on RANDOM"):
-        err.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    if message.startswith("running on") and "RANDOM" in message:
+        err.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
     else:
-        err.print(f"note: {message}", highlight=False, soft_wrap=True)
+        err.print(f"note: {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def warn_if_random(run) -> None:
-    if run.config.get("weights") is None:
-        note("running on RANDOM backbone weights: this run was fitted without --weights; refit with "
-             "--weights FILE (an ImageNet state dict of the backbone) for meaningful anomaly scores")
+    what = run.config.get("random_weights", "legacy")
+    if what == "legacy":  # runs written before the field existed: PatchCore, random iff no --weights
+        what = "backbone" if run.config.get("weights") is None else None
+    if what == "teacher":
+        note("running on a RANDOM EfficientAD teacher: this run was fitted without --teacher or --distill-teacher; "
+             "refit with --teacher FILE (a pretrained PDN) for meaningful anomaly scores")
+    elif what:
+        note(f"running on RANDOM {what} weights: this run was fitted without --weights; refit with "
+             f"--weights FILE (an ImageNet state dict of the backbone) for meaningful anomaly scores")
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
@@ -57,7 +66,13 @@ def parse_image_size(text: str) -> tuple[int, int]:
 @contextmanager
 def _progress():
     """A rich progress bar on stderr; yields a ``progress(stage, done, total)`` callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     bars: dict[str, int] = {}
     with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -100,30 +115,42 @@ def make_demo_cmd(
 def fit_cmd(
     data: Path = typer.Option(..., "--data", help="MVTec AD root or category, or a normal/ abnormal/ masks/ folder."),
     run_dir: Path = typer.Option(..., "--out", help="Run folder to write (an unfinished one is resumed)."),
-    model: str = typer.Option("patchcore", "--model", help="patchcore (WRN-101-2), patchcore_wrn50 or patchcore_tiny."),
+    model: str = typer.Option("patchcore", "--model", help="patchcore (WRN-101-2), patchcore_wrn50, patchcore_tiny, "
+                              "efficientad_s, efficientad_m, efficientad_tiny, ddad or ddad_tiny."),
     category: Optional[str] = typer.Option(None, "--category", help="MVTec category when DATA holds several."),
     image_size: str = typer.Option("256", "--image-size", help="N or WIDTHxHEIGHT, px."),
-    coreset_ratio: float = typer.Option(0.1, "--coreset-ratio", help="Share of patch features kept (0.1, 0.01)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Backbone weights: a .pth/.safetensors file, or DEFAULT (download). Random if not given."),
+    coreset_ratio: float = typer.Option(0.1, "--coreset-ratio", help="PatchCore: share of patch features kept (0.1, 0.01)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step [default: PatchCore 8, EfficientAD 1 (paper), DDAD its trainer's]."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Backbone weights (PatchCore, DDAD; EfficientAD: the WRN-101-2 to distil from): a .pth/.safetensors file, or DEFAULT (download). Random if not given."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="EfficientAD / DDAD training steps [default: EfficientAD 70000, DDAD its trainer's]."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="EfficientAD: pretrained teacher PDN weights (.pth or .safetensors state dict)."),
+    distill_teacher: bool = typer.Option(False, "--distill-teacher", help="EfficientAD: distil the teacher from Wide-ResNet-101-2 features on the --imagenet images first."),
+    imagenet: Optional[Path] = typer.Option(None, "--imagenet", help="EfficientAD: folder of generic images (ImageNet) for the student penalty and for --distill-teacher."),
+    distill_steps: int = typer.Option(60000, "--distill-steps", help="EfficientAD: teacher distillation steps (paper: 60000, batch 16)."),
+    allow_random_weights: bool = typer.Option(False, "--allow-random-weights", help="EfficientAD: distil from a RANDOM WRN when its weights cannot be had (offline)."),
+    checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="EfficientAD / DDAD: steps between checkpoints (resume after an interruption)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and list them, instead of stopping."),
-    seed: int = typer.Option(0, help="Seeds random weights, projection, coreset start and hold-outs."),
+    seed: int = typer.Option(0, help="Seeds random weights, projection, coreset start, data order and hold-outs."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Fit an anomaly detector on normal images and save it with its thresholds."""
+    from visionscale.anomaly import train as T
     from visionscale.anomaly.data import DataError
-    from visionscale.anomaly.train import FitConfig, FitError, fit_patchcore
 
     try:
-        cfg = FitConfig(model=model, image_size=parse_image_size(image_size), coreset_ratio=coreset_ratio,
-                        batch_size=batch_size, weights=weights, seed=seed, device=device, skip_bad=skip_bad)
+        cfg = T.FitConfig(model=model, image_size=parse_image_size(image_size), coreset_ratio=coreset_ratio,
+                          batch_size=batch_size, weights=weights, seed=seed, device=device, skip_bad=skip_bad,
+                          steps=steps, teacher=teacher, distill_teacher=distill_teacher,
+                          imagenet=str(imagenet) if imagenet is not None else None, distill_steps=distill_steps,
+                          allow_random_weights=allow_random_weights, checkpoint_every=checkpoint_every)
         with _progress() as progress:
-            result = fit_patchcore(data, run_dir, cfg, category=category, progress=progress, log=note)
-    except (FitError, DataError, ValueError, OSError) as exc:
+            result = T.fit(data, run_dir, cfg, category=category, progress=progress, log=note)
+    except (T.FitError, DataError, ValueError, OSError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
-        fail(f"interrupted; finished batches are kept in {run_dir}: run the same command again to resume", 130)
+        fail(f"interrupted; finished batches and checkpoints are kept in {run_dir}: run the same command again "
+             f"to resume", 130)
     if as_json:
         sys.stdout.write(json.dumps({"run": str(result.run), "calibration": result.calibration,
                                      "metrics": result.metrics, "state": result.state}, indent=2, default=str) + "\n")
@@ -139,9 +166,15 @@ def _print_fit(result) -> None:
     st, cal = result.state, result.calibration
     stages = st.get("stages", {})
     secs = ", ".join(f"{k} {v.get('seconds', 0):.1f} s" for k, v in stages.items())
-    co = stages.get("coreset", {})
-    out.print(f"fitted {result.run}: memory bank {co.get('bank_rows', '?')} of {co.get('patch_rows', '?')} patches "
-              f"({secs}; peak memory {st.get('peak_rss_bytes', 0) / 2**20:,.0f} MiB)", highlight=False)
+    peak = f"peak memory {st.get('peak_rss_bytes', 0) / 2**20:,.0f} MiB"
+    if "coreset" in stages:
+        co = stages["coreset"]
+        what = f"memory bank {co.get('bank_rows', '?')} of {co.get('patch_rows', '?')} patches"
+    else:
+        m = stages.get("model", {})
+        loss = m.get("final_loss")
+        what = f"trained {m.get('steps', '?')} steps" + (f", final loss {loss:.4f}" if loss is not None else "")
+    out.print(f"fitted {result.run}: {what} ({secs}; {peak})", highlight=False)
     out.print(f"image threshold {cal['image_threshold']:.4f}: {cal['image_threshold_source']}", highlight=False)
     if result.metrics:
         _print_metrics(result.metrics)
