@@ -43,7 +43,7 @@ from visionscale.anomaly.metrics import (
     roc_curve,
 )
 from visionscale.io.atomic import write_atomic
-from visionscale.io.images import list_images, read_image
+from visionscale.io.images import collect_images, read_image
 from visionscale.io.weights import load_state_dict
 
 __all__ = [
@@ -56,7 +56,6 @@ __all__ = [
     "normalize",
     "predict",
     "evaluate",
-    "expand_image_args",
     "records_csv",
     "EvalResult",
 ]
@@ -166,23 +165,6 @@ def normalize(value: np.ndarray | float, threshold: float, span: float) -> np.nd
     return np.clip((np.asarray(value, dtype=np.float64) - threshold) / span + 0.5, 0.0, 1.0)
 
 
-def expand_image_args(items: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files stay; folders become their images (sorted). Raises FileNotFoundError for missing paths."""
-    paths: list[Path] = []
-    for item in items:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            found = list_images(p)
-            if not found:
-                raise FileNotFoundError(f"no images in folder {p}")
-            paths.extend(found)
-        elif p.exists():
-            paths.append(p)
-        else:
-            raise FileNotFoundError(f"image not found: {p}")
-    if not paths:
-        raise FileNotFoundError("no images given")
-    return paths
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:
@@ -214,7 +196,7 @@ def predict(
     Raises:
         DataError: An image cannot be read and ``skip_bad`` is False (names the file).
     """
-    paths = expand_image_args(images)
+    paths = collect_images(images)
     cal = run.calibration
     samples = [Sample(p, -1, "") for p in paths]
     log = ReadLog()
