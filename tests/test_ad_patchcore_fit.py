@@ -397,7 +397,7 @@ def test_predict_bad_images_and_broken_runs(fitted, tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"bad\.png"):
         predict(run, [bad], None)
-    with pytest.raises(FileNotFoundError, match="image not found"):
+    with pytest.raises(FileNotFoundError, match="input not found"):
         predict(run, [tmp_path / "nope.png"], None)
     broken = tmp_path / "broken"
     shutil.copytree(fitted.run, broken)
