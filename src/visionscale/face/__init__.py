@@ -1,0 +1,1 @@
+"""Face detection (BlazeFace), alignment, embeddings, LFW verification and a persistent gallery."""
