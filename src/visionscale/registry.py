@@ -26,6 +26,7 @@ _MODEL_MODULES = (
     "visionscale.anomaly.efficientad",
     "visionscale.anomaly.ddad",
     "visionscale.detection.model",
+    "visionscale.face.blazeface",
     "visionscale.face.embedder",
 )
 _loaded = False

@@ -44,12 +44,22 @@ class SameConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+def _max_pool2(x: Tensor) -> Tensor:
+    """2x2 stride-2 max-pool (TF SAME). On even sizes a reshape + amax, several times faster on
+    CPU than ``max_pool2d`` (which also computes indices); same values."""
+    b, c, h, w = x.shape
+    if h % 2 or w % 2:
+        return F.max_pool2d(x, 2, 2, ceil_mode=True)
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).amax(dim=(3, 5))
+
+
 class BlazeBlock(nn.Module):
     """Single or double BlazeBlock (paper Fig. 1).
 
     Single: depthwise k x k (stride s) -> 1x1 conv to ``out_ch``; plus the skip; ReLU.
     Double: depthwise k x k (stride s) -> 1x1 conv to ``mid_ch`` -> ReLU -> depthwise k x k
-    -> 1x1 conv to ``out_ch``; plus the skip; ReLU.
+    -> 1x1 conv to ``out_ch``; plus the skip; ReLU. (The ReLU between the halves is our reading
+    of Fig. 1; no released double-block model exists to check it against.)
     Skip: 2x2 max-pool when ``stride == 2``, then zero channels appended when ``out_ch > in_ch``
     (MediaPipe's ``channel_padding`` PAD op pads at the end of the channel axis).
     """
@@ -76,7 +86,7 @@ class BlazeBlock(nn.Module):
         h = self.pw1(self.dw1(x))
         if self.double:
             h = self.pw2(self.dw2(F.relu(h)))
-        skip = F.max_pool2d(x, 2, 2, ceil_mode=True) if self.stride == 2 else x
+        skip = _max_pool2(x) if self.stride == 2 else x
         if self.out_ch > self.in_ch:
             skip = F.pad(skip, (0, 0, 0, 0, 0, self.out_ch - self.in_ch))  # (B, C_out, H, W)
         return F.relu(h + skip)

