@@ -144,3 +144,9 @@ def detect_cmd(
         err.print(f"no face found in {len(results)} image{'s' if len(results) != 1 else ''}", highlight=False)
     if out_dir is not None:
         err.print(f"annotated images written to {out_dir}", highlight=False)
+
+
+# verify, enroll, identify, gallery, train, eval-lfw, make-lfw-demo (the recognition half)
+from visionscale.cli.face_recognition import register as _register_recognition  # noqa: E402
+
+_register_recognition(app)
