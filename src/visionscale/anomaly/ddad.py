@@ -67,7 +67,7 @@ from visionscale.nn.filters import gaussian_blur, gaussian_kernel1d
 from visionscale.nn.unet import UNet, UNetConfig
 from visionscale.registry import register_model
 
-__all__ = ["DDAD", "DDADConfig", "ddad", "ddad_tiny", "linear_beta_schedule"]
+__all__ = ["DDAD", "DDADConfig", "conditioned_ddim_step", "ddad", "ddad_tiny", "ddim_timesteps", "linear_beta_schedule"]
 
 _BACKBONES = {
     "wide_resnet101_2": resnet.wide_resnet101_2,  # official config.yaml default
@@ -82,6 +82,38 @@ STEP_KEY = "ddad_step"
 def linear_beta_schedule(start: float, end: float, n: int) -> list[float]:
     """``np.linspace(start, end, n)`` in Python floats (official ``_compute_alpha``)."""
     return [start + (end - start) * i / (n - 1) for i in range(n)]
+
+
+def ddim_timesteps(noise_step: int, skip: int) -> tuple[tuple[int, int], ...]:
+    """Official trajectory: ``seq = range(0, noise_step, skip)`` walked backwards, each
+    step going to the previous element (-1 = clean image). (250, 25) -> (225, 200) .. (0, -1)."""
+    seq = list(range(0, noise_step, skip))
+    nxt = [-1] + seq[:-1]
+    return tuple(zip(reversed(seq), reversed(nxt)))
+
+
+def conditioned_ddim_step(
+    x_t: Tensor, y: Tensor, eps: Tensor, at: float, an: float, w: float, eta: float, z: Tensor | None
+) -> Tensor:
+    """One conditioned DDIM step (paper Sec. 3; official ``Reconstruction.__call__``).
+
+    ``x_t`` is the current sample, ``y`` the condition (target) image, ``eps`` the U-Net's
+    noise estimate at step t, ``at`` / ``an`` the cumulative alpha products at t and at
+    the next step. ``z`` is the fresh noise (only used when c1 > 0, i.e. ``eta`` > 0).
+    Inference conditions on the input itself (``y`` = input); domain adaptation
+    reconstructs one training image conditioned on another (``w_DA``).
+    """
+    y_t = math.sqrt(at) * y + math.sqrt(1 - at) * eps  # the condition, noised with eps
+    eps_hat = eps - (w * math.sqrt(1 - at)) * (y_t - x_t)
+    x0 = (x_t - math.sqrt(1 - at) * eps_hat) / math.sqrt(at)
+    c1 = eta * math.sqrt((1 - at / an) * (1 - an) / (1 - at))
+    c2 = math.sqrt(max(1 - an - c1**2, 0.0))
+    x_next = math.sqrt(an) * x0 + c2 * eps_hat
+    if c1 > 0:
+        if z is None:
+            raise ValueError("conditioned_ddim_step: eta > 0 needs the noise z")
+        x_next = x_next + c1 * z
+    return x_next
 
 
 @dataclass(frozen=True)
@@ -175,9 +207,7 @@ class DDAD(nn.Module):
         self.register_buffer("alphas_cumprod", torch.tensor(alpha_bar[1:], dtype=torch.float32), persistent=False)
 
         # Official: seq = range(0, noise_step, skip), walked backwards, next = previous or -1.
-        seq = list(range(0, cfg.noise_step, cfg.skip))
-        nxt = [-1] + seq[:-1]
-        self.timesteps: tuple[tuple[int, int], ...] = tuple(zip(reversed(seq), reversed(nxt)))
+        self.timesteps: tuple[tuple[int, int], ...] = ddim_timesteps(cfg.noise_step, cfg.skip)
 
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
@@ -231,14 +261,9 @@ class DDAD(nn.Module):
         at, an = self.alpha_bar(t), self.alpha_bar(t_next)
 
         eps = self.unet(x_t, torch.full((y.shape[0],), float(t), device=y.device))  # (B, 3, H, W)
-        y_t = math.sqrt(at) * y + math.sqrt(1 - at) * eps  # the condition, noised with eps
-        eps_hat = eps - (cfg.w * math.sqrt(1 - at)) * (y_t - x_t)
-        x0 = (x_t - math.sqrt(1 - at) * eps_hat) / math.sqrt(at)
         c1 = cfg.eta * math.sqrt((1 - at / an) * (1 - an) / (1 - at))
-        c2 = math.sqrt(max(1 - an - c1**2, 0.0))
-        x_next = math.sqrt(an) * x0 + c2 * eps_hat
-        if c1 > 0:
-            x_next = x_next + c1 * self._randn(y, gen)
+        z = self._randn(y, gen) if c1 > 0 else None  # drawn after the initial noise, as before
+        x_next = conditioned_ddim_step(x_t, y, eps, at, an, cfg.w, cfg.eta, z)
 
         out: State = {"x_t": x_next, STEP_KEY: torch.tensor(step + 1, dtype=torch.int64, device="cpu")}
         # On the meta device (the profiler's shape-only pass) the later steps are skipped,
