@@ -59,6 +59,20 @@ def test_fp16_halves_activation_bytes(tmp_path):
     assert [2 * b for b in sums("fp16")] == sums("fp32")
 
 
+def test_dtype_axis_on_the_command_line(tmp_path):
+    res = scale("--models", "efficientad_tiny", "--resolutions", "64,128,192", "--target", "256", "--no-timing",
+                "--no-plots", "--dtype", "fp32,bf16", "--out", str(tmp_path / "o"), "--gpu", "Toy=1GiB", "--only-gpus")
+    assert res.exit_code == 0, res.output
+    assert "efficientad_tiny fp32" in res.output and "efficientad_tiny bf16" in res.output  # one column per dtype
+    data = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert data["config"]["dtypes"] == ["fp32", "bf16"]
+    rows = {(r["dtype"], r["component"], r["resolution"]): r["activation_sum_bytes"] for r in data["rows"]}
+    assert all(2 * rows[("bf16", c, r)] == b for (d, c, r), b in rows.items() if d == "fp32")
+    limits = {g["dtype"]: g["max_resolution_analytic"] for g in data["gpu_limits"]}
+    assert limits["bf16"] > limits["fp32"]
+    assert {f["dtype"] for f in data["fits"]} == {"fp32", "bf16"}
+
+
 def test_models_command_lists_tiny_variants():
     res = runner.invoke(app, ["models", "*tiny"])
     assert res.exit_code == 0

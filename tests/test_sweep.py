@@ -135,3 +135,35 @@ def test_outputs_are_complete_and_parse(tmp_path):
     assert {"model", "gpu", "vram_bytes", "max_resolution"} <= set(data["gpu_limits"][0])
     assert (tmp_path / "memory_extrapolated.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_precision_axis_gives_rows_fits_and_limits_per_dtype(tmp_path):
+    result = run_study(cfg(dtype="fp32,fp16", time_budget_s=30.0), modules={"net": small_net()})
+    assert result.config["dtypes"] == ["fp32", "fp16"] and result.config["dtype"] == "fp32,fp16"
+    assert result.config["time_budget_s"] == pytest.approx(30.0)  # split between the dtypes, total kept
+    by = {(r["dtype"], r["resolution"]): r for r in result.rows}
+    assert len(result.rows) == 6
+    for r in (16, 32, 64):
+        assert by[("fp16", r)]["activation_sum_bytes"] * 2 == by[("fp32", r)]["activation_sum_bytes"]
+        assert by[("fp16", r)]["params_bytes"] * 2 == by[("fp32", r)]["params_bytes"]
+        assert by[("fp16", r)]["status"] == "ok" and by[("fp16", r)]["time_ms_mean"] > 0  # fp16 really ran on the CPU
+    for key in ("fits", "gpu_limits", "checks", "totals"):
+        assert {x["dtype"] for x in getattr(result, key)} == {"fp32", "fp16"}, key
+    lim = {g["dtype"]: g for g in result.gpu_limits}
+    # half the bytes per pixel: the largest side grows by about sqrt(2) (the context and params are fixed)
+    assert 1.3 < lim["fp16"]["max_resolution"] / lim["fp32"]["max_resolution"] < 1.45
+    files = {p.name for p in write_outputs(result, tmp_path)}
+    assert {"components_net.png", "components_net_fp16.png", "memory_extrapolated.png"} <= files
+    report = (tmp_path / "report.md").read_text()
+    assert "| dtype | model | GPU |" in report and "| fp16 | net | tiny card |" in report
+
+
+def test_single_dtype_study_is_unchanged():
+    result = run_study(cfg(timing=False), modules={"net": small_net()})
+    assert result.config["dtype"] == "fp32" and result.config["dtypes"] == ["fp32"]
+    assert {r["dtype"] for r in result.rows} == {"fp32"}
+
+
+def test_bad_dtype_in_the_axis_fails_before_any_work():
+    with pytest.raises(StudyError, match="dtype must be one of .*'fp8'"):
+        run_study(cfg(dtype=("fp32", "fp8")), modules={"net": small_net()})

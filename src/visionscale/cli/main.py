@@ -54,7 +54,7 @@ def scale_cmd(
     models: str = typer.Option("patchcore,efficientad_m,ddad", "--models", "-m", help="Comma-separated model names (see `visionscale models`), or your own as 'package.module:attr' (an nn.Module or a function returning one; it may take image_size)."),
     resolutions: str = typer.Option("256,512,1024", "--resolutions", "-r", help="Comma-separated square sizes in px."),
     target: int = typer.Option(3000, help="Extrapolate the fits to this side length (px)."),
-    dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16 (parameters and activations)."),
+    dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16 (parameters and activations), or a comma list for a precision axis, e.g. fp32,fp16,bf16: rows, fits and GPU limits per dtype."),
     device: str = typer.Option("auto", help="auto (CUDA if available), cpu or cuda[:N]."),
     batch_size: int = typer.Option(1, help="Images per forward pass (the seed uses 1)."),
     timing: bool = typer.Option(True, "--timing/--no-timing", help="Measure runtime (analytic memory is always computed)."),
@@ -112,15 +112,19 @@ def _print_summary(result) -> None:
     exact = bool(result.config.get("exact_limits"))
     title = "Largest square resolution per GPU, px: analytic (quadratic fit)" if exact else \
         "Largest square resolution per GPU, px (quadratic fit of peak memory)"
+    dtypes = list(result.config.get("dtypes") or [result.config.get("dtype", "fp32")])
+    multi = len(dtypes) > 1
     t = Table(title=title)
     t.add_column("GPU")
     models = list(dict.fromkeys(g["model"] for g in result.gpu_limits))
-    for m in models:
-        t.add_column(m, justify="right")
+    columns = [(m, d) for m in models for d in dtypes] if multi else [(m, None) for m in models]
+    for m, d in columns:
+        t.add_column(m if d is None else f"{m} {d}", justify="right")
     for name in dict.fromkeys(g["gpu"] for g in result.gpu_limits):
         cells = []
-        for m in models:
-            g = next(x for x in result.gpu_limits if x["gpu"] == name and x["model"] == m)
+        for m, d in columns:
+            g = next(x for x in result.gpu_limits
+                     if x["gpu"] == name and x["model"] == m and (d is None or x.get("dtype") == d))
             fit = "–" if g["max_resolution"] is None else str(g["max_resolution"])
             if exact:
                 a = g.get("max_resolution_analytic")
@@ -131,13 +135,17 @@ def _print_summary(result) -> None:
     out.print(t)
 
 
-from visionscale.cli import ad as _ad, classify as _classify, detect as _detect  # noqa: E402
+from visionscale.cli import ad as _ad, classify as _classify, detect as _detect, face as _face  # noqa: E402
 from visionscale.cli.inspect import inspect_cmd  # noqa: E402
+from visionscale.cli.runtime import bench_cmd, export_cmd  # noqa: E402
 
+app.command("inspect")(inspect_cmd)
+app.command("export")(export_cmd)
+app.command("bench")(bench_cmd)
 app.add_typer(_ad.app, name="ad")
 app.add_typer(_classify.app, name="classify")
 app.add_typer(_detect.app, name="detect")
-app.command("inspect")(inspect_cmd)
+app.add_typer(_face.app, name="face")
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -45,6 +45,30 @@ def check_output_dir(path: Path) -> Path:
 
 
 
+def dtypes_of(result: StudyResult) -> list[str]:
+    """The study's dtypes in order (one for a single-precision study)."""
+    listed = result.config.get("dtypes")
+    if listed:
+        return list(listed)
+    return list(dict.fromkeys(r.get("dtype", result.config.get("dtype", "fp32")) for r in result.rows)) or \
+        [str(result.config.get("dtype", "fp32"))]
+
+
+def subset(result: StudyResult, dtype: str) -> StudyResult:
+    """The part of a (multi-dtype) study for one dtype, shaped like a single-dtype study."""
+    def pick(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [x for x in items if x.get("dtype", dtype) == dtype]
+
+    config = dict(result.config, dtype=dtype, dtypes=[dtype])
+    return StudyResult(config=config, environment=result.environment, rows=pick(result.rows), fits=pick(result.fits),
+                       gpu_limits=pick(result.gpu_limits), checks=pick(result.checks), totals=pick(result.totals),
+                       analytic_points=pick(result.analytic_points), sensors=result.sensors)
+
+
+# Line style per dtype in the comparison plots (colour is the model).
+DTYPE_STYLES = {"fp32": "-", "fp16": "--", "bf16": ":"}
+
+
 def _csv_bytes(records: list[dict[str, Any]]) -> bytes:
     buf = io.StringIO()
     if records:
@@ -160,24 +184,32 @@ def plot_comparison(result: StudyResult, metric: str) -> bytes:
     colors = plt.get_cmap("tab10")
     memory = metric.endswith("_bytes")
     scale = 1 / 1024**3 if memory else 1.0
-    for i, model in enumerate(_models(result)):
-        f = _fit(result, model, "total", metric)
-        pts = _model_totals(result, model, metric)
-        if f is not None:
-            ax.plot(xs, (f["beta0"] + f["beta1"] * xs + f["beta2"] * xs**2) * scale, color=colors(i), label=f"{model} (fit)")
-        if pts:
-            ax.scatter(list(pts), [v * scale for v in pts.values()], color=colors(i), zorder=3)
-        if metric == "total_peak_bytes":
-            extra = [(p["resolution"], p["total_peak_bytes"]) for p in result.analytic_points
-                     if p["model"] == model and p["resolution"] <= right]
-            if extra:
-                ax.scatter([e[0] for e in extra], [e[1] * scale for e in extra], marker=".", s=25, color=colors(i),
-                           alpha=0.7, label=f"{model} analytic passes")
-        if memory:
-            for c in result.checks:
-                if c["model"] == model and c["metric"] == metric:
-                    ax.scatter([c["resolution"]], [c["analytic_bytes"] * scale], marker="x", s=60, color=colors(i),
-                               zorder=4, label=f"{model} analytic at {c['resolution']}")
+    dts = dtypes_of(result)
+    multi = len(dts) > 1
+    for dt in dts:
+        sub = subset(result, dt) if multi else result
+        style = DTYPE_STYLES.get(dt, "-.")
+        tag = f" {dt}" if multi else ""
+        for i, model in enumerate(_models(result)):
+            f = _fit(sub, model, "total", metric)
+            pts = _model_totals(sub, model, metric)
+            if f is not None:
+                ax.plot(xs, (f["beta0"] + f["beta1"] * xs + f["beta2"] * xs**2) * scale, color=colors(i), ls=style,
+                        label=f"{model}{tag} (fit)")
+            if pts:
+                ax.scatter(list(pts), [v * scale for v in pts.values()], color=colors(i), zorder=3,
+                           marker="o" if dt == dts[0] else "s")
+            if metric == "total_peak_bytes":
+                extra = [(p["resolution"], p["total_peak_bytes"]) for p in sub.analytic_points
+                         if p["model"] == model and p["resolution"] <= right]
+                if extra:
+                    ax.scatter([e[0] for e in extra], [e[1] * scale for e in extra], marker=".", s=25, color=colors(i),
+                               alpha=0.7, label=f"{model}{tag} analytic passes")
+            if memory:
+                for c in sub.checks:
+                    if c["model"] == model and c["metric"] == metric:
+                        ax.scatter([c["resolution"]], [c["analytic_bytes"] * scale], marker="x", s=60, color=colors(i),
+                                   zorder=4, label=f"{model}{tag} analytic at {c['resolution']}")
     if memory:
         # Log scale: attention and the PatchCore bank span four orders of magnitude.
         ax.set_yscale("log")
@@ -202,7 +234,9 @@ def plot_comparison(result: StudyResult, metric: str) -> bytes:
     ax.set_xlabel("square image side (px)")
     device = result.environment.get("gpu") or "CPU"
     what = "memory" if memory else f"runtime on {device}"
-    ax.set_title(f"{what}, fitted on {result.config['resolutions']} px and extrapolated to {target} px")
+    styles = ", ".join(f"{d} {DTYPE_STYLES.get(d, '-.')}" for d in dts) if multi else ""
+    ax.set_title(f"{what}, fitted on {result.config['resolutions']} px and extrapolated to {target} px"
+                 + (f"\nline style by dtype: {styles}" if multi else ""))
     ax.legend(fontsize=8)
     fig.tight_layout()
     data = _png(fig)
@@ -219,12 +253,17 @@ def _sensor_for(side: int | None, sensors: list[dict[str, Any]]) -> str:
 
 def render_markdown(result: StudyResult, images: list[str]) -> str:
     env, cfg = result.environment, result.config
+    multi = len(dtypes_of(result)) > 1
+    dcol = (lambda e: f"{e.get('dtype', cfg['dtype'])} | ") if multi else (lambda e: "")
+    dhead, dsep = ("dtype | ", "---|") if multi else ("", "")
     device = env.get("gpu") or f"CPU ({env.get('processor')}, {env.get('cpu_count')} threads)"
     lines = [
         "# Resolution scalability study",
         "",
         f"Models: {', '.join(cfg['models'])}. Resolutions: {', '.join(map(str, cfg['resolutions']))} px "
-        f"(square, batch {cfg['batch_size']}, {cfg['dtype']}). Extrapolated to {cfg['target']} px.",
+        f"(square, batch {cfg['batch_size']}, {cfg['dtype']}). Extrapolated to {cfg['target']} px."
+        + (" Precision axis: every table has a dtype column; parameters and activations are stored in that "
+           "dtype (autocast would keep fp32 weights)." if multi else ""),
         f"Device: {device}; torch {env['torch']}" + (f", CUDA {env.get('cuda')}" if env.get("cuda") else "") + ".",
     ]
     if cfg.get("timing"):
@@ -239,32 +278,32 @@ def render_markdown(result: StudyResult, images: list[str]) -> str:
         "",
         "## Per component",
         "",
-        "| model | component | px | params MiB | act. sum MiB | act. peak MiB | measured peak MiB | ms mean | ms median | ms p95 | n | status |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| {dhead}model | component | px | params MiB | act. sum MiB | act. peak MiB | measured peak MiB | ms mean | ms median | ms p95 | n | status |",
+        f"|{dsep}---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result.rows:
         lines.append(
-            f"| {r['model']} | {r['component']} | {r['resolution']} | {_mib(r['params_bytes'])} | "
+            f"| {dcol(r)}{r['model']} | {r['component']} | {r['resolution']} | {_mib(r['params_bytes'])} | "
             f"{_mib(r['activation_sum_bytes'])} | {_mib(r['activation_peak_bytes'])} | "
             f"{_mib(r['measured_activation_peak_bytes'])} | {_ms(r['time_ms_mean'])} | {_ms(r['time_ms_median'])} | "
             f"{_ms(r['time_ms_p95'])} | {r['time_n']} | {r['status']} |")
     lines += ["", "## Quadratic fits of the model totals (x = side in px)", "",
-              "| model | metric | β0 | β1 | β2 | R² | at target |", "|---|---|---:|---:|---:|---:|---:|"]
+              f"| {dhead}model | metric | β0 | β1 | β2 | R² | at target |", f"|{dsep}---|---|---:|---:|---:|---:|---:|"]
     for f in result.fits:
         if f["component"] != "total":
             continue
         unit = (lambda v: f"{v / MiB:,.1f} MiB") if f["metric"].endswith("bytes") else (lambda v: f"{v:,.1f} ms")
-        lines.append(f"| {f['model']} | {f['metric']} | {f['beta0']:.4g} | {f['beta1']:.4g} | {f['beta2']:.4g} | "
+        lines.append(f"| {dcol(f)}{f['model']} | {f['metric']} | {f['beta0']:.4g} | {f['beta1']:.4g} | {f['beta2']:.4g} | "
                      f"{f['r2']:.4f} | {unit(f['prediction_at_target'])} |")
     if any(f["n"] == 3 for f in result.fits):
         lines += ["", "With three resolutions a quadratic passes through every point (R² = 1 by construction); "
                       "the check below compares the extrapolation with the analytic value at the target."]
     if result.checks:
         lines += ["", "## Extrapolation checked against the analytic pass", "",
-                  "| model | metric | px | fitted GiB | analytic GiB | fit error |", "|---|---|---:|---:|---:|---:|"]
+                  f"| {dhead}model | metric | px | fitted GiB | analytic GiB | fit error |", f"|{dsep}---|---|---:|---:|---:|---:|"]
         for c in result.checks:
             err = "–" if c["relative_error"] is None else f"{c['relative_error'] * 100:+.1f} %"
-            lines.append(f"| {c['model']} | {c['metric']} | {c['resolution']} | {c['fitted_bytes'] / 1024**3:,.2f} | "
+            lines.append(f"| {dcol(c)}{c['model']} | {c['metric']} | {c['resolution']} | {c['fitted_bytes'] / 1024**3:,.2f} | "
                          f"{c['analytic_bytes'] / 1024**3:,.2f} | {err} |")
     lines += ["", f"## Largest square resolution per GPU (CUDA context allowance "
                   f"{cfg['cuda_context_bytes'] / MiB:,.0f} MiB)", "",
@@ -272,11 +311,11 @@ def render_markdown(result: StudyResult, images: list[str]) -> str:
               "`peak fit`: the seed's method, quadratic fit of the peak total; `seed sum fit`: fit of the seed's "
               "Eq. 1 total (every activation held at once, so pessimistic). *Sensor*: the largest square camera "
               "sensor that fits, by the first available of these columns.", "",
-              "| model | GPU | VRAM GiB | max px (analytic) | sensor | max px (peak fit) | max px (seed sum fit) |",
-              "|---|---|---:|---:|---|---:|---:|"]
+              f"| {dhead}model | GPU | VRAM GiB | max px (analytic) | sensor | max px (peak fit) | max px (seed sum fit) |",
+              f"|{dsep}---|---|---:|---:|---|---:|---:|"]
     for g in result.gpu_limits:
         best = g.get("max_resolution_analytic") or g["max_resolution"]
-        lines.append(f"| {g['model']} | {g['gpu']} | {g['vram_bytes'] / 1024**3:,.1f} | "
+        lines.append(f"| {dcol(g)}{g['model']} | {g['gpu']} | {g['vram_bytes'] / 1024**3:,.1f} | "
                      f"{g.get('max_resolution_analytic') or '–'} | {_sensor_for(best, result.sensors)} | "
                      f"{g['max_resolution'] or '–'} | {g['max_resolution_seed_sum'] or '–'} |")
     lines += ["", "Camera sensors (1:1): " + ", ".join(f"{s['megapixels']:g} MP = {s['side_px']} px" for s in result.sensors), ""]
@@ -305,10 +344,14 @@ def write_outputs(result: StudyResult, out_dir: Path, plots: bool = True) -> lis
     files["totals.csv"] = _csv_bytes(result.totals)
     images: list[str] = []
     if plots:
-        for model in _models(result):
-            name = f"components_{model}.png"
-            files[name] = plot_model(result, model)
-            images.append(name)
+        dts = dtypes_of(result)
+        for dt in dts:
+            sub = subset(result, dt) if len(dts) > 1 else result
+            for model in _models(sub):
+                # The first dtype keeps the single-study name, so default outputs do not change.
+                name = f"components_{model}.png" if dt == dts[0] else f"components_{model}_{dt}.png"
+                files[name] = plot_model(sub, model)
+                images.append(name)
         for metric, name in (("total_peak_bytes", "memory_extrapolated.png"),
                              ("total_sum_bytes", "memory_extrapolated_seed_sum.png"),
                              ("time_ms_mean", "runtime_extrapolated.png")):

@@ -15,7 +15,7 @@ import math
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -47,12 +47,17 @@ class StudyError(ValueError):
 @dataclass
 class StudyConfig:
     """What to measure. ``None`` for warmup/repeats/time_budget_s means the device default:
-    the seed's 100 / 1000 and no budget on CUDA; 1 / 3 and 60 s on the CPU."""
+    the seed's 100 / 1000 and no budget on CUDA; 1 / 3 and 60 s on the CPU.
+
+    ``dtype`` is one of ``fp32``, ``fp16``, ``bf16`` or several, comma-separated
+    (``"fp32,bf16"``) or as a tuple: the precision axis. Each dtype gets its own rows, fits,
+    checks and GPU limits (every entry carries a ``dtype`` field); a time budget is split
+    evenly between the dtypes."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
     resolutions: tuple[int, ...] = DEFAULT_RESOLUTIONS
     target: int = DEFAULT_TARGET
-    dtype: str = "fp32"
+    dtype: str | tuple[str, ...] = "fp32"
     device: str = "auto"
     batch_size: int = 1
     in_channels: int = 3
@@ -65,6 +70,12 @@ class StudyConfig:
     exact_limits: bool = True
     limit_step: int = 32
     model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        """The dtypes of the study, in the order given, without repeats."""
+        items = self.dtype.split(",") if isinstance(self.dtype, str) else list(self.dtype)
+        return tuple(dict.fromkeys(str(d).strip() for d in items if str(d).strip()))
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -354,13 +365,62 @@ def run_study(
     modules: dict[str, ModelSource] | None = None,
     progress: Progress | None = None,
 ) -> StudyResult:
-    """Run the study described by ``cfg``.
+    """Run the study described by ``cfg``, once per dtype of its precision axis.
+
+    With one dtype this is the single study (``config["dtype"]`` is that dtype). With
+    several, the results are concatenated in the order given and every row, fit, check,
+    total, GPU limit and analytic point carries its ``dtype``; ``config["dtypes"]`` lists
+    them and ``config["dtype"]`` holds the comma-joined names.
+
+    Args: as :func:`_run_single`.
+    """
+    dtypes = cfg.dtypes
+    if not dtypes:
+        raise StudyError(f"dtype must be one or more of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        raise StudyError(f"dtype must be one of {', '.join(DTYPES)}, got {bad[0]!r}")
+    if len(dtypes) == 1:
+        result = _run_single(replace(cfg, dtype=dtypes[0]), modules, progress)
+        result.config["dtypes"] = list(dtypes)
+        return result
+    say = progress or (lambda _msg: None)
+    # Check every dtype's input first (cheap, meta device) so a bad one fails before any timing.
+    for d in dtypes:
+        _run_single(replace(cfg, dtype=d, timing=False, exact_limits=False, target=cfg.target), modules,
+                    None, validate_only=True)
+    share = None if cfg.time_budget_s is None else cfg.time_budget_s / len(dtypes)
+    parts: list[StudyResult] = []
+    for d in dtypes:
+        sub = replace(cfg, dtype=d, time_budget_s=share)
+        parts.append(_run_single(sub, modules, (lambda m, d=d: say(f"[{d}] {m}"))))
+    first = parts[0]
+    config = dict(first.config)
+    budget = first.config.get("time_budget_s")
+    config.update(dtype=",".join(dtypes), dtypes=list(dtypes),
+                  time_budget_s=None if budget is None else budget * len(dtypes))
+    merged = StudyResult(config=config, environment=first.environment, rows=[], fits=[], gpu_limits=[], checks=[],
+                         totals=[], analytic_points=[], sensors=first.sensors)
+    for d, part in zip(dtypes, parts):
+        for key in ("rows", "fits", "gpu_limits", "checks", "totals", "analytic_points"):
+            getattr(merged, key).extend(getattr(part, key))
+    return merged
+
+
+def _run_single(
+    cfg: StudyConfig,
+    modules: dict[str, ModelSource] | None = None,
+    progress: Progress | None = None,
+    validate_only: bool = False,
+) -> StudyResult:
+    """Run the study described by ``cfg`` for its single dtype.
 
     Args:
         cfg: What to measure.
         modules: Extra models by name (``nn.Module`` or ``resolution -> nn.Module``);
             when given, ``cfg.models`` may name them as well as registered models.
         progress: Called with a short text before each step (the CLI shows it).
+        validate_only: Only check the input (names, sizes, dtype), return an empty result.
     """
     say = progress or (lambda _msg: None)
     modules = modules or {}
@@ -382,6 +442,9 @@ def run_study(
         for r in resolutions:
             _validate(src.build(r, "meta", dtype), name, r)
     warmup, repeats, budget = _timing_defaults(cfg, device)
+    if validate_only:
+        return StudyResult(config={}, environment={}, rows=[], fits=[], gpu_limits=[], checks=[], totals=[],
+                           analytic_points=[], sensors=[])
 
     rows: list[dict[str, Any]] = []
     fits: list[dict[str, Any]] = []
@@ -463,7 +526,7 @@ def run_study(
             return
         f = fit_quadratic(xs, ys)
         fitted[(model, component, metric)] = f
-        fits.append(dict(model=model, component=component, metric=metric, beta0=f.beta0, beta1=f.beta1,
+        fits.append(dict(model=model, component=component, metric=metric, dtype=cfg.dtype, beta0=f.beta0, beta1=f.beta1,
                          beta2=f.beta2, r2=f.r2, n=f.n, x="resolution_px",
                          prediction_at_target=float(f(cfg.target)), target=cfg.target))
 
@@ -496,7 +559,7 @@ def run_study(
                 continue
             predicted = float(f(target))
             actual = at_target[metric]
-            checks.append(dict(model=name, metric=metric, resolution=target, fitted_bytes=predicted,
+            checks.append(dict(model=name, metric=metric, dtype=cfg.dtype, resolution=target, fitted_bytes=predicted,
                                analytic_bytes=actual, relative_error=(predicted - actual) / actual if actual else None))
 
     # 6. The largest square resolution each model fits into on each GPU.
@@ -505,7 +568,7 @@ def run_study(
         floor = resolutions[0]
         for gpu in sorted(cfg.gpus, key=lambda g: g.vram_bytes):
             budget_bytes = gpu.vram_bytes - cfg.cuda_context_bytes
-            entry: dict[str, Any] = dict(model=name, gpu=gpu.name, vram_bytes=gpu.vram_bytes,
+            entry: dict[str, Any] = dict(model=name, gpu=gpu.name, dtype=cfg.dtype, vram_bytes=gpu.vram_bytes,
                                          cuda_context_bytes=cfg.cuda_context_bytes)
             for metric, key in (("total_peak_bytes", "max_resolution"), ("total_sum_bytes", "max_resolution_seed_sum")):
                 f = fitted.get((name, "total", metric))
@@ -517,14 +580,14 @@ def run_study(
                 entry["max_resolution_analytic"] = found
                 floor = found or floor  # a bigger card holds at least as much
             limits.append(entry)
-        points += [dict(model=name, resolution=r, total_peak_bytes=b) for r, b in sorted(passes.items()) if b is not None]
+        points += [dict(model=name, dtype=cfg.dtype, resolution=r, total_peak_bytes=b) for r, b in sorted(passes.items()) if b is not None]
 
     sensors = [dict(megapixels=mp, side_px=sensor_side(mp)) for mp in SENSORS_MP]
     config = asdict(cfg)
     config.update(resolutions=list(resolutions), device=device.type, warmup=warmup if cfg.timing else None,
                   repeats=repeats if cfg.timing else None, time_budget_s=budget if cfg.timing else None,
                   gpus=[asdict(g) for g in cfg.gpus], models=list(cfg.models))
-    total_rows = [dict(model=n, resolution=r, **totals[n][r]) for n in sources for r in resolutions]
+    total_rows = [dict(model=n, dtype=cfg.dtype, resolution=r, **totals[n][r]) for n in sources for r in resolutions]
     return StudyResult(config=config, environment=_environment(device), rows=rows, fits=fits,
                        gpu_limits=limits, checks=checks, totals=total_rows, analytic_points=points,
                        sensors=sensors)

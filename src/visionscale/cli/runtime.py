@@ -1,0 +1,134 @@
+"""``visionscale export`` and ``visionscale bench``: thin commands over :mod:`visionscale.runtime`.
+
+Registered in ``cli/main.py`` with ``app.command("export")(export_cmd)`` and
+``app.command("bench")(bench_cmd)``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from visionscale.cli._common import err, fail, out, split_csv
+
+
+def _image_size(values: Optional[tuple[int, int]]) -> tuple[int, int] | None:
+    if not values:
+        return None
+    if len(values) != 2 or any(v <= 0 for v in values):
+        raise ValueError(f"--image-size takes two positive numbers H W, got {list(values)}")
+    return int(values[0]), int(values[1])
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    vals = []
+    for item in split_csv(text):
+        try:
+            v = int(item)
+        except ValueError:
+            raise ValueError(f"{what} {item!r} is not an integer") from None
+        if v < 1:
+            raise ValueError(f"{what} must be >= 1, got {v}")
+        vals.append(v)
+    if not vals:
+        raise ValueError(f"no {what} given")
+    return tuple(vals)
+
+
+def export_cmd(
+    model: str = typer.Argument(..., help="Registry name (visionscale models), 'package.module:attr', a classifier checkpoint or an anomaly run folder."),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx or tensorrt (TensorRT needs a CUDA GPU and torch-tensorrt)."),
+    precision: str = typer.Option("fp32", help="fp32 or fp16 (ONNX); fp32, fp16 or bf16 (TensorRT)."),
+    out_file: Path = typer.Option(..., "--out", "-o", help="Output file (.onnx, or .ep for TensorRT); metadata and parity go to FILE.json."),
+    image_size: Optional[tuple[int, int]] = typer.Option(None, "--image-size", help="Example input H W [default: the model's own, else 256].", show_default=False),
+    batch: Optional[int] = typer.Option(None, help="Example batch [default: 2 so the batch axis stays dynamic; 1 for PatchCore]."),
+    static: bool = typer.Option(False, "--static", help="Export the example shape only (no dynamic batch/height/width)."),
+    opset: int = typer.Option(18, help="ONNX opset."),
+    as_json: bool = typer.Option(False, "--json", help="Print the export report (the sidecar JSON) to stdout."),
+) -> None:
+    """Export a model to ONNX or TensorRT; a parity check against eager FP32 follows every export."""
+    from visionscale.runtime.errors import BackendUnavailableError, ExportError, RunnerError
+    from visionscale.runtime.export import export_model
+    from visionscale.runtime.precision import PrecisionError
+
+    try:
+        size = _image_size(image_size)
+        if batch is not None and batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {batch}")
+        kw = dict(precision=precision, image_size=size, batch=batch)
+        if format == "onnx":
+            kw.update(dynamic=not static, opset=opset)
+        with err.status(f"exporting {model} to {format}"):
+            result = export_model(model, out_file, format=format, **kw)
+    except (ValueError, RunnerError, PrecisionError, ExportError, BackendUnavailableError) as exc:
+        fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=1, default=lambda o: None) + "\n")
+    else:
+        dyn = [k for k, v in result.dynamic.items() if v]
+        out.print(f"wrote {result.path} ({result.format}, {result.precision}, input {result.input_shape}, "
+                  f"dynamic: {', '.join(dyn) or 'none'}) in {result.export_seconds:.1f} s", highlight=False)
+        for check in result.parity:
+            if check.get("error"):
+                out.print(f"parity {check['shape']}: FAILED to run: {check['error']}", highlight=False)
+            else:
+                out.print(f"parity vs eager fp32 {check['shape']}: max abs {check['max_abs']:.3g}, "
+                          f"max rel {check['max_rel']:.3g} {'ok' if check['ok'] else 'OUT OF TOLERANCE'}", highlight=False)
+        out.print(f"report: {result.sidecar}", highlight=False)
+    if not result.parity_ok:
+        err.print("error: the exported model does not match eager FP32 within tolerance (see the report)", highlight=False)
+        raise typer.Exit(1)
+
+
+def bench_cmd(
+    model: str = typer.Argument(..., help="Registry name, 'package.module:attr', a classifier checkpoint or an anomaly run folder."),
+    backend: str = typer.Option("eager,onnxruntime", "--backend", "-b", help="Comma list of eager, compile, onnxruntime, tensorrt."),
+    precision: str = typer.Option("fp32", "--precision", "-p", help="Comma list of fp32, fp16, bf16."),
+    batch: str = typer.Option("1", "--batch", help="Comma list of batch sizes."),
+    image_size: Optional[tuple[int, int]] = typer.Option(None, "--image-size", help="Input H W [default: the model's own, else 256].", show_default=False),
+    device: str = typer.Option("auto", help="auto (CUDA if available), cpu or cuda[:N]."),
+    providers: Optional[str] = typer.Option(None, help="ONNX Runtime providers, comma list (cpu, cuda, tensorrt) [default: from --device]."),
+    warmup: Optional[int] = typer.Option(None, help="Warm-up calls per row [default: 20 on CUDA, 2 on CPU]."),
+    repeats: Optional[int] = typer.Option(None, help="Timed calls per row [default: 100 on CUDA, 10 on CPU]."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="NHWC for the PyTorch backends."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Fitted anomaly run folder: benchmark its model and report AUROC per row (needs --data)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="The data set of --run (MVTec category or folder layout)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write bench.json and bench.md here."),
+    as_json: bool = typer.Option(False, "--json", help="Print bench.json to stdout."),
+) -> None:
+    """Latency, throughput and accuracy deltas per backend x precision x batch, against eager FP32."""
+    from visionscale.runtime.bench import BenchConfig, bench, render_markdown, write_result
+    from visionscale.runtime.errors import BackendUnavailableError, RunnerError
+    from visionscale.runtime.precision import PrecisionError
+
+    try:
+        cfg = BenchConfig(
+            model=str(run) if run is not None else model, backends=tuple(split_csv(backend)),
+            precisions=tuple(split_csv(precision)), batches=_ints(batch, "batch size"), image_size=_image_size(image_size),
+            device=device, warmup=warmup, repeats=repeats,
+            providers=tuple(split_csv(providers)) if providers else None, channels_last=channels_last,
+            run_dir=str(run) if run is not None else None, data=str(data) if data is not None else None,
+        )
+        cfg.validate()
+        if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"output path {out_dir} exists and is not a folder")
+        with err.status("starting") as status:
+            result = bench(cfg, progress=lambda m: status.update(m))
+    except (ValueError, RunnerError, PrecisionError, BackendUnavailableError) as exc:
+        fail(str(exc))
+    if out_dir is not None:
+        write_result(result, out_dir)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=1, default=lambda o: None) + "\n")
+    else:
+        out.print(render_markdown(result), highlight=False, markup=False)
+        if out_dir is not None:
+            out.print(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'}", highlight=False)
+    if not any(r["status"] == "ok" and (r["backend"], r["precision"]) != ("eager", "fp32") for r in result.rows) \
+            and any((b, p) != ("eager", "fp32") for b in cfg.backends for p in cfg.precisions):
+        err.print("error: none of the requested backend/precision combinations could run (see the notes)", highlight=False)
+        raise typer.Exit(1)

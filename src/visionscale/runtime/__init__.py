@@ -1,0 +1,30 @@
+"""Accelerated inference: one Runner over eager PyTorch, torch.compile, ONNX Runtime and TensorRT.
+
+>>> from visionscale.runtime import Runner, export_onnx
+>>> runner = Runner("efficientad_tiny", backend="onnxruntime", device="cpu", image_size=128)
+>>> out = runner(images); runner.info["provider"]
+
+See docs/runtime.md. Heavy dependencies (onnxruntime, onnxscript, torch_tensorrt) are
+imported only by the backends that need them.
+"""
+
+from visionscale.runtime.errors import BackendUnavailableError, ExportError, RunnerError
+from visionscale.runtime.precision import PRECISIONS, PrecisionError
+from visionscale.runtime.runner import Runner, resolve_device
+
+
+def __getattr__(name: str):  # lazy: export/bench import torch.onnx and friends
+    if name in ("export_onnx", "export_tensorrt", "export_model", "ExportResult"):
+        from visionscale.runtime import export
+
+        return getattr(export, name)
+    if name in ("bench", "BenchConfig", "BenchResult"):
+        from visionscale.runtime import bench
+
+        return getattr(bench, name)
+    raise AttributeError(name)
+
+
+__all__ = ["BackendUnavailableError", "ExportError", "PRECISIONS", "PrecisionError", "Runner", "RunnerError",
+           "resolve_device", "export_onnx", "export_tensorrt", "export_model", "ExportResult", "bench",
+           "BenchConfig", "BenchResult"]

@@ -1,0 +1,179 @@
+"""What a Runner, an export or a benchmark can be given as a model, and its input contract.
+
+* an ``nn.Module``;
+* a registry name (``visionscale models``): ``efficientad_s``, ``ssd_tiny``, ``blazeface_*``...;
+* ``package.module:attr``: your own module or a factory returning one;
+* a classifier checkpoint written by ``visionscale classify train``;
+* an anomaly-detection run folder written by ``visionscale ad fit``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from visionscale.runtime.errors import ExportError, RunnerError
+
+# Families whose forward cannot be exported with matching outputs, and why. Keyed by class
+# name so this module imports none of the model packages.
+NOT_EXPORTABLE = {
+    "DDAD": (
+        "DDAD's inference is stochastic: every one of its 10 DDIM steps draws Gaussian noise from a seeded "
+        "torch.Generator (eta = 1), which an exported graph cannot reproduce (ONNX RandomNormal uses the "
+        "runtime's own generator, so no parity check could pass), and its step counter is read back with int() "
+        "on a tensor, which torch.export cannot trace. See docs/runtime.md for the model change that would make "
+        "DDAD exportable (its U-Net alone, model.unet(x_t, t), has two inputs and is outside this tool)."
+    ),
+}
+
+# Example batch for ONNX export when the caller gives none (default 2: torch.export
+# specialises axes of size 0/1, so batch 2 keeps the batch axis dynamic).
+EXPORT_BATCH = {
+    # PatchCore's memory-bank search loops over the batch in Python, so the batch axis is
+    # fixed at export anyway; exported with batch 2 and dynamic H/W, the graph fails in
+    # ONNX Runtime (a Resize gets wrong scales), with batch 1 it runs and H/W stay dynamic.
+    "PatchCore": 1,
+}
+
+
+# Families whose height and width are fixed by design: only the batch axis is offered as
+# dynamic to torch.export.
+STATIC_HW = {
+    # BlazeFace's anchors are generated for its fixed 128 px (front) / 256 px (back) input,
+    # so other sizes are meaningless; and with symbolic H/W, torch.export's shape solver
+    # did not finish on the head reshapes within 10 minutes (sympy simplification).
+    "BlazeFace",
+}
+
+
+def export_dynamic_axes(model: nn.Module) -> tuple[int, ...]:
+    """Input axes offered to torch.export as dynamic (``Dim.AUTO``) for this model."""
+    return (0,) if type(model).__name__ in STATIC_HW else (0, 2, 3)
+
+
+def export_batch(model: nn.Module) -> int:
+    return EXPORT_BATCH.get(type(model).__name__, 2)
+
+
+def _import_object(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RunnerError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from None
+    for part in attr.split("."):
+        if not part or not hasattr(obj, part):
+            raise RunnerError(f"model {spec!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _accepts(fn, name: str) -> bool:
+    """True when ``fn`` names the parameter explicitly (``**kwargs`` may forward it to a config
+    that has no such field, as BlazeFace's does)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def resolve_model(spec: nn.Module | str, image_size: tuple[int, int] | None = None,
+                  model_kwargs: dict[str, Any] | None = None) -> tuple[str, nn.Module]:
+    """``(display name, module in eval mode)`` for any of the accepted model specs.
+
+    Raises:
+        RunnerError: Unknown name, missing file, import failure (the message names it).
+    """
+    kw = dict(model_kwargs or {})
+    if isinstance(spec, nn.Module):
+        return type(spec).__name__, spec.eval()
+    if not isinstance(spec, str) or not spec.strip():
+        raise RunnerError(f"model must be an nn.Module, a registry name or 'package.module:attr', got {spec!r}")
+    spec = spec.strip()
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir() and (path / "calibration.json").is_file():
+            from visionscale.anomaly.predict import RunError, load_run
+
+            try:
+                return path.name, load_run(path, device="cpu").model.eval()
+            except RunError as exc:
+                raise RunnerError(str(exc)) from None
+        from visionscale.classify.checkpoint import CheckpointError, is_classifier_checkpoint, load_classifier
+
+        if is_classifier_checkpoint(path):
+            try:
+                return path.stem, load_classifier(path, device="cpu").eval()
+            except CheckpointError as exc:
+                raise RunnerError(str(exc)) from None
+        raise RunnerError(f"{path} is neither an anomaly run folder (with calibration.json) nor a classifier "
+                          "checkpoint; give a registry name (visionscale models) or 'package.module:attr'")
+    if ":" in spec:
+        obj = _import_object(spec)
+        if isinstance(obj, nn.Module):
+            return spec, obj.eval()
+        if callable(obj):
+            if image_size is not None and _accepts(obj, "image_size"):
+                kw.setdefault("image_size", image_size[0] if image_size[0] == image_size[1] else image_size)
+            model = obj(**kw)
+            if not isinstance(model, nn.Module):
+                raise RunnerError(f"{spec} returned {type(model).__name__}, not an nn.Module")
+            return spec, model.eval()
+        raise RunnerError(f"{spec} is a {type(obj).__name__}, not an nn.Module or a factory")
+    from visionscale.registry import UnknownModelError, get_model_factory
+
+    try:
+        factory = get_model_factory(spec)
+    except UnknownModelError as exc:
+        raise RunnerError(str(exc)) from None
+    if image_size is not None and _accepts(factory, "image_size"):
+        kw.setdefault("image_size", image_size[0] if image_size[0] == image_size[1] else image_size)
+    try:
+        return spec, factory(**kw).eval()
+    except TypeError as exc:
+        raise RunnerError(f"cannot build model {spec!r} with {kw}: {exc}") from None
+
+
+def default_image_size(model: nn.Module, fallback: int = 256) -> tuple[int, int]:
+    """The model's own input size when it declares one (``config.image_size``), else ``fallback``."""
+    size = getattr(getattr(model, "config", None), "image_size", None)
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    return fallback, fallback
+
+
+def validate_size(model: nn.Module, name: str, h: int, w: int) -> None:
+    """The model's own ``validate_input_size`` check, as a RunnerError naming the model."""
+    if h < 1 or w < 1:
+        raise RunnerError(f"image size must be positive, got {h}x{w}")
+    check = getattr(model, "validate_input_size", None)
+    if check is not None:
+        try:
+            check(h, w)
+        except ValueError as exc:
+            raise RunnerError(f"model {name!r} cannot run at {h}x{w}: {exc}") from None
+
+
+def export_refusal(model: nn.Module) -> str | None:
+    """Why this model cannot be exported, or None."""
+    return NOT_EXPORTABLE.get(type(model).__name__)
+
+
+def check_exportable(model: nn.Module, name: str) -> None:
+    reason = export_refusal(model)
+    if reason:
+        raise ExportError(f"model {name!r} cannot be exported: {reason}")
+
+
+def in_channels(model: nn.Module, default: int = 3) -> int:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return default

@@ -1,0 +1,94 @@
+"""Precision helpers: names, autocast contexts and what this machine supports.
+
+The Runner's ``precision`` is *mixed* precision by autocast for the PyTorch backends
+(``eager``, ``compile``): weights stay fp32 and each op runs in the precision autocast picks
+for it (convolutions and matmuls in fp16/bf16, reductions and softmax in fp32). That is
+what keeps FP16 inference near-lossless on a GPU. Exported graphs (ONNX, TensorRT) are
+cast as a whole instead (``model.half()``), the way those runtimes expect them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class PrecisionError(ValueError):
+    """A precision that is unknown or cannot run on the chosen device/backend."""
+
+
+def parse_precision(name: str) -> str:
+    key = str(name).strip().lower()
+    aliases = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+    key = aliases.get(key, key)
+    if key not in PRECISIONS:
+        raise PrecisionError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    return key
+
+
+def cpu_capability() -> str:
+    """PyTorch's CPU kernel level on this machine (``"AVX2"``, ``"AVX512"``, ``"DEFAULT"``...)."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # noqa: BLE001 - very old torch
+        return "unknown"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 arithmetic (AVX512-BF16 or AMX); otherwise bf16 is emulated."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None) or getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def check_precision(precision: str, device: torch.device) -> str | None:
+    """Raise :class:`PrecisionError` when ``precision`` cannot run on ``device``; else a note or None.
+
+    On CUDA, bf16 needs compute capability 8.0 (Ampere) or newer. On the CPU, both fp16 and
+    bf16 run through autocast (torch >= 2.1 has CPU fp16 autocast), but without native
+    instructions they are emulated and usually *slower* than fp32: the note says so, and
+    ``visionscale bench`` measures it rather than assuming a speed-up.
+    """
+    precision = parse_precision(precision)
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            name = torch.cuda.get_device_name(device)
+            raise PrecisionError(f"bf16 needs a GPU with compute capability >= 8.0 (Ampere or newer); {name} has none")
+        return None
+    if device.type == "cpu":
+        if precision == "bf16" and not cpu_has_native_bf16():
+            return f"bf16 on this CPU ({cpu_capability()}, no AVX512-BF16/AMX) is emulated: expect it slower than fp32"
+        if precision == "fp16":
+            return f"fp16 on the CPU ({cpu_capability()}) runs through autocast with mostly emulated kernels: expect it slower than fp32"
+        return None
+    raise PrecisionError(f"precision {precision} is not supported on device {device}")
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device) -> Iterator[None]:
+    """Autocast to ``precision`` on ``device`` (no-op for fp32)."""
+    precision = parse_precision(precision)
+    if precision == "fp32":
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=PRECISIONS[precision]):
+        yield
+
+
+def to_float32(out):
+    """Cast every floating tensor in an output (tensor, tuple/list, dict) back to fp32."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() and out.dtype != torch.float32 else out
+    if isinstance(out, dict):
+        return {k: to_float32(v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(to_float32(v) for v in out)
+    return out
