@@ -332,6 +332,22 @@ def _versions(device: torch.device) -> dict:
     return info
 
 
+
+def _finish(run: Path, calibration: dict, metrics: dict | None, cal_notes: list[str], notes: list[str], say: Log,
+            state: dict, save_state: Callable[[], None], t0: float) -> FitResult:
+    """The last step of every method's fit: report the calibration notes, write
+    calibration.json (and metrics.json), mark the run complete."""
+    for n in cal_notes:
+        notes.append(n)
+        say(n)
+    _write_json(run / "calibration.json", calibration)
+    if metrics is not None:
+        _write_json(run / "metrics.json", metrics)
+    state["stages"]["calibration"] = {"done": True, "seconds": time.perf_counter() - t0}
+    state["complete"] = True
+    save_state()
+    return FitResult(run, calibration, metrics, state, notes)
+
 def _write_json(path: Path, obj) -> None:
     write_atomic(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
@@ -501,16 +517,7 @@ def fit_patchcore(
         if _is_oom(exc):
             raise _oom_error("calibration", cfg, device) from None
         raise
-    for n in cal_notes:
-        notes.append(n)
-        say(n)
-    _write_json(run / "calibration.json", calibration)
-    if metrics is not None:
-        _write_json(run / "metrics.json", metrics)
-    state["stages"]["calibration"] = {"done": True, "seconds": time.perf_counter() - t0}
-    state["complete"] = True
-    save_state()
-    return FitResult(run, calibration, metrics, state, notes)
+    return _finish(run, calibration, metrics, cal_notes, notes, say, state, save_state, t0)
 
 
 def _open_run(run: Path, record: dict, say: Log) -> dict:
@@ -1196,16 +1203,7 @@ def fit_efficientad(
         if _is_oom(exc):
             raise _nontrivial_oom(stage, cfg, device) from None
         raise
-    for n in cal_notes:
-        notes.append(n)
-        say(n)
-    _write_json(run / "calibration.json", calibration)
-    if metrics is not None:
-        _write_json(run / "metrics.json", metrics)
-    state["stages"]["calibration"] = {"done": True, "seconds": time.perf_counter() - t0}
-    state["complete"] = True
-    save_state()
-    return FitResult(run, calibration, metrics, state, notes)
+    return _finish(run, calibration, metrics, cal_notes, notes, say, state, save_state, t0)
 
 
 def fit_ddad_run(
@@ -1339,13 +1337,4 @@ def fit_ddad_run(
         if _is_oom(exc):
             raise _nontrivial_oom(stage, cfg, device) from None
         raise
-    for n in cal_notes:
-        notes.append(n)
-        say(n)
-    _write_json(run / "calibration.json", calibration)
-    if metrics is not None:
-        _write_json(run / "metrics.json", metrics)
-    state["stages"]["calibration"] = {"done": True, "seconds": time.perf_counter() - t0}
-    state["complete"] = True
-    save_state()
-    return FitResult(run, calibration, metrics, state, notes)
+    return _finish(run, calibration, metrics, cal_notes, notes, say, state, save_state, t0)

@@ -6,21 +6,15 @@ and backend are left alone; each function returns PNG bytes for an atomic write.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import numpy as np
 
+from visionscale.io.figures import figure_png
+
 __all__ = ["curves_png", "confusion_png"]
 
 
-def _png(fig) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return buf.getvalue()
 
 
 def curves_png(history: Sequence[dict]) -> bytes:
@@ -51,7 +45,7 @@ def curves_png(history: Sequence[dict]) -> bytes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.set_ylim(-0.02, 1.02)
     ax_loss.legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig, dpi=100)
 
 
 def confusion_png(cm: Sequence[Sequence[int]], classes: Sequence[str], title: str = "confusion matrix") -> bytes:
@@ -77,4 +71,4 @@ def confusion_png(cm: Sequence[Sequence[int]], classes: Sequence[str], title: st
             for j in range(k):
                 ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=8,
                         color="white" if frac[i, j] > 0.5 else "black")
-    return _png(fig)
+    return figure_png(fig, dpi=100)

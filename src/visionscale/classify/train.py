@@ -55,7 +55,13 @@ from visionscale.classify.data import (
 from visionscale.classify.metrics import classification_report
 from visionscale.classify.model import Classifier, ClassifierConfig, count_parameters
 from visionscale.io.images import collect_images
-from visionscale.io.weights import load_into, load_state_dict, save_file_atomic
+from visionscale.io.weights import (
+    load_into,
+    load_state_dict,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_file_atomic,
+)
 from visionscale.io.atomic import write_atomic
 from visionscale.profiling.report import check_output_dir
 
@@ -247,28 +253,8 @@ def _optimizer(model: Classifier, phase: dict, weight_decay: float) -> torch.opt
     return torch.optim.AdamW(model.trainable_parameters(), lr=phase["lr"], weight_decay=weight_decay)
 
 
-def _optim_to_safetensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, Tensor):
-                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _optim_from_safetensors(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    for key, v in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def _json_bytes(obj) -> bytes:
@@ -405,7 +391,7 @@ def train(
         phase = phases[phase_i]
         opt = _optimizer(model, phase, cfg.weight_decay)
         if resume_state is not None and resume_state["phase"] == phase_i and resume_state.get("optim"):
-            _optim_from_safetensors(opt, resume_tensors, resume_state["optim"])
+            optimizer_from_tensors(opt, resume_tensors, resume_state["optim"])
         resume_state = None
         trainable = count_parameters(model, trainable_only=True)
         say(f"phase {phase['name']}: {trainable:,} trainable parameters, lr {phase['lr']:g}")
@@ -494,7 +480,7 @@ def _save_last(out_dir: Path, model: Classifier, opt, cfg: TrainConfig, classes:
     tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
     optim_meta = None
     if with_optim:
-        t, optim_meta = _optim_to_safetensors(opt)
+        t, optim_meta = optimizer_to_tensors(opt)
         tensors.update(t)
     state = {"train_config": cfg.to_dict(), "classes": classes, "history": history, "best_val_loss": best_loss,
              "best_epoch": best_epoch, "phase": phase, "epoch_in_phase": epoch_in_phase, "bad_epochs": bad,

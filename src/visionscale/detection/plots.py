@@ -5,7 +5,6 @@ of :mod:`visionscale.detection.losses`, not from hand-derived formulas.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from visionscale.detection.losses import (
     sigmoid_focal_loss,
     smooth_l1_loss,
 )
+from visionscale.io.figures import figure_png
 
 __all__ = ["focal_gradients", "regression_gradients", "plot_eapm", "plot_loss_curves"]
 
@@ -69,9 +69,7 @@ def regression_gradients(errors: np.ndarray, thetas=(1.0, 1.5, 2.0), total: floa
 
 
 def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
-    return buf.getvalue()
+    return figure_png(fig, dpi=130)
 
 
 _STYLE = {"focal": ("black", "-"), "smooth L1": ("grey", "--"), "balanced L1": ("black", "-")}

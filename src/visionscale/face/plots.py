@@ -6,21 +6,15 @@ atomic write.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import numpy as np
 
+from visionscale.io.figures import figure_png
+
 __all__ = ["curves_png", "roc_png"]
 
 
-def _png(fig) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return buf.getvalue()
 
 
 def curves_png(history: Sequence[dict]) -> bytes:
@@ -46,7 +40,7 @@ def curves_png(history: Sequence[dict]) -> bytes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return _png(fig)
+    return figure_png(fig, dpi=100)
 
 
 def roc_png(fpr: np.ndarray, tpr: np.ndarray, auc: float, eer: float | None = None, title: str = "ROC") -> bytes:
@@ -71,4 +65,4 @@ def roc_png(fpr: np.ndarray, tpr: np.ndarray, auc: float, eer: float | None = No
     for ax in (ax_lin, ax_log):
         ax.set_ylim(0, 1.02)
         ax.grid(True, alpha=0.3)
-    return _png(fig)
+    return figure_png(fig, dpi=100)

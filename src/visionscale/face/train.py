@@ -43,7 +43,7 @@ from visionscale.face.losses import CONTRASTIVE_FORMS, contrastive_loss, triplet
 from visionscale.face.verification import best_threshold, roc_auc
 from visionscale.io.atomic import write_atomic
 from visionscale.io.images import IMAGE_SUFFIXES, read_image
-from visionscale.io.weights import load_into, save_file_atomic
+from visionscale.io.weights import load_into, optimizer_from_tensors, optimizer_to_tensors, save_file_atomic
 from visionscale.registry import create
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "train", "scan_identities"]
@@ -311,28 +311,8 @@ def _batch(images: Tensor, idx: np.ndarray, model: FaceEmbedder, device, cfg: Tr
 
 
 # -- state ---------------------------------------------------------------------------------
-def _optim_state(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for i, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, Tensor):
-                tensors[f"optim.{i}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{i}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _restore_optim(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    for k, v in meta["scalars"].items():
-        i, name = k.split(".", 1)
-        state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def _history_csv(history: Sequence[dict]) -> bytes:
@@ -418,7 +398,7 @@ def train(data: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainConfig 
     best_loss, best_epoch, bad = math.inf, 0, 0
     if state is not None:
         load_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, source=str(out / LAST_FILE))
-        _restore_optim(opt, tensors, state["optim"])
+        optimizer_from_tensors(opt, tensors, state["optim"])
         sched.load_state_dict(state["sched"])
         history, best_loss, best_epoch, bad = state["history"], state["best_val_loss"], state["best_epoch"], state["bad"]
         say(f"resuming after epoch {len(history)}")
@@ -497,7 +477,7 @@ def train(data: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainConfig 
 
 def _save_last(out: Path, model, opt, sched, cfg: TrainConfig, history, best_loss, best_epoch, bad) -> None:
     tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
-    t, optim_meta = _optim_state(opt)
+    t, optim_meta = optimizer_to_tensors(opt)
     tensors.update(t)
     state = {"train_config": cfg.to_dict(), "history": history, "best_val_loss": best_loss, "best_epoch": best_epoch,
              "bad": bad, "optim": optim_meta, "sched": sched.state_dict()}

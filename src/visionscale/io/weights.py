@@ -16,6 +16,7 @@ import socket
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 from urllib.error import URLError
 from urllib.parse import urlparse
@@ -255,3 +256,33 @@ def save_file_atomic(
     with atomic_path(p) as tmp:
         safetensors.torch.save_file(data, tmp, metadata=metadata)
     return p
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str = "optim.") -> tuple[dict[str, Tensor], dict]:
+    """Split an optimizer's ``state_dict`` for a safetensors checkpoint: its tensors as
+    ``{prefix}{param index}.{name}`` and the rest (param groups, scalar state such as a step
+    count stored as a number) as a JSON-able dict for the file's metadata."""
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, st in sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"{prefix}{idx}.{name}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: Mapping[str, Tensor], meta: dict,
+                           prefix: str = "optim.") -> None:
+    """Restore what :func:`optimizer_to_tensors` split (other keys in ``tensors`` are ignored)."""
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix):
+            idx, name = key[len(prefix):].split(".", 1)
+            state.setdefault(int(idx), {})[name] = v
+    for key, v in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

@@ -12,13 +12,13 @@ import json
 import math
 import os
 import tempfile
-
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from visionscale.io.atomic import write_atomic
+from visionscale.io.figures import figure_png
 from visionscale.profiling.sweep import StudyResult
 
 MiB = 1024**2
@@ -106,9 +106,7 @@ def _fit(result: StudyResult, model: str, component: str, metric: str) -> dict[s
 
 
 def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
+    return figure_png(fig, dpi=110)
 
 
 def plot_model(result: StudyResult, model: str) -> bytes:
