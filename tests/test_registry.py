@@ -46,3 +46,16 @@ def test_duplicate_registration_raises():
             return torch.nn.Identity()
 
     assert "_test_dummy_model" in list_models("_test_*")
+
+
+def test_import_object_loads_dotted_attributes_and_names_what_is_missing():
+    import pytest
+
+    from visionscale.registry import ModelImportError, import_object
+
+    assert import_object("visionscale.nn.resnet:resnet_tiny").__name__ == "resnet_tiny"
+    assert import_object("visionscale.anomaly.ddad:DDAD.forward").__name__ == "forward"
+    with pytest.raises(ModelImportError, match="cannot import 'no_such_pkg_xyz'"):
+        import_object("no_such_pkg_xyz:net")
+    with pytest.raises(ModelImportError, match="has no attribute 'nope'"):
+        import_object("visionscale.nn.resnet:nope")

@@ -78,3 +78,26 @@ def get_model_factory(name: str) -> Callable[..., nn.Module]:
 def create(name: str, **kwargs) -> nn.Module:
     """Build a registered model. Keyword arguments go to its factory."""
     return get_model_factory(name)(**kwargs)
+
+
+class ModelImportError(ValueError):
+    """A ``package.module:attr`` model spec names a module or attribute that cannot be loaded."""
+
+
+def import_object(spec: str) -> object:
+    """``"package.module:attr"`` (attr may be dotted) -> the object: a user's model or model
+    factory, for the commands that accept models outside the registry.
+
+    Raises:
+        ModelImportError: The module does not import or has no such attribute (the message says which).
+    """
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelImportError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from None
+    for part in attr.split("."):
+        if not part or not hasattr(obj, part):
+            raise ModelImportError(f"model {spec!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj

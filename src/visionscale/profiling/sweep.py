@@ -114,18 +114,12 @@ def _accepts(fn: Callable, name: str) -> bool:
 
 def _import_object(spec: str) -> Any:
     """``"package.module:attr"`` -> the object (a user's model or model factory)."""
-    import importlib
+    from visionscale.registry import ModelImportError, import_object
 
-    module_name, _, attr = spec.partition(":")
     try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise StudyError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from None
-    for part in attr.split("."):
-        if not part or not hasattr(obj, part):
-            raise StudyError(f"model {spec!r}: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
+        return import_object(spec)
+    except ModelImportError as exc:
+        raise StudyError(str(exc)) from None
 
 
 class _Source:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from pathlib import Path
 from typing import Any
@@ -60,16 +59,13 @@ def export_batch(model: nn.Module) -> int:
 
 
 def _import_object(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
+    """``"package.module:attr"`` -> the object (a user's model or model factory)."""
+    from visionscale.registry import ModelImportError, import_object
+
     try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RunnerError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from None
-    for part in attr.split("."):
-        if not part or not hasattr(obj, part):
-            raise RunnerError(f"model {spec!r}: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
+        return import_object(spec)
+    except ModelImportError as exc:
+        raise RunnerError(str(exc)) from None
 
 
 def _accepts(fn, name: str) -> bool:
