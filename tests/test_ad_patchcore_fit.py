@@ -413,3 +413,25 @@ def test_fit_memory_estimate_grows_linearly():
     assert b["coreset_ram_bytes"] == 2 * a["coreset_ram_bytes"] == 2 * 100 * 1024 * 131 * 4
     assert a["features_on_disk_bytes"] == 100 * 1024 * (1024 + 128) * 4
     assert T.fit_memory_estimate(100, (512, 512), 1024, 0.1)["patch_rows"] == 4 * a["patch_rows"]
+
+
+def test_predict_through_onnx_runtime_and_bf16_matches_eager(fitted, demo, tmp_path):
+    """`ad predict --backend onnxruntime` runs the exported graph (batch 1 graph, batches split
+    image by image) with the same scores; bf16 autocast stays close; unknown backends are refused."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+
+    images = [demo / "test" / "good", demo / "test" / "hole"]
+    eager, _ = predict(load_run(fitted.run, "cpu"), images, batch_size=3, overlays=False)
+    ort_run = load_run(fitted.run, "cpu", backend="onnxruntime")
+    assert ort_run.model.info["provider"] == "CPUExecutionProvider"
+    ort, _ = predict(ort_run, images, batch_size=3, overlays=False)
+    assert [r["path"] for r in ort] == [r["path"] for r in eager]
+    assert [r["label"] for r in ort] == [r["label"] for r in eager]
+    for a, b in zip(ort, eager):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-5)
+    bf16, _ = predict(load_run(fitted.run, "cpu", precision="bf16"), images, batch_size=3, overlays=False)
+    for a, b in zip(bf16, eager):
+        assert a["score"] == pytest.approx(b["score"], rel=0.05, abs=0.05)
+    with pytest.raises(RunError, match="backend"):
+        load_run(fitted.run, "cpu", backend="tensorflow")

@@ -92,7 +92,7 @@ class LoadedRun:
     path: Path
     config: dict
     calibration: dict
-    model: torch.nn.Module
+    model: torch.nn.Module  # or a visionscale.runtime.Runner (load_run with a backend / precision)
     device: torch.device
 
     @property
@@ -101,8 +101,13 @@ class LoadedRun:
         return int(h), int(w)
 
 
-def load_run(run: str | os.PathLike, device: str | torch.device = "auto") -> LoadedRun:
+def load_run(run: str | os.PathLike, device: str | torch.device = "auto", *, backend: str = "eager",
+             precision: str = "fp32") -> LoadedRun:
     """Load ``config.json``, ``model.safetensors`` and ``calibration.json`` of a run folder.
+
+    With another ``backend`` (``compile``, ``onnxruntime``, ``tensorrt``) or ``precision``
+    (``fp16``, ``bf16``) than eager fp32, ``model`` is a :class:`visionscale.runtime.Runner`
+    around the fitted model (its ``info`` says what actually runs); scoring is unchanged.
 
     Raises:
         RunError: The folder or one of its files is missing or unreadable.
@@ -125,7 +130,23 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "auto") -> Loa
     except (ValueError, RuntimeError, KeyError) as exc:
         raise RunError(f"cannot load {weights}: {exc}") from None
     model.eval().to(dev)
+    if backend != "eager" or precision != "fp32":
+        model = _runner(model, config, backend, precision, dev)
     return LoadedRun(path, config, calibration, model, dev)
+
+
+def _runner(model: torch.nn.Module, config: dict, backend: str, precision: str, device: torch.device):
+    from visionscale.runtime import Runner
+    from visionscale.runtime.errors import BackendUnavailableError, ExportError, RunnerError
+    from visionscale.runtime.models import NOT_EXPORTABLE
+
+    if str(config["model"]).startswith("ddad") and backend in ("onnxruntime", "tensorrt"):
+        raise RunError(f"backend {backend!r} cannot run a DDAD run: {NOT_EXPORTABLE['DDAD']}")
+    h, w = config["image_size"]
+    try:
+        return Runner(model, backend=backend, precision=precision, device=device, image_size=(int(h), int(w)))
+    except (BackendUnavailableError, ExportError, RunnerError) as exc:
+        raise RunError(f"backend {backend!r} / {precision}: {exc}") from None
 
 
 @dataclass

@@ -36,6 +36,13 @@ def note(message: str) -> None:
         err.print(f"note: {escape(message)}", highlight=False, soft_wrap=True)
 
 
+def note_backend(run) -> None:
+    info = getattr(run.model, "info", None)
+    if isinstance(info, dict):
+        provider = f", provider {info['provider']}" if "provider" in info else ""
+        note(f"running {info['backend']} {info['precision']} on {info['device']}{provider}")
+
+
 def warn_if_random(run) -> None:
     what = run.config.get("random_weights", "legacy")
     if what == "legacy":  # runs written before the field existed: PatchCore, random iff no --weights
@@ -202,6 +209,8 @@ def predict_cmd(
     batch_size: int = typer.Option(8, "--batch-size"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and list them."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
 ) -> None:
     """Score images: anomalous or normal, a score, and a heatmap overlay each."""
     from visionscale.anomaly.data import DataError
@@ -210,8 +219,9 @@ def predict_cmd(
     if as_json and as_csv:
         fail("--json and --csv exclude each other")
     try:
-        run = load_run(run_dir, device)
+        run = load_run(run_dir, device, backend=backend, precision=precision)
         warn_if_random(run)
+        note_backend(run)
         with _progress() as progress:
             records, log = predict(run, images, out_dir or run_dir / "predictions", batch_size=batch_size,
                                    skip_bad=skip_bad, overlays=heatmaps, progress=progress)
@@ -248,6 +258,8 @@ def eval_cmd(
     batch_size: int = typer.Option(8, "--batch-size"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and list them."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
 ) -> None:
     """Evaluate a fitted run on a test set: image/pixel AUROC, AUPRO@0.3, F1; ROC and PRO PNGs."""
     from visionscale.anomaly.data import DataError
@@ -255,8 +267,9 @@ def eval_cmd(
 
     dest = out_dir or run_dir / "eval"
     try:
-        run = load_run(run_dir, device)
+        run = load_run(run_dir, device, backend=backend, precision=precision)
         warn_if_random(run)
+        note_backend(run)
         with _progress() as progress:
             res = evaluate(run, data, category, dest, batch_size=batch_size, skip_bad=skip_bad, plots=plots,
                            progress=progress)

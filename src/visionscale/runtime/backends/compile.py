@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from visionscale.runtime.backends.eager import EagerBackend
-from visionscale.runtime.errors import BackendUnavailableError
+from visionscale.runtime.errors import BackendUnavailableError, RunnerError
 from visionscale.runtime.precision import to_float32
 
 
@@ -84,7 +84,12 @@ class CompileBackend(EagerBackend):
             return to_float32(self._compiled(x))
         # First call for this shape: this is where compilation happens; time it apart.
         t0 = time.perf_counter()
-        out = self._compiled(x)
+        try:
+            out = self._compiled(x)
+        except Exception as exc:  # noqa: BLE001 - dynamo/inductor raise many types, asserts included
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RunnerError(f"torch.compile failed on input {tuple(x.shape)}: {type(exc).__name__}: {first[:300]} "
+                              "(run this model with backend eager or onnxruntime)") from exc
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.compile_seconds["x".join(map(str, x.shape))] = time.perf_counter() - t0

@@ -141,6 +141,8 @@ class OnnxRuntimeBackend:
             raise RunnerError(f"{self.path.name} expects a {len(self.input_shape)}-d input {self.input_shape}, "
                               f"got shape {tuple(x.shape)}")
         for axis, (want, got) in enumerate(zip(self.input_shape, x.shape)):
+            if axis == 0 and self.splits_batch:
+                continue  # run one image at a time, see __call__
             if isinstance(want, int) and want != got:
                 raise RunnerError(f"{self.path.name} was exported with a static input {self.input_shape}: axis {axis} "
                                   f"must be {want}, got {got} (export again with --image-size/--batch for that shape)")
@@ -150,15 +152,30 @@ class OnnxRuntimeBackend:
                 raise RunnerError(f"{self.path.name}: {key} {x.shape[axis]} is outside the range the export is valid "
                                   f"for, [{lo}, {hi if hi is not None else 'inf'}]")
 
-    def __call__(self, x: Tensor) -> Any:
-        self.check_input(x)
+    @property
+    def splits_batch(self) -> bool:
+        """A graph exported with a fixed batch of 1 (PatchCore's) runs a larger batch image by image."""
+        return isinstance(self.input_shape[0], int) and self.input_shape[0] == 1
+
+    def _run(self, x: Tensor) -> list[Tensor]:
         arr = x.detach().to("cpu").contiguous().numpy().astype(self.np_dtype, copy=False)
         try:
             outs = self.session.run(None, {self.input_name: arr})
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RunnerError(f"ONNX Runtime failed running {self.path.name} on input {tuple(x.shape)}: {first}") from None
-        tensors = [torch.from_numpy(np.asarray(o)) for o in outs]
+        return [torch.from_numpy(np.asarray(o)) for o in outs]
+
+    def __call__(self, x: Tensor) -> Any:
+        self.check_input(x)
+        if self.splits_batch and x.shape[0] > 1:
+            parts = [self._run(x[i : i + 1]) for i in range(x.shape[0])]
+            if any(t.dim() == 0 or t.shape[0] != 1 for t in parts[0]):
+                raise RunnerError(f"{self.path.name} was exported with batch 1 and has an output without a batch "
+                                  f"axis; give it one image at a time")
+            tensors = [torch.cat(ts, dim=0) for ts in zip(*parts)]
+        else:
+            tensors = self._run(x)
         return self.spec.unflatten([t.float() if t.is_floating_point() else t for t in tensors])
 
     def info(self) -> dict[str, Any]:
