@@ -242,28 +242,37 @@ class DDAD(nn.Module):
         gen.manual_seed(self.config.seed + step)
         return gen
 
+    def _draws(self, y: Tensor, step: int, gen: torch.Generator | None) -> tuple[Tensor | None, Tensor | None]:
+        """The Gaussian draws of denoising step ``step``, in the order forward() makes them:
+        the initial noise (step 0 only), then the DDIM noise z (when the step's sigma > 0)."""
+        init = self._randn(y, gen) if step == 0 else None
+        t, t_next = self.timesteps[step]
+        at, an = self.alpha_bar(t), self.alpha_bar(t_next)
+        c1 = self.config.eta * math.sqrt((1 - at / an) * (1 - an) / (1 - at))
+        z = self._randn(y, gen) if c1 > 0 else None
+        return init, z
+
+    def _ddim(self, y: Tensor, x_t: Tensor | None, step: int, init: Tensor | None, z: Tensor | None) -> Tensor:
+        """Step ``step`` of the conditioned DDIM walk; step 0 noises ``y`` with ``init`` first."""
+        cfg = self.config
+        if step == 0:
+            a = self.alpha_bar(cfg.noise_step)
+            x_t = math.sqrt(a) * y + math.sqrt(1 - a) * init
+        t, t_next = self.timesteps[step]
+        eps = self.unet(x_t, torch.full((y.shape[0],), float(t), device=y.device))  # (B, 3, H, W)
+        return conditioned_ddim_step(x_t, y, eps, self.alpha_bar(t), self.alpha_bar(t_next), cfg.w, cfg.eta, z)
+
     @torch.no_grad()
     def denoise_step(self, state: State) -> State:
         """One conditioned DDIM step; step 0 also noises the input to ``noise_step``."""
-        cfg = self.config
         y = state["image"]  # (B, 3, H, W) in [-1, 1]: the condition (target) image
         step = int(state[STEP_KEY]) if STEP_KEY in state else 0
         if step >= self.num_steps:
             raise RuntimeError(f"DDAD denoiser already ran all {self.num_steps} steps")
-        gen = self._generator(y.device, step)
         if step == 0:
             self.validate_input_size(*y.shape[-2:])
-            a = self.alpha_bar(cfg.noise_step)
-            x_t = math.sqrt(a) * y + math.sqrt(1 - a) * self._randn(y, gen)
-        else:
-            x_t = state["x_t"]
-        t, t_next = self.timesteps[step]
-        at, an = self.alpha_bar(t), self.alpha_bar(t_next)
-
-        eps = self.unet(x_t, torch.full((y.shape[0],), float(t), device=y.device))  # (B, 3, H, W)
-        c1 = cfg.eta * math.sqrt((1 - at / an) * (1 - an) / (1 - at))
-        z = self._randn(y, gen) if c1 > 0 else None  # drawn after the initial noise, as before
-        x_next = conditioned_ddim_step(x_t, y, eps, at, an, cfg.w, cfg.eta, z)
+        init, z = self._draws(y, step, self._generator(y.device, step))
+        x_next = self._ddim(y, state.get("x_t"), step, init, z)
 
         out: State = {"x_t": x_next, STEP_KEY: torch.tensor(step + 1, dtype=torch.int64, device="cpu")}
         # On the meta device (the profiler's shape-only pass) the later steps are skipped,
@@ -271,6 +280,23 @@ class DDAD(nn.Module):
         if step + 1 == self.num_steps or x_next.device.type == "meta":
             out["reconstruction"] = x_next
         return out
+
+    def sampling_noise(self, like: Tensor) -> list[tuple[Tensor | None, Tensor | None]]:
+        """Every Gaussian draw :meth:`forward` makes for an input shaped and placed like ``like``,
+        per step ``(initial noise or None, z or None)``: with them, :meth:`forward_with_noise`
+        gives exactly what :meth:`forward` gives."""
+        return [self._draws(like, s, self._generator(like.device, s)) for s in range(self.num_steps)]
+
+    @torch.no_grad()
+    def forward_with_noise(self, x: Tensor, noise: list[tuple[Tensor | None, Tensor | None]]) -> dict[str, Tensor]:
+        """:meth:`forward` with the sampling noise given (see :meth:`sampling_noise`): no
+        generator and no step counter in the graph, so ``torch.export`` can trace it."""
+        self.validate_input_size(*x.shape[-2:])
+        x_t = None
+        for step, (init, z) in enumerate(noise):
+            x_t = self._ddim(x, x_t, step, init, z)
+        out = self.anomaly_map({"image": x, "reconstruction": x_t})
+        return {**out, "reconstruction": x_t}
 
     def _normalize(self, x: Tensor) -> Tensor:
         # [-1, 1] -> [0, 1] -> ImageNet statistics (official feature_distance transform).
@@ -306,6 +332,37 @@ class DDAD(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         state = run_components(self.components(), x)
         return {k: state[k] for k in ("anomaly_map", "pred_score", "reconstruction")}
+
+
+class DDADFixedNoise(nn.Module):
+    """DDAD with its sampling noise frozen for one input shape: a deterministic graph that
+    ONNX export can hold, equal to ``ddad(x)`` for inputs of that shape on the CPU.
+
+    The noise comes from DDAD's own seeded generators, so the exported model's outputs match
+    the eager model's exactly at ``(batch, 3, height, width)``; other shapes are refused. Its
+    size: (num_steps + 1) noise tensors of the input's size (DDAD-10 at 256 px: 8.6 MB per image).
+    """
+
+    def __init__(self, ddad: DDAD, batch: int, height: int, width: int):
+        super().__init__()
+        self.ddad = ddad
+        self.shape = (batch, 3, height, width)
+        ddad.validate_input_size(height, width)
+        like = torch.zeros(self.shape)
+        self._layout: list[tuple[bool, bool]] = []
+        for step, (init, z) in enumerate(ddad.sampling_noise(like)):
+            self._layout.append((init is not None, z is not None))
+            if init is not None:
+                self.register_buffer(f"init_{step}", init, persistent=False)
+            if z is not None:
+                self.register_buffer(f"z_{step}", z, persistent=False)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        if tuple(x.shape) != self.shape:
+            raise ValueError(f"this DDAD graph holds sampling noise for inputs {self.shape}, got {tuple(x.shape)}")
+        noise = [(getattr(self, f"init_{s}") if has_init else None, getattr(self, f"z_{s}") if has_z else None)
+                 for s, (has_init, has_z) in enumerate(self._layout)]
+        return self.ddad.forward_with_noise(x, noise)
 
 
 _UNET_FIELDS = {f.name for f in fields(UNetConfig)}

@@ -138,10 +138,7 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "auto", *, bac
 def _runner(model: torch.nn.Module, config: dict, backend: str, precision: str, device: torch.device):
     from visionscale.runtime import Runner
     from visionscale.runtime.errors import BackendUnavailableError, ExportError, RunnerError
-    from visionscale.runtime.models import NOT_EXPORTABLE
 
-    if str(config["model"]).startswith("ddad") and backend in ("onnxruntime", "tensorrt"):
-        raise RunError(f"backend {backend!r} cannot run a DDAD run: {NOT_EXPORTABLE['DDAD']}")
     h, w = config["image_size"]
     try:
         return Runner(model, backend=backend, precision=precision, device=device, image_size=(int(h), int(w)))

@@ -32,8 +32,16 @@ from torch import Tensor, nn
 
 from visionscale.io.atomic import atomic_path, write_atomic
 from visionscale.runtime.errors import BackendUnavailableError, ExportError, RunnerError
-from visionscale.runtime.models import (check_exportable, default_image_size, export_batch, export_dynamic_axes,
-                                        in_channels, resolve_model, validate_size)
+from visionscale.runtime.models import (
+    check_exportable,
+    default_image_size,
+    export_batch,
+    export_dynamic_axes,
+    freeze_for_export,
+    in_channels,
+    resolve_model,
+    validate_size,
+)
 from visionscale.runtime.outputs import FlatOutputs, OutputSpec, max_differences
 from visionscale.runtime.precision import PRECISIONS, parse_precision
 
@@ -241,7 +249,7 @@ def export_onnx(
         providers: Execution providers for the parity run (default CPU).
 
     Raises:
-        ExportError: The model cannot be exported (DDAD), or the exporter failed.
+        ExportError: The exporter failed.
         RunnerError: Bad arguments (size the model rejects, unknown model...).
     """
     precision = parse_precision(precision)
@@ -263,6 +271,10 @@ def export_onnx(
     net, notes = export_ready(net)
     h, w = size or default_image_size(net)
     validate_size(net, name, h, w)
+    net, frozen = freeze_for_export(net, batch, h, w)
+    if frozen:
+        notes.append(frozen)
+        dynamic = False
     out = Path(out)
     if out.exists() and out.is_dir():
         raise RunnerError(f"output {out} is a folder; give a file name like {out / (name + '.onnx')}")
@@ -340,8 +352,12 @@ def export_tensorrt(
     Raises:
         BackendUnavailableError: No CUDA GPU or no torch_tensorrt (the message says which).
     """
-    from visionscale.runtime.backends.tensorrt import (compile_tensorrt, import_torch_tensorrt,
-                                                       tensorrt_unavailable_reason, trt_inputs)
+    from visionscale.runtime.backends.tensorrt import (
+        compile_tensorrt,
+        import_torch_tensorrt,
+        tensorrt_unavailable_reason,
+        trt_inputs,
+    )
 
     precision = parse_precision(precision)
     reason = tensorrt_unavailable_reason()
@@ -355,8 +371,9 @@ def export_tensorrt(
     validate_size(net, name, h, w)
     dev = torch.device("cuda")
     net, _ = export_ready(net)
-    net = net.float().to(dev).eval()
     batch = batch or 1
+    net, _ = freeze_for_export(net, batch, h, w)
+    net = net.float().to(dev).eval()
     x = _example(batch, in_channels(net), h, w).to(dev)
     with torch.inference_mode():
         spec = OutputSpec.of(net(x))

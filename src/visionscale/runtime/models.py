@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,7 @@ from visionscale.runtime.errors import ExportError, RunnerError
 
 # Families whose forward cannot be exported with matching outputs, and why. Keyed by class
 # name so this module imports none of the model packages.
-NOT_EXPORTABLE = {
-    "DDAD": (
-        "DDAD's inference is stochastic: every one of its 10 DDIM steps draws Gaussian noise from a seeded "
-        "torch.Generator (eta = 1), which an exported graph cannot reproduce (ONNX RandomNormal uses the "
-        "runtime's own generator, so no parity check could pass), and its step counter is read back with int() "
-        "on a tensor, which torch.export cannot trace. See docs/runtime.md for the model change that would make "
-        "DDAD exportable (its U-Net alone, model.unet(x_t, t), has two inputs and is outside this tool)."
-    ),
-}
+NOT_EXPORTABLE: dict[str, str] = {}
 
 # Example batch for ONNX export when the caller gives none (default 2: torch.export
 # specialises axes of size 0/1, so batch 2 keeps the batch axis dynamic).
@@ -36,6 +29,9 @@ EXPORT_BATCH = {
     # fixed at export anyway; exported with batch 2 and dynamic H/W, the graph fails in
     # ONNX Runtime (a Resize gets wrong scales), with batch 1 it runs and H/W stay dynamic.
     "PatchCore": 1,
+    # DDAD is exported with its sampling noise frozen for one shape (see freeze_for_export);
+    # batch 1 lets a Runner score any batch image by image.
+    "DDAD": 1,
 }
 
 
@@ -55,7 +51,32 @@ def export_dynamic_axes(model: nn.Module) -> tuple[int, ...]:
 
 
 def export_batch(model: nn.Module) -> int:
-    return EXPORT_BATCH.get(type(model).__name__, 2)
+    inner = getattr(model, "model", None)  # a thin input wrapper (an anomaly run's DDAD)
+    key = type(model).__name__ if type(model).__name__ in EXPORT_BATCH else type(inner).__name__
+    return EXPORT_BATCH.get(key, 2)
+
+
+def freeze_for_export(model: nn.Module, batch: int, height: int, width: int) -> tuple[nn.Module, str | None]:
+    """Models whose forward draws random numbers get them frozen for the export shape.
+
+    DDAD samples Gaussian noise from seeded generators at each DDIM step; a graph cannot hold
+    torch's generator (ONNX RandomNormal uses the runtime's own), so the export holds the very
+    draws the eager model makes for ``(batch, 3, height, width)``: outputs match eager exactly,
+    at that shape only. Returns ``(model to export, note or None)``; ``model`` is not modified.
+    """
+    from visionscale.anomaly.ddad import DDAD, DDADFixedNoise
+
+    note = (f"DDAD's sampling noise is frozen into the graph for inputs ({batch}, 3, {height}, {width}) (the draws "
+            "of its seeded generators, so outputs equal eager ones); the graph accepts that shape only")
+    if isinstance(model, DDAD):
+        return DDADFixedNoise(model, batch, height, width), note
+    inner = getattr(model, "model", None)
+    if isinstance(inner, DDAD):  # e.g. an anomaly run's SignedInput wrapper
+        wrapper = copy.copy(model)
+        wrapper._modules = dict(model._modules)
+        wrapper.model = DDADFixedNoise(inner, batch, height, width)
+        return wrapper, note
+    return model, None
 
 
 def _import_object(spec: str) -> Any:
@@ -100,7 +121,11 @@ def resolve_model(spec: nn.Module | str, image_size: tuple[int, int] | None = No
                 return path.name, load_run(path, device="cpu").model.eval()
             except RunError as exc:
                 raise RunnerError(str(exc)) from None
-        from visionscale.classify.checkpoint import CheckpointError, is_classifier_checkpoint, load_classifier
+        from visionscale.classify.checkpoint import (
+            CheckpointError,
+            is_classifier_checkpoint,
+            load_classifier,
+        )
 
         if is_classifier_checkpoint(path):
             try:
