@@ -495,3 +495,18 @@ def test_cli_eval_and_predict_bad_input(trained, tmp_path):
     bad.write_bytes(b"nope")
     res = cli("predict", out, bad)
     assert res.exit_code == 2 and "bad.png" in res.stderr
+
+
+def test_cli_predict_through_onnx_runtime_matches_eager(trained, demo):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out, _ = trained
+    base = ["predict", out / "model.safetensors", demo / "test", "--json", "--device", "cpu"]
+    eager = json.loads(cli(*base).stdout)
+    res = cli(*base, "--backend", "onnxruntime")
+    assert res.exit_code == 0, res.output
+    ort = json.loads(res.stdout)
+    assert [p["label"] for p in ort] == [p["label"] for p in eager]
+    assert [p["probability"] for p in ort] == pytest.approx([p["probability"] for p in eager], abs=1e-4)
+    res = cli(*base, "--backend", "tflite")
+    assert res.exit_code == 2 and "backend must be one of" in res.stderr

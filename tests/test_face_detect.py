@@ -455,3 +455,23 @@ def test_detections_match_mediapipe_face_detector():
                 assert np.abs(m.keypoints - kps).max() < 0.02 * max(img.shape[:2]), name
     assert len(results[list(images).index("three")]) >= 2  # the composites really contain faces
     assert total >= 5
+
+
+def test_detector_through_onnx_runtime_gives_the_same_detections():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import skimage.data
+
+    from visionscale.face.detector import FaceDetector
+
+    torch.manual_seed(0)
+    net = BlazeFace(VARIANTS["tiny"]).eval()
+    eager = FaceDetector(net, min_score=0.0)
+    ort = FaceDetector(net, min_score=0.0, backend="onnxruntime")
+    assert ort._forward.info["provider"] == "CPUExecutionProvider"
+    images = [skimage.data.astronaut(), skimage.data.coffee()]
+    x, _ = eager.preprocess(images)
+    for a, b in zip(eager.raw(x), ort.raw(x)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    got, ref = ort.detect(images), eager.detect(images)
+    assert [len(d) for d in got] == [len(d) for d in ref]

@@ -136,12 +136,12 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "auto", *, bac
 
 
 def _runner(model: torch.nn.Module, config: dict, backend: str, precision: str, device: torch.device):
-    from visionscale.runtime import Runner
+    from visionscale.runtime import accelerate
     from visionscale.runtime.errors import BackendUnavailableError, ExportError, RunnerError
 
     h, w = config["image_size"]
     try:
-        return Runner(model, backend=backend, precision=precision, device=device, image_size=(int(h), int(w)))
+        return accelerate(model, backend, precision, device, image_size=(int(h), int(w)))
     except (BackendUnavailableError, ExportError, RunnerError) as exc:
         raise RunError(f"backend {backend!r} / {precision}: {exc}") from None
 

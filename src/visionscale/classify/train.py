@@ -509,8 +509,9 @@ def augmentation_preview(images: Tensor, labels: Tensor, classes: Sequence[str],
 
 @torch.no_grad()
 def predict(checkpoint: str | Path, inputs: Sequence[str | Path], top_k: int = 3, batch_size: int = 64,
-            device: str = "auto") -> list[dict]:
-    """Class probabilities for image files (or folders, searched recursively).
+            device: str = "auto", backend: str = "eager", precision: str = "fp32") -> list[dict]:
+    """Class probabilities for image files (or folders, searched recursively); ``backend`` and
+    ``precision`` as :class:`visionscale.runtime.Runner` takes them.
 
     Returns:
         One ``{"path", "label", "probability", "top": [[label, probability], ...]}`` per image.
@@ -520,11 +521,14 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], top_k: int = 3
     cfg = model.config
     files = _collect_inputs(inputs)
     k = max(1, min(top_k, cfg.num_classes))
+    from visionscale.runtime import accelerate
+
+    run = accelerate(model, backend, precision, dev, image_size=(cfg.image_size, cfg.image_size))
     out = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         x = normalize(load_images(chunk, cfg.image_size).to(dev), cfg.mean, cfg.std)
-        prob = torch.softmax(model(x), 1).cpu()
+        prob = torch.softmax(run(x).float(), 1).cpu()
         p, i = prob.topk(k, dim=1)
         for path, pr, ix in zip(chunk, p.tolist(), i.tolist()):
             top = [[cfg.classes[j], float(q)] for j, q in zip(ix, pr)]

@@ -30,9 +30,11 @@ app = typer.Typer(
 def _input_errors() -> tuple[type[BaseException], ...]:
     from visionscale.io.weights import StateDictMismatchError, WeightsUnavailableError
     from visionscale.registry import UnknownModelError
+    from visionscale.runtime.errors import BackendUnavailableError, ExportError
 
-    # ValueError covers DataError, ImageReadError, TrainError, CheckpointError.
-    return (ValueError, OSError, UnknownModelError, StateDictMismatchError, WeightsUnavailableError)
+    # ValueError covers DataError, ImageReadError, TrainError, CheckpointError, RunnerError.
+    return (ValueError, OSError, UnknownModelError, StateDictMismatchError, WeightsUnavailableError,
+            BackendUnavailableError, ExportError)
 
 
 def _print_json(obj) -> None:
@@ -133,6 +135,8 @@ def predict_cmd(
     checkpoint: Path = typer.Argument(..., help="Training output folder or its model.safetensors."),
     inputs: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
     top_k: int = typer.Option(3, help="Classes listed per image."),
+    backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     csv_out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the predictions to this CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print predictions as JSON."),
@@ -142,7 +146,7 @@ def predict_cmd(
     from visionscale.io.atomic import write_atomic
 
     try:
-        preds = predict(checkpoint, inputs, top_k=top_k, device=device)
+        preds = predict(checkpoint, inputs, top_k=top_k, device=device, backend=backend, precision=precision)
         if csv_out is not None:
             buf = io.StringIO()
             w = csv.writer(buf, lineterminator="\n")

@@ -77,6 +77,8 @@ def detect_cmd(
     blending: str = typer.Option("weighted", "--blending", help="weighted (MediaPipe's weighted NMS) or nms."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per network call."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also read images in subfolders."),
+    backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
 ) -> None:
     """Find faces; print boxes and the six keypoints per face, optionally write annotated images."""
     from visionscale.face.detector import MIN_IMAGE_SIDE, FaceDetector
@@ -90,9 +92,13 @@ def detect_cmd(
         fail(str(e))
     if min_score is not None and not 0.0 <= min_score <= 1.0:
         fail(f"--min-score must be in [0, 1], got {min_score}")
+    from visionscale.runtime.errors import BackendUnavailableError, ExportError
+
     try:
-        detector = FaceDetector(model=model, weights=weights, min_score=min_score, blending=blending, batch_size=batch_size)
-    except (WeightsUnavailableError, TFLiteError, StateDictMismatchError, FileNotFoundError, ValueError) as e:
+        detector = FaceDetector(model=model, weights=weights, min_score=min_score, blending=blending, batch_size=batch_size,
+                                backend=backend, precision=precision)
+    except (WeightsUnavailableError, TFLiteError, StateDictMismatchError, FileNotFoundError, ValueError,
+            BackendUnavailableError, ExportError) as e:
         fail(str(e))
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():

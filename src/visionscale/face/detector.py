@@ -130,7 +130,7 @@ class FaceDetector:
 
     def __init__(self, model: str | BlazeFace = "front", weights: str | os.PathLike | None = None, device: str = "cpu",
                  min_score: float | None = None, blending: str = "weighted", suppression_threshold: float = 0.3,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, backend: str = "eager", precision: str = "fp32") -> None:
         if blending not in ("weighted", "nms"):
             raise ValueError(f"blending must be 'weighted' or 'nms', got {blending!r}")
         if isinstance(model, BlazeFace):
@@ -146,6 +146,10 @@ class FaceDetector:
         self.net = net.eval().to(device).to(memory_format=torch.channels_last)
         self.config = net.config
         self.device = torch.device(device)
+        from visionscale.runtime import accelerate  # backend / precision: see visionscale.runtime.Runner
+
+        size = net.config.input_size
+        self._forward = accelerate(self.net, backend, precision, self.device, image_size=(size, size))
         self.min_score = self.config.decode.min_score_thresh if min_score is None else float(min_score)
         if not 0.0 <= self.min_score <= 1.0:
             raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
@@ -184,7 +188,7 @@ class FaceDetector:
     @torch.inference_mode()
     def raw(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Network outputs for a preprocessed batch: regressors ``(B, 896, 16)``, classificators ``(B, 896, 1)``."""
-        return self.net(batch.to(self.device).contiguous(memory_format=torch.channels_last))
+        return self._forward(batch.to(self.device).contiguous(memory_format=torch.channels_last))
 
     def detect_tensor(self, batch: torch.Tensor) -> list[RawDetections]:
         """Blended detections in normalised tensor coordinates for a preprocessed batch."""

@@ -228,3 +228,13 @@ class Runner:
 
     def __repr__(self) -> str:
         return f"Runner({self.name!r}, backend={self.backend_name!r}, precision={self.precision!r}, device='{self.device}')"
+
+
+def accelerate(model: nn.Module, backend: str = "eager", precision: str = "fp32", device: str | torch.device = "cpu",
+               image_size: tuple[int, int] | None = None):
+    """``model`` itself for eager fp32, else a :class:`Runner` around it: what the library's
+    predict / detect / evaluate calls use for their ``backend`` and ``precision`` arguments.
+    The result is called like the model and returns what it returns."""
+    if backend == "eager" and parse_precision(precision) == "fp32":
+        return model
+    return Runner(model, backend=backend, precision=precision, device=device, image_size=image_size)
