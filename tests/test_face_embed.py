@@ -404,8 +404,9 @@ def test_verify_with_real_detector():
 def cli_app(monkeypatch):
     from visionscale.cli import face_recognition as fr
 
-    def fake_recognizer(model, detect, device):
-        return face_api.FaceRecognizer(model, detector=FakeDetector(_boxes) if detect else None, device=device)
+    def fake_recognizer(model, detect, device, backend="eager", precision="fp32"):
+        return face_api.FaceRecognizer(model, detector=FakeDetector(_boxes) if detect else None, device=device,
+                                       backend=backend, precision=precision)
 
     monkeypatch.setattr(fr, "_recognizer", fake_recognizer)
     monkeypatch.setattr(face_api.FaceRecognizer, "_align",
@@ -446,3 +447,18 @@ def test_cli_train(lfw_tree, tmp_path, cli_app):
     assert (tmp_path / "run" / "model.safetensors").is_file()
     r = CliRunner().invoke(cli_app, ["train", str(tmp_path / "nothing"), "--out", str(tmp_path / "run2")])
     assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_recognizer_through_onnx_runtime_gives_the_same_embeddings():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from visionscale.face.api import FaceRecognizer
+
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(3)]
+    eager = FaceRecognizer("face_embedder_tiny", detector=None, seed=3)
+    ort = FaceRecognizer("face_embedder_tiny", detector=None, seed=3, backend="onnxruntime")
+    assert ort._forward.info["provider"] == "CPUExecutionProvider"
+    a, b = eager.embed(crops), ort.embed(crops)
+    assert a.shape == b.shape == (3, eager.dim)
+    np.testing.assert_allclose(b, a, atol=1e-4)

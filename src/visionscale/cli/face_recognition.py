@@ -55,10 +55,11 @@ def _model_note(model: str) -> None:
                   f"real faces; pass --model with a checkpoint from `visionscale face train`.", highlight=False)
 
 
-def _recognizer(model: str, detect: bool, device: str):
+def _recognizer(model: str, detect: bool, device: str, backend: str = "eager", precision: str = "fp32"):
     from visionscale.face.api import FaceRecognizer
 
-    return FaceRecognizer(model, detector="auto" if detect else None, device=device)
+    return FaceRecognizer(model, detector="auto" if detect else None, device=device, backend=backend,
+                          precision=precision)
 
 
 def _model_for_gallery(gallery: Path, model: Optional[str]) -> str:
@@ -92,13 +93,15 @@ def register(app: typer.Typer) -> None:
         threshold: float = typer.Option(0.5, help="Same person when the embedding distance is below this (seed 003: 0.5)."),
         detect: bool = typer.Option(True, "--detect/--no-detect", help=_DETECT_HELP),
         device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+        backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (the embedder; see `visionscale bench`)."),
+        precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
         """Are the faces in A and B the same person? Exits 2 when an image has no face."""
         _model_note(model)
         try:
             with _warnings_to_stderr():
-                res = _recognizer(model, detect, device).verify(a, b, threshold)
+                res = _recognizer(model, detect, device, backend, precision).verify(a, b, threshold)
         except _input_errors() as exc:
             fail(str(exc))
         if as_json:
@@ -115,6 +118,8 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
         detect: bool = typer.Option(True, "--detect/--no-detect", help=_DETECT_HELP),
         device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+        backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (the embedder; see `visionscale bench`)."),
+        precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
     ) -> None:
         """Add a person (or more images of one) to the gallery."""
         from visionscale.face.gallery import Gallery
@@ -123,7 +128,7 @@ def register(app: typer.Typer) -> None:
             src = _model_for_gallery(gallery, model)
             _model_note(src)
             with _warnings_to_stderr():
-                rec = _recognizer(src, detect, device)
+                rec = _recognizer(src, detect, device, backend, precision)
                 emb = rec.embed([str(p) for p in images])
             with Gallery(gallery, embedder=rec, model_source=src) as g:
                 n = g.enroll(name, embeddings=emb, sources=[str(p) for p in images])
@@ -141,6 +146,8 @@ def register(app: typer.Typer) -> None:
         threshold: float = typer.Option(0.5, help="Known when the nearest person's distance is below this."),
         detect: bool = typer.Option(True, "--detect/--no-detect", help=_DETECT_HELP),
         device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+        backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (the embedder; see `visionscale bench`)."),
+        precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     ) -> None:
         """Who is this? The nearest enrolled people, or "unknown"."""
@@ -151,7 +158,7 @@ def register(app: typer.Typer) -> None:
         try:
             src = _model_for_gallery(gallery, model)
             with _warnings_to_stderr():
-                rec = _recognizer(src, detect, device)
+                rec = _recognizer(src, detect, device, backend, precision)
                 emb = rec.embed([str(p) for p in images])
             with Gallery(gallery, embedder=rec) as g:
                 results = g.identify(embeddings=emb, k=k, threshold=threshold)
@@ -273,6 +280,8 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, help="Images per embedding batch."),
         detect: bool = typer.Option(False, "--detect/--no-detect", help="Detect and align faces first [default: no, LFW images are centred faces, as seed 003 used them]."),
         device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+        backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (the embedder; see `visionscale bench`)."),
+        precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
         as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
     ) -> None:
         """LFW verification: 10-fold accuracy, ROC AUC, EER, TAR@FAR and the seed's fixed-threshold table."""
@@ -282,7 +291,7 @@ def register(app: typer.Typer) -> None:
 
         _model_note(model)
         try:
-            rec = _recognizer(model, detect, device)
+            rec = _recognizer(model, detect, device, backend, precision)
             with _warnings_to_stderr(), Progress(console=err, transient=True) as bar:
                 task = bar.add_task("embedding", total=None)
                 res = evaluate_lfw(root, pairs, rec.embed, batch_size=batch_size, thresholds=threshold, far=far,

@@ -97,8 +97,12 @@ class FaceRecognizer:
     """
 
     def __init__(self, model: str | os.PathLike | FaceEmbedder = DEFAULT_MODEL, detector="auto", device: str = "cpu",
-                 batch_size: int = 64, seed: int = 0) -> None:
+                 batch_size: int = 64, seed: int = 0, backend: str = "eager", precision: str = "fp32") -> None:
+        from visionscale.runtime import accelerate
+
         self.embedder = build_embedder(model, device, seed)
+        size = self.embedder.config.image_size
+        self._forward = accelerate(self.embedder.eval(), backend, precision, device, image_size=(size, size))
         self.device = device
         self.batch_size = batch_size
         self._detector = detector
@@ -154,7 +158,7 @@ class FaceRecognizer:
     def embed(self, images: Sequence, labels: Sequence[str] | None = None) -> np.ndarray:
         """``(N, D)`` float32 unit embeddings of the (largest) face in each image."""
         crops = self.faces(images, labels)
-        return self.embedder.embed(crops, batch_size=self.batch_size)
+        return self.embedder.embed(crops, batch_size=self.batch_size, forward=self._forward)
 
     def verify(self, a, b, threshold: float = DEFAULT_THRESHOLD) -> VerifyResult:
         e = self.embed([a, b])

@@ -242,8 +242,12 @@ class FaceEmbedder(nn.Module):
         return f"{self.config.name}/{self.dim}d/{self.fingerprint()}"
 
     @torch.no_grad()
-    def embed(self, images: Sequence[np.ndarray] | Tensor, batch_size: int = 64, device: str | torch.device | None = None) -> np.ndarray:
-        """Embed RGB uint8 images ``(H, W, 3)`` (any size; resized) in batches -> ``(N, D)`` float32."""
+    def embed(self, images: Sequence[np.ndarray] | Tensor, batch_size: int = 64, device: str | torch.device | None = None,
+              forward=None) -> np.ndarray:
+        """Embed RGB uint8 images ``(H, W, 3)`` (any size; resized) in batches -> ``(N, D)`` float32.
+
+        ``forward``: what runs the network (default: this module; e.g. a
+        :class:`visionscale.runtime.Runner` around it for another backend or precision)."""
         was_training = self.training
         self.eval()
         dev = torch.device(device) if device is not None else next(self.parameters()).device
@@ -252,7 +256,7 @@ class FaceEmbedder(nn.Module):
             n = len(images)
             for i in range(0, n, batch_size):
                 x = preprocess(images[i:i + batch_size], self.config).to(dev)
-                out.append(self(x).float().cpu().numpy())
+                out.append((forward or self)(x).float().cpu().numpy())
         finally:
             self.train(was_training)
         return np.concatenate(out, 0) if out else np.zeros((0, self.dim), np.float32)
