@@ -56,6 +56,7 @@ from visionscale.classify.metrics import classification_report
 from visionscale.classify.model import Classifier, ClassifierConfig, count_parameters
 from visionscale.io.images import collect_images
 from visionscale.io.weights import (
+    config_differences,
     load_into,
     load_state_dict,
     optimizer_from_tensors,
@@ -298,8 +299,7 @@ def _check_resume(out_dir: Path, cfg: TrainConfig) -> tuple[dict, dict[str, Tens
         raise TrainError(f"{last} is not a visionscale training state")
     state = json.loads(meta["resume"])
     saved = TrainConfig.from_dict(state["train_config"])
-    diffs = [f"{f.name}: {getattr(saved, f.name)!r} (saved) vs {getattr(cfg, f.name)!r}"
-             for f in fields(TrainConfig) if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)]
+    diffs = config_differences(saved, cfg, RESUMABLE_CHANGES)
     if diffs:
         raise TrainError("--resume must use the settings of the interrupted run; differs in " + "; ".join(diffs))
     return state, safetensors.torch.load_file(str(last))

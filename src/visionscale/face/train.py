@@ -43,7 +43,7 @@ from visionscale.face.losses import CONTRASTIVE_FORMS, contrastive_loss, triplet
 from visionscale.face.verification import best_threshold, roc_auc
 from visionscale.io.atomic import write_atomic
 from visionscale.io.images import IMAGE_SUFFIXES, read_image
-from visionscale.io.weights import load_into, optimizer_from_tensors, optimizer_to_tensors, save_file_atomic
+from visionscale.io.weights import config_differences, load_into, optimizer_from_tensors, optimizer_to_tensors, save_file_atomic
 from visionscale.registry import create
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "train", "scan_identities"]
@@ -497,8 +497,7 @@ def _read_resume(out: Path, cfg: TrainConfig) -> tuple[dict, dict[str, Tensor]]:
         raise TrainError(f"{last} is not a visionscale face training state")
     state = json.loads(meta["resume"])
     saved = TrainConfig.from_dict(state["train_config"])
-    diffs = [f"{f.name}: {getattr(saved, f.name)!r} (saved) vs {getattr(cfg, f.name)!r}"
-             for f in fields(TrainConfig) if f.name not in RESUMABLE and getattr(saved, f.name) != getattr(cfg, f.name)]
+    diffs = config_differences(saved, cfg, RESUMABLE)
     if diffs:
         raise TrainError("resume must use the settings of the interrupted run; differs in " + "; ".join(diffs))
     return state, safetensors.torch.load_file(str(last))

@@ -14,10 +14,10 @@ import pickle
 import re
 import socket
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 from urllib.error import URLError
 from urllib.parse import urlparse
 
@@ -286,3 +286,12 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: Mapping[str, Ten
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def config_differences(saved: Any, current: Any, ignore: Collection[str] = ()) -> list[str]:
+    """``"name: saved (saved) vs current"`` for each dataclass field (not in ``ignore``) that
+    differs between a checkpoint's training config and the one asked for: why a resume is refused."""
+    from dataclasses import fields
+
+    return [f"{f.name}: {getattr(saved, f.name)!r} (saved) vs {getattr(current, f.name)!r}"
+            for f in fields(current) if f.name not in ignore and getattr(saved, f.name) != getattr(current, f.name)]
