@@ -353,6 +353,31 @@ def test_cli_eval_and_predict_agree(trained, demo, tmp_path):
     assert res.exit_code == 0 and "brick_000.png" in (tmp_path / "p.csv").read_text()
 
 
+def test_eval_and_bench_task_metric_through_onnxruntime(trained, demo):
+    """`classify eval --backend onnxruntime` and `bench CKPT --data`: the accuracy of the exported
+    model, with the provider that ran it, equals eager FP32's."""
+    from visionscale.cli.main import app as main_app
+
+    out, _ = trained
+    res = cli("eval", out, demo / "test", "--device", "cpu", "--json")
+    eager = json.loads(res.stdout)
+    assert eager["runtime"] == {"backend": "eager", "precision": "fp32", "device": "cpu"}
+    res = cli("eval", out, demo / "test", "--device", "cpu", "--backend", "onnxruntime", "--json")
+    assert res.exit_code == 0, res.output
+    ort = json.loads(res.stdout)
+    assert ort["runtime"]["provider"] == "CPUExecutionProvider" and ort["runtime"]["backend"] == "onnxruntime"
+    assert ort["confusion_matrix"] == eager["confusion_matrix"] and ort["loss"] == pytest.approx(eager["loss"], abs=1e-4)
+
+    res = runner.invoke(main_app, ["bench", str(out), "--data", str(demo / "test"), "--backend", "eager,onnxruntime",
+                                   "--batch", "4", "--warmup", "0", "--repeats", "1", "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    task = [t for t in json.loads(res.stdout)["task"] if t.get("kind") == "classification_accuracy"]
+    assert [t["backend"] for t in task] == ["eager", "onnxruntime"]
+    assert task[0]["value"] == pytest.approx(eager["accuracy"]) and task[1]["delta"] == pytest.approx(0.0)
+    res = runner.invoke(main_app, ["bench", str(out), "--data", str(demo / "nowhere"), "--device", "cpu"])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
 def test_inspect_a_trained_classifier(trained, tmp_path):
     from visionscale.cli.inspect import inspect_cmd
 

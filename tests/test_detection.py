@@ -315,6 +315,39 @@ def test_train_writes_outputs_and_resume_continues_exactly(demo, tmp_path):
         train(_cfg(demo, tmp_path / "fresh"), resume=True)
 
 
+def test_eval_through_a_runner_matches_eager(demo, tmp_path):
+    """`detect eval --backend ...` and bench's COCO AP: an ONNX Runtime Runner gives the eager detections."""
+    from visionscale.detection.data import ImageCache
+    from visionscale.detection.train import evaluate, load_dataset, predict
+    from visionscale.runtime import Runner
+    from visionscale.runtime.tasks import task_metric
+
+    train(_cfg(demo, tmp_path / "run", epochs=6))
+    model, _ = load_model(tmp_path / "run" / "model.safetensors")
+    cache = ImageCache(load_dataset(demo / "val.json", None, "coco"), 64)
+    eager = predict(model, cache)
+    assert len(eager) > 0  # a trained model: the comparison below is not between two empty lists
+    with Runner(model, backend="onnxruntime", device="cpu", image_size=64) as ort:
+        assert ort.info["provider"] == "CPUExecutionProvider"
+        got = predict(model, cache, forward=ort)
+        key = lambda d: (d["image_id"], -d["score"])  # noqa: E731
+        eager, got = sorted(eager, key=key), sorted(got, key=key)
+        assert [d["image_id"] for d in got] == [d["image_id"] for d in eager]
+        np.testing.assert_allclose([d["score"] for d in got], [d["score"] for d in eager], atol=1e-4)
+        np.testing.assert_allclose([d["bbox"] for d in got], [d["bbox"] for d in eager], atol=0.02)
+        metric = task_metric(model, demo, (64, 64))
+        assert metric.kind == "detection_ap"
+        assert metric.evaluate(ort) == pytest.approx(evaluate(model, cache)["AP"], abs=0.01)
+
+    ckpt = str(tmp_path / "run" / "model.safetensors")
+    res = runner.invoke(_app(), ["detect", "eval", ckpt, "--data", str(demo), "--precision", "bf16", "--json"])
+    assert res.exit_code == 0, res.output
+    assert "running eager bf16 on cpu" in res.stderr and set(json.loads(res.stdout)) >= {"AP", "AP50"}
+    if not torch.cuda.is_available():  # no silent fallback to the CPU: a one-line error, exit 2
+        res = runner.invoke(_app(), ["detect", "eval", ckpt, "--data", str(demo), "--backend", "tensorrt"])
+        assert res.exit_code == 2 and "TensorRT needs a CUDA GPU" in res.output
+
+
 # ----------------------------------------------------------------------------- CLI
 def _app():
     from visionscale.cli import detect

@@ -300,3 +300,14 @@ def test_training_beats_random_on_generated_lfw(tree, tmp_path):
     random = evaluate_lfw(d, d / "pairs.txt", create("face_embedder_tiny", image_size=32).embed).report
     assert trained["roc_auc"] > random["roc_auc"]
     assert trained["kfold"]["mean"] > 0.6
+
+    # `visionscale bench CKPT --data LFW`: the trained checkpoint's 10-fold accuracy per backend.
+    from visionscale.runtime.bench import BenchConfig, bench
+
+    res = bench(BenchConfig(model=str(tmp_path / "run"), data=str(d), backends=("eager", "onnxruntime"), batches=(4,),
+                            device="cpu", warmup=0, repeats=1))
+    assert res.config["model"] == "run" and res.config["image_size"] == [32, 32]
+    task = [t for t in res.task if t.get("kind") == "verification_accuracy"]
+    assert [t["backend"] for t in task] == ["eager", "onnxruntime"]
+    assert task[0]["value"] == pytest.approx(trained["kfold"]["mean"])
+    assert task[1]["value"] == pytest.approx(trained["kfold"]["mean"], abs=1 / 120)  # at most one pair flips

@@ -326,7 +326,7 @@ def test_auroc_per_backend_feeds_a_fixed_batch_export(exports):
 
     from visionscale.anomaly.data import Batch, Sample
     from visionscale.registry import create
-    from visionscale.runtime.bench import _auroc
+    from visionscale.runtime.tasks import anomaly_auroc
 
     res = exports("patchcore_tiny", 64, None)
     torch.manual_seed(0)
@@ -336,6 +336,26 @@ def test_auroc_per_backend_feeds_a_fixed_batch_export(exports):
     images[3:] += torch.rand(2, 3, 64, 64, generator=gen) * 2  # "defects": different statistics
     samples = [Sample(Path(f"{i}.png"), int(i >= 3)) for i in range(5)]
     evalset = ([Batch(images[:3], samples[:3]), Batch(images[3:], samples[3:])], [s.label for s in samples])
-    a_onnx = _auroc(Runner(res.path, backend="onnxruntime", device="cpu"), evalset)
-    a_eager = _auroc(Runner(eager, device="cpu"), evalset)
+    a_onnx = anomaly_auroc(Runner(res.path, backend="onnxruntime", device="cpu"), *evalset)
+    a_eager = anomaly_auroc(Runner(eager, device="cpu"), *evalset)
     assert a_onnx is not None and a_onnx == pytest.approx(a_eager)
+
+
+def test_task_metric_says_what_data_is_missing(tmp_path):
+    """`bench --data`: each family names the file it needs; a family without a task metric is refused."""
+    from visionscale.registry import create
+    from visionscale.runtime.bench import BenchConfig
+    from visionscale.runtime.tasks import task_metric
+
+    with pytest.raises(RunnerError, match="does not exist"):
+        task_metric(create("ssd_tiny"), tmp_path / "nowhere", (64, 64))
+    with pytest.raises(RunnerError, match="no val.json"):
+        task_metric(create("ssd_tiny"), tmp_path, (64, 64))
+    with pytest.raises(RunnerError, match="square inputs"):
+        task_metric(create("ssd_tiny"), tmp_path, (64, 96))
+    with pytest.raises(RunnerError, match="no pairs.txt or pairsDevTest.txt"):
+        task_metric(create("face_embedder_tiny"), tmp_path, (32, 32))
+    with pytest.raises(RunnerError, match="EfficientAD is none of them"):
+        task_metric(create("efficientad_tiny"), tmp_path, (64, 64))
+    with pytest.raises(RunnerError, match="--run needs its data set"):
+        BenchConfig(model="x", run_dir=str(tmp_path)).validate()

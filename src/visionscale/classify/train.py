@@ -67,7 +67,7 @@ from visionscale.io.atomic import write_atomic
 from visionscale.profiling.report import check_output_dir
 
 __all__ = [
-    "TrainConfig", "TrainResult", "TrainError", "train", "evaluate", "predict", "write_eval_outputs",
+    "TrainConfig", "TrainResult", "TrainError", "train", "evaluate", "evaluate_model", "predict", "write_eval_outputs",
     "augmentation_preview", "resolve_device",
 ]
 
@@ -219,13 +219,15 @@ def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> list
 
 @torch.no_grad()
 def _evaluate_tensors(model: Classifier, images: Tensor, labels: Tensor, cfg: ClassifierConfig,
-                      device: torch.device, batch_size: int) -> tuple[float, Tensor]:
-    """Mean cross-entropy and softmax probabilities ``(N, K)`` in eval mode."""
+                      device: torch.device, batch_size: int, forward=None) -> tuple[float, Tensor]:
+    """Mean cross-entropy and softmax probabilities ``(N, K)`` in eval mode; ``forward`` runs
+    the network when given (a :class:`visionscale.runtime.Runner` around ``model``)."""
     model.eval()
+    run = forward or model
     total, probs = 0.0, []
     for idx in _batches(len(images), batch_size, None):
         x = normalize(images[idx].to(device), cfg.mean, cfg.std)
-        logits = model(x)
+        logits = run(x).float()
         y = labels[idx].to(device)
         total += float(F.cross_entropy(logits, y, reduction="sum"))
         probs.append(torch.softmax(logits, 1).cpu())
@@ -537,22 +539,41 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], top_k: int = 3
 
 
 @torch.no_grad()
-def evaluate(checkpoint: str | Path, data_dir: str | Path, batch_size: int = 64, device: str = "auto") -> dict:
-    """Accuracy, per-class precision/recall/F1 and confusion matrix on a labelled folder.
+def evaluate(checkpoint: str | Path, data_dir: str | Path, batch_size: int = 64, device: str = "auto",
+             backend: str = "eager", precision: str = "fp32") -> dict:
+    """Accuracy, per-class precision/recall/F1 and confusion matrix on a labelled folder;
+    ``backend`` and ``precision`` as :class:`visionscale.runtime.Runner` takes them.
 
     The folder's class names must be classes of the model (a subset is fine).
 
     Returns:
-        :func:`~visionscale.classify.metrics.classification_report` plus ``"loss"`` and
-        ``"predictions"`` (path, true, predicted, probability per image).
+        :func:`~visionscale.classify.metrics.classification_report` plus ``"loss"``,
+        ``"runtime"`` (backend, precision, device, provider) and ``"predictions"`` (path,
+        true, predicted, probability per image).
     """
+    from visionscale.runtime import accelerate
+
     dev = resolve_device(device)
     model = load_classifier(checkpoint, device=str(dev))
+    size = model.config.image_size
+    run = accelerate(model, backend, precision, dev, image_size=(size, size))
+    report = evaluate_model(model, data_dir, batch_size, dev, forward=run)
+    info = getattr(run, "info", None)
+    report["runtime"] = ({k: info.get(k) for k in ("backend", "precision", "device", "provider") if k in info}
+                         if isinstance(info, dict) else {"backend": "eager", "precision": "fp32", "device": str(dev)})
+    return report
+
+
+@torch.no_grad()
+def evaluate_model(model: Classifier, data_dir: str | Path, batch_size: int = 64, device: str | torch.device = "cpu",
+                   forward=None) -> dict:
+    """:func:`evaluate` for a loaded classifier (on ``device``); ``forward`` runs the network
+    when given (a :class:`visionscale.runtime.Runner` around ``model``)."""
     cfg = model.config
     samples = scan_image_folder(data_dir, classes=list(cfg.classes), min_classes=1)
     images = load_images(samples.paths, cfg.image_size)
     labels = torch.tensor(samples.labels, dtype=torch.long)
-    loss, prob = _evaluate_tensors(model, images, labels, cfg, dev, batch_size)
+    loss, prob = _evaluate_tensors(model, images, labels, cfg, torch.device(device), batch_size, forward=forward)
     pred = prob.argmax(1)
     report = classification_report(samples.labels, pred.tolist(), list(cfg.classes))
     report["loss"] = loss

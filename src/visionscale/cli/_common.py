@@ -25,3 +25,13 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def split_csv(text: str) -> list[str]:
     """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def note_runner(forward) -> None:
+    """``note: running <backend> <precision> on <device>[, provider P]`` on stderr when ``forward``
+    is a :class:`visionscale.runtime.Runner` (nothing for a plain eager FP32 module)."""
+    info = getattr(forward, "info", None)
+    if isinstance(info, dict):
+        provider = f", provider {info['provider']}" if "provider" in info else ""
+        what = f"running {info['backend']} {info['precision']} on {info['device']}{provider}"
+        err.print(f"note: {escape(what)}", highlight=False, soft_wrap=True)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from visionscale.cli._common import err, fail, out, split_csv
+from visionscale.cli._common import err, fail, note_runner, out, split_csv
 
 app = typer.Typer(
     help="Anomaly detection: make demo data, fit PatchCore / EfficientAD / DDAD, predict on images, evaluate.",
@@ -34,13 +34,6 @@ def note(message: str) -> None:
         err.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
     else:
         err.print(f"note: {escape(message)}", highlight=False, soft_wrap=True)
-
-
-def note_backend(run) -> None:
-    info = getattr(run.model, "info", None)
-    if isinstance(info, dict):
-        provider = f", provider {info['provider']}" if "provider" in info else ""
-        note(f"running {info['backend']} {info['precision']} on {info['device']}{provider}")
 
 
 def warn_if_random(run) -> None:
@@ -221,7 +214,7 @@ def predict_cmd(
     try:
         run = load_run(run_dir, device, backend=backend, precision=precision)
         warn_if_random(run)
-        note_backend(run)
+        note_runner(run.model)
         with _progress() as progress:
             records, log = predict(run, images, out_dir or run_dir / "predictions", batch_size=batch_size,
                                    skip_bad=skip_bad, overlays=heatmaps, progress=progress)
@@ -269,7 +262,7 @@ def eval_cmd(
     try:
         run = load_run(run_dir, device, backend=backend, precision=precision)
         warn_if_random(run)
-        note_backend(run)
+        note_runner(run.model)
         with _progress() as progress:
             res = evaluate(run, data, category, dest, batch_size=batch_size, skip_bad=skip_bad, plots=plots,
                            progress=progress)

@@ -178,6 +178,8 @@ def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="Training output folder or its model.safetensors."),
     data_dir: Path = typer.Argument(..., help="Labelled folder: one sub-folder per class (names as in training)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write metrics.json, predictions.csv, confusion.png here."),
+    backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
@@ -185,7 +187,7 @@ def eval_cmd(
     from visionscale.classify.train import evaluate, write_eval_outputs
 
     try:
-        report = evaluate(checkpoint, data_dir, device=device)
+        report = evaluate(checkpoint, data_dir, device=device, backend=backend, precision=precision)
         written = write_eval_outputs(report, out_dir) if out_dir is not None else []
     except _input_errors() as exc:
         fail(str(exc))
@@ -194,7 +196,10 @@ def eval_cmd(
         return
     from rich.table import Table
 
-    t = Table(title=f"accuracy {report['accuracy']:.3f} on {report['n']} images (loss {report['loss']:.4f})")
+    rt = report.get("runtime", {})
+    how = "" if (rt.get("backend"), rt.get("precision")) == ("eager", "fp32") else \
+        f", {rt.get('backend')} {rt.get('precision')}" + (f" ({rt['provider']})" if rt.get("provider") else "")
+    t = Table(title=f"accuracy {report['accuracy']:.3f} on {report['n']} images (loss {report['loss']:.4f}{how})")
     for col in ("class", "precision", "recall", "F1", "support"):
         t.add_column(col, justify="left" if col == "class" else "right")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from visionscale.cli._common import err, fail, out
+from visionscale.cli._common import err, fail, note_runner, out
 
 app = typer.Typer(
     help="Object detection with EAPM (example-attribute based prediction modulation) and plain losses.",
@@ -260,21 +260,32 @@ def eval_cmd(
     ann: Optional[Path] = typer.Option(None, help="Annotations (COCO JSON or WIDER FACE *_bbx_gt.txt)."),
     images: Optional[Path] = typer.Option(None, help="Image folder."),
     data_format: str = typer.Option("coco", "--format", help="coco or widerface."),
+    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
+    device: str = typer.Option("cpu", help="auto (CUDA if available), cpu or cuda[:N]."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Evaluate a trained detector with COCO metrics."""
+    """Evaluate a trained detector with COCO metrics, with any backend and precision."""
     from visionscale.detection.data import AnnotationError, ImageCache
     from visionscale.detection.train import TrainError, evaluate, load_dataset, load_model
+    from visionscale.runtime import BackendUnavailableError, ExportError, accelerate, resolve_device
 
     try:
         if data is not None:
             ann, data_format = data / "val.json", "coco"
         if ann is None:
             raise ValueError("give --data DIR or --ann FILE")
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
         model, meta = load_model(checkpoint)
+        size = int(meta["config"]["image_size"])
         ds = load_dataset(ann, images, data_format)
-        metrics = evaluate(model, ImageCache(ds, int(meta["config"]["image_size"])))
-    except (ValueError, AnnotationError, TrainError) as exc:
+        dev = resolve_device(device)
+        forward = accelerate(model.to(dev), backend, precision, dev, image_size=(size, size))
+        note_runner(forward)
+        metrics = evaluate(model, ImageCache(ds, size), batch_size, forward=forward)
+    except (ValueError, AnnotationError, TrainError, BackendUnavailableError, ExportError) as exc:
         fail(str(exc))
     if as_json:
         sys.stdout.write(json.dumps(metrics) + "\n")

@@ -40,7 +40,7 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 
 def export_cmd(
-    model: str = typer.Argument(..., help="Registry name (visionscale models), 'package.module:attr', a classifier checkpoint or an anomaly run folder."),
+    model: str = typer.Argument(..., help="Registry name (visionscale models), 'package.module:attr', a classifier / detector / face-embedder checkpoint or an anomaly run folder."),
     format: str = typer.Option("onnx", "--format", "-f", help="onnx or tensorrt (TensorRT needs a CUDA GPU and torch-tensorrt)."),
     precision: str = typer.Option("fp32", help="fp32 or fp16 (ONNX); fp32, fp16 or bf16 (TensorRT)."),
     out_file: Path = typer.Option(..., "--out", "-o", help="Output file (.onnx, or .ep for TensorRT); metadata and parity go to FILE.json."),
@@ -85,7 +85,7 @@ def export_cmd(
 
 
 def bench_cmd(
-    model: str = typer.Argument(..., help="Registry name, 'package.module:attr', a classifier checkpoint or an anomaly run folder."),
+    model: str = typer.Argument(..., help="Registry name, 'package.module:attr', a classifier / detector / face-embedder checkpoint or an anomaly run folder."),
     backend: str = typer.Option("eager,onnxruntime", "--backend", "-b", help="Comma list of eager, compile, onnxruntime, tensorrt."),
     precision: str = typer.Option("fp32", "--precision", "-p", help="Comma list of fp32, fp16, bf16."),
     batch: str = typer.Option("1", "--batch", help="Comma list of batch sizes."),
@@ -96,7 +96,7 @@ def bench_cmd(
     repeats: Optional[int] = typer.Option(None, help="Timed calls per row [default: 100 on CUDA, 10 on CPU]."),
     channels_last: bool = typer.Option(False, "--channels-last", help="NHWC for the PyTorch backends."),
     run: Optional[Path] = typer.Option(None, "--run", help="Fitted anomaly run folder: benchmark its model and report AUROC per row (needs --data)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="The data set of --run (MVTec category or folder layout)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data: the task metric per backend/precision. Anomaly run: its data set (AUROC); classifier checkpoint: labelled folder (accuracy); detector checkpoint: folder with val.json (COCO AP); face embedder: LFW folder with pairs.txt (verification accuracy)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write bench.json and bench.md here."),
     as_json: bool = typer.Option(False, "--json", help="Print bench.json to stdout."),
 ) -> None:

@@ -265,17 +265,26 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def predict(model: nn.Module, cache: ImageCache, batch_size: int = 32) -> list[dict]:
-    """COCO-style detections ``{"image_id", "category_id", "bbox": xywh, "score"}`` in original pixels."""
+def predict(model: nn.Module, cache: ImageCache, batch_size: int = 32,
+            forward: Callable[[Tensor], Any] | None = None) -> list[dict]:
+    """COCO-style detections ``{"image_id", "category_id", "bbox": xywh, "score"}`` in original pixels.
+
+    ``forward``: what runs the network on a ``(B, 3, S, S)`` batch in 0..1 (default: ``model``;
+    e.g. a :class:`visionscale.runtime.Runner` around it for another backend or precision).
+    ``model`` still provides the anchors for decoding.
+    """
     model.eval()
     size = cache.size
-    anchors = model.anchors(size, size)
+    anchors = model.anchors(size, size, device="cpu")
     ds = cache.dataset
+    run = forward or model
+    device = getattr(run, "device", None) or next(model.parameters()).device
     out = []
     for start in range(0, len(cache), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(cache)))
-        imgs = cache.images[idx].float().div_(255)
-        cls, box = model(imgs)
+        imgs = cache.images[idx].to(device).float().div_(255)
+        cls, box = run(imgs)
+        cls, box = cls.float().cpu(), box.float().cpu()
         for j, i in enumerate(idx.tolist()):
             b, s, l = box_ops.postprocess(cls[j], box[j], anchors, (size, size))
             sx, sy = cache.scale[i].tolist()
@@ -312,8 +321,10 @@ def coco_metrics(dataset: DetectionDataset, detections: list[dict]) -> dict[str,
     return {m: (None if v < 0 else round(100 * v, 2)) for m, v in zip(METRICS, stats)}
 
 
-def evaluate(model: nn.Module, cache: ImageCache, batch_size: int = 32) -> dict[str, float | None]:
-    return coco_metrics(cache.dataset, predict(model, cache, batch_size))
+def evaluate(model: nn.Module, cache: ImageCache, batch_size: int = 32,
+             forward: Callable[[Tensor], Any] | None = None) -> dict[str, float | None]:
+    """COCO metrics of ``model`` (run through ``forward`` when given, see :func:`predict`) on ``cache``."""
+    return coco_metrics(cache.dataset, predict(model, cache, batch_size, forward))
 
 
 # ----------------------------------------------------------------------------- training

@@ -9,10 +9,13 @@ batch (> 1 = faster), so on a noisy shared CPU compare within one run only.
 
 Task-level effect of a backend/precision change, from the outputs on the benchmark input
 compared with eager FP32: every output's max abs difference, and by family: anomaly
-models, the change of the image score (``pred_score``) and, given a fitted run folder and
-its data, the AUROC; classifiers (``(B, K)`` logits), top-1 agreement; the detector,
-score (sigmoid) and box-delta differences; embedders (``(B, D)``), the lowest cosine
-similarity to the FP32 embedding.
+models, the change of the image score (``pred_score``); classifiers (``(B, K)`` logits),
+top-1 agreement; the detector, score (sigmoid) and box-delta differences; embedders
+(``(B, D)``), the lowest cosine similarity to the FP32 embedding. Given evaluation data
+(``BenchConfig.data``), also the metric a user reports, computed with each timed Runner
+(:mod:`visionscale.runtime.tasks`): image AUROC of an anomaly run, a classifier's top-1
+accuracy, a detector's COCO AP, an embedder's LFW verification accuracy, and its change
+against eager FP32.
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ class BenchConfig:
     repeats: int | None = None  # default: 100 on CUDA, 10 on the CPU
     providers: tuple[str, ...] | None = None
     channels_last: bool = False
-    run_dir: str | None = None  # fitted anomaly run folder: AUROC per combination
-    data: str | None = None  # its data set (MVTec category or folder layout)
+    run_dir: str | None = None  # fitted anomaly run folder (the model to time)
+    data: str | None = None  # evaluation data: the task metric per combination (runtime/tasks.py)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     compile_backend: str = "inductor"
 
@@ -63,8 +66,8 @@ class BenchConfig:
             raise RunnerError("give at least one backend, precision and batch size")
         if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batches):
             raise RunnerError(f"batch sizes must be positive integers, got {list(self.batches)}")
-        if (self.run_dir is None) != (self.data is None):
-            raise RunnerError("AUROC needs both a fitted run folder (--run) and its data set (--data)")
+        if self.run_dir is not None and self.data is None:
+            raise RunnerError("--run needs its data set (--data) for the AUROC per row")
 
 
 @dataclass
@@ -98,6 +101,16 @@ def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats
     return summarize(samples, device.type)
 
 
+def _to_cpu(out: Any) -> Any:
+    if isinstance(out, Tensor):
+        return out.detach().cpu()
+    if isinstance(out, dict):
+        return {k: _to_cpu(v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to_cpu(v) for v in out)
+    return out
+
+
 def task_effect(ref: Any, got: Any) -> dict[str, Any]:
     """Family-aware comparison of one combination's outputs with eager FP32's."""
     spec = OutputSpec.of(ref)
@@ -105,6 +118,7 @@ def task_effect(ref: Any, got: Any) -> dict[str, Any]:
     d: dict[str, Any] = {"max_abs": max(v["max_abs"] for v in diffs.values()),
                          "max_rel": max(v["max_rel"] for v in diffs.values()),
                          "outputs": {k: v["max_abs"] for k, v in diffs.items()}}
+    ref, got = _to_cpu(ref), _to_cpu(got)  # an ONNX Runtime or TensorRT output may sit elsewhere than eager's
     if isinstance(ref, dict) and "pred_score" in ref:
         d["kind"] = "anomaly"
         d["score_max_abs"] = float((ref["pred_score"].float() - got["pred_score"].float()).abs().max())
@@ -122,41 +136,8 @@ def task_effect(ref: Any, got: Any) -> dict[str, Any]:
     return d
 
 
-def _anomaly_eval(cfg: BenchConfig, size: tuple[int, int]):
-    """Test images (normalised batches) and labels of the run's data set, or None."""
-    if cfg.run_dir is None:
-        return None
-    from visionscale.anomaly.data import iter_batches, load_dataset
-
-    ds = load_dataset(cfg.data, require_train=False)
-    if not ds.test:
-        raise RunnerError(f"no test images in {cfg.data}")
-    batches = list(iter_batches(ds.test, size, 8))
-    labels = [s.label for b in batches for s in b.samples]
-    return batches, labels
-
-
-def _auroc(runner: Runner, evalset) -> float | None:
-    from visionscale.anomaly.metrics import auroc
-
-    batches, labels = evalset
-    if len(set(labels)) < 2:
-        return None
-    # An export with a fixed batch axis (PatchCore's) takes exactly that many images per call:
-    # feed chunks of that size, padding the last one with copies of its last image.
-    shape = getattr(runner.backend, "input_shape", None)
-    fixed = shape[0] if shape and isinstance(shape[0], int) else None
-    scores = []
-    for b in batches:
-        images = b.images
-        step = fixed or images.shape[0]
-        for i in range(0, images.shape[0], step):
-            chunk = images[i:i + step]
-            n = chunk.shape[0]
-            if fixed and n < fixed:
-                chunk = torch.cat([chunk, chunk[-1:].expand(fixed - n, *chunk.shape[1:])])
-            scores.extend(runner(chunk)["pred_score"].float().cpu().tolist()[:n])
-    return float(auroc(labels, scores))
+def _is_run_dir(spec: Any) -> bool:
+    return isinstance(spec, (str, Path)) and Path(spec).is_dir() and (Path(spec) / "calibration.json").is_file()
 
 
 def bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
@@ -175,7 +156,12 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> Be
         name = f"{name} (run {Path(cfg.run_dir).name})"
     size = cfg.image_size or default_image_size(net)
     validate_size(net, name, *size)
-    evalset = _anomaly_eval(cfg, size)
+    metric = None
+    if cfg.data is not None:
+        from visionscale.runtime.tasks import task_metric
+
+        say(f"loading {cfg.data}")
+        metric = task_metric(net, cfg.data, size, anomaly_run=cfg.run_dir is not None or _is_run_dir(model_spec))
     channels = in_channels(net)
     net = net.float().eval()
 
@@ -188,7 +174,7 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> Be
     task: list[dict[str, Any]] = []
     notes: list[str] = []
     baseline_out: dict[int, Any] = {}
-    baseline_auroc: float | None = None
+    baseline_metric: float | None = None
     for backend, precision in combos:
         key = f"{backend}/{precision}"
         say(f"building {key}")
@@ -228,13 +214,15 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> Be
                     baseline_out[bs] = out
                 else:
                     task.append(dict(backend=backend, precision=precision, batch=bs, **task_effect(baseline_out[bs], out)))
-            if evalset is not None:
-                say(f"AUROC {key}")
-                a = _auroc(runner, evalset)
+            if metric is not None:
+                say(f"{metric.label} {key}")
+                with torch.inference_mode():
+                    value = metric.evaluate(runner)
                 if (backend, precision) == ("eager", "fp32"):
-                    baseline_auroc = a
-                task.append(dict(backend=backend, precision=precision, batch=None, kind="anomaly_auroc", auroc=a,
-                                 auroc_delta=None if a is None or baseline_auroc is None else a - baseline_auroc))
+                    baseline_metric = value
+                task.append(dict(backend=backend, precision=precision, batch=None, kind=metric.kind,
+                                 metric=metric.label, value=value, data=metric.data,
+                                 delta=None if value is None or baseline_metric is None else value - baseline_metric))
         except RunnerError as exc:
             rows.append(dict(backend=backend, precision=precision, batch=None, status="error", reason=str(exc)))
             notes.append(f"{key}: {exc}")
@@ -289,8 +277,9 @@ def render_markdown(result: BenchResult) -> str:
         lines += ["", "Task-level effect against eager fp32 (same input):", "",
                   "| backend | precision | batch | max abs diff | family metric |", "|---|---|---:|---:|---|"]
         for t in result.task:
-            if t.get("kind") == "anomaly_auroc":
-                metric = f"AUROC {_f(t['auroc'], '{:.4f}')} (Δ {_f(t['auroc_delta'], '{:+.4f}')})"
+            if "metric" in t:  # task metric on --data
+                fmt = "{:.2f}" if t["kind"] == "detection_ap" else "{:.4f}"
+                metric = f"{t['metric']} {_f(t['value'], fmt)} (Δ {_f(t['delta'], '{:+' + fmt[2:])})"
                 lines.append(f"| {t['backend']} | {t['precision']} | – | – | {metric} |")
                 continue
             if t.get("kind") == "anomaly":

@@ -19,8 +19,10 @@ stored in ``<out>.json``. Files are written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -223,6 +225,19 @@ def parity_check(reference: nn.Module, run, shapes: list[tuple[int, ...]], preci
     return checks, ok
 
 
+@contextlib.contextmanager
+def _quiet_registration():
+    """Silence the exporter's start-up log lines "torchvision is not installed. Skipping
+    torchvision::nms" (and roi_align, ...): visionscale needs none of torchvision's ops."""
+    log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def export_onnx(
     model: nn.Module | str,
     out: str | Path,
@@ -292,7 +307,7 @@ def export_onnx(
     dyn = {"x": {axis: auto for axis in export_dynamic_axes(net)}} if dynamic else None
     t0 = time.perf_counter()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_registration():
             warnings.simplefilter("ignore")
             ep = torch.export.export(flat, (xe,), dynamic_shapes=dyn, strict=False)
             ep = _decompose(ep)

@@ -3,7 +3,8 @@
 * an ``nn.Module``;
 * a registry name (``visionscale models``): ``efficientad_s``, ``ssd_tiny``, ``blazeface_*``...;
 * ``package.module:attr``: your own module or a factory returning one;
-* a classifier checkpoint written by ``visionscale classify train``;
+* a checkpoint written by ``visionscale classify train``, ``detect train`` or ``face train``
+  (the ``model.safetensors`` file or its training folder);
 * an anomaly-detection run folder written by ``visionscale ad fit``.
 """
 
@@ -129,11 +130,15 @@ def resolve_model(spec: nn.Module | str, image_size: tuple[int, int] | None = No
 
         if is_classifier_checkpoint(path):
             try:
-                return path.stem, load_classifier(path, device="cpu").eval()
+                return _display_name(path), load_classifier(path, device="cpu").eval()
             except CheckpointError as exc:
                 raise RunnerError(str(exc)) from None
-        raise RunnerError(f"{path} is neither an anomaly run folder (with calibration.json) nor a classifier "
-                          "checkpoint; give a registry name (visionscale models) or 'package.module:attr'")
+        trained = _trained_checkpoint(path)
+        if trained is not None:
+            return trained
+        raise RunnerError(f"{path} is none of: an anomaly run folder (with calibration.json), a classifier, detector "
+                          "or face-embedder checkpoint; give a registry name (visionscale models) or "
+                          "'package.module:attr'")
     if ":" in spec:
         obj = _import_object(spec)
         if isinstance(obj, nn.Module):
@@ -160,8 +165,44 @@ def resolve_model(spec: nn.Module | str, image_size: tuple[int, int] | None = No
         raise RunnerError(f"cannot build model {spec!r} with {kw}: {exc}") from None
 
 
+def _trained_checkpoint(path: Path) -> tuple[str, nn.Module] | None:
+    """A face-embedder or detector checkpoint (file or training folder) as ``(name, module)``,
+    or None when ``path`` is neither. A detector gets ``trained_image_size``, the side it was
+    trained and evaluated at (its config has none: any size runs)."""
+    from visionscale.face.embedder import EmbedderCheckpointError, load_embedder, read_embedder_config
+
+    file = path / "model.safetensors" if path.is_dir() else path
+    try:
+        read_embedder_config(file)
+    except EmbedderCheckpointError:
+        pass
+    else:
+        return _display_name(path), load_embedder(file).eval()
+    from visionscale.detection.train import TrainError, load_model
+
+    try:
+        model, meta = load_model(file)
+    except (TrainError, OSError):
+        return None
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a detector file that does not load
+        raise RunnerError(f"{file} looks like a detector checkpoint but cannot be loaded: {exc}") from None
+    side = int(meta["config"]["image_size"])
+    model.trained_image_size = (side, side)
+    return _display_name(path), model
+
+
+def _display_name(path: Path) -> str:
+    """``run/model`` for ``run/model.safetensors``, ``run`` for a training folder."""
+    path = path.resolve()
+    return path.name if path.is_dir() else f"{path.parent.name}/{path.stem}"
+
+
 def default_image_size(model: nn.Module, fallback: int = 256) -> tuple[int, int]:
-    """The model's own input size when it declares one (``config.image_size``), else ``fallback``."""
+    """The model's own input size when it declares one (``config.image_size``, or the
+    ``trained_image_size`` of a loaded detector checkpoint), else ``fallback``."""
+    trained = getattr(model, "trained_image_size", None)
+    if trained is not None:
+        return int(trained[0]), int(trained[1])
     size = getattr(getattr(model, "config", None), "image_size", None)
     if isinstance(size, int):
         return size, size
