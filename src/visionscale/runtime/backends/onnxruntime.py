@@ -116,6 +116,9 @@ class OnnxRuntimeBackend:
                 "usually the CUDA/cuDNN/TensorRT libraries it needs are missing or mismatched. Not falling back.")
         self.requested = requested
         self.providers = used
+        # Outputs are handed back on the Runner's device, as the PyTorch backends do (the
+        # session itself reads and writes host memory: timings include those copies).
+        self.device = device
         inp = self.session.get_inputs()
         if len(inp) != 1:
             raise RunnerError(f"{self.path} has {len(inp)} inputs; the Runner feeds one image tensor")
@@ -176,7 +179,10 @@ class OnnxRuntimeBackend:
             tensors = [torch.cat(ts, dim=0) for ts in zip(*parts)]
         else:
             tensors = self._run(x)
-        return self.spec.unflatten([t.float() if t.is_floating_point() else t for t in tensors])
+        tensors = [t.float() if t.is_floating_point() else t for t in tensors]
+        if self.device.type != "cpu":
+            tensors = [t.to(self.device) for t in tensors]
+        return self.spec.unflatten(tensors)
 
     def info(self) -> dict[str, Any]:
         return {"onnx_file": str(self.path), "providers": list(self.providers), "provider": self.providers[0],
