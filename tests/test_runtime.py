@@ -174,6 +174,36 @@ def test_runner_refuses_a_provider_the_session_dropped(exports, monkeypatch):
         Runner(res.path, backend="onnxruntime", providers=["cuda"])
 
 
+def test_the_reason_onnxruntime_gives_goes_into_the_error_not_onto_stdout(exports, monkeypatch, capfd):
+    """onnxruntime-gpu 1.31 without CUDA libraries (seen on a CPU machine): its C++ log names the
+    missing library on stderr and its Python layer prints the fallback on stdout, which would
+    corrupt `--json` output. The Runner captures both and quotes the reason."""
+    import os
+
+    res = exports("classifier", 64, ALL)
+    real = ort.InferenceSession
+
+    class FailingCudaSession(real):
+        def __init__(self, path, opts=None, providers=None):
+            os.write(2, b"\x1b[1;31m2026-11-24 23:55:59 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] "
+                        b"/onnxruntime_src/core/session/provider_bridge_ort.cc:2043 [ONNXRuntimeError] : 1 : FAIL : "
+                        b"Failed to load library /x/capi/libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: "
+                        b"cannot open shared object file: No such file or directory\n\x1b[m\n")
+            print("EP Error ... when using ['CUDAExecutionProvider']\nFalling back to ['CPUExecutionProvider'] and retrying.")
+            super().__init__(path, opts, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", FailingCudaSession)
+    capfd.readouterr()
+    with pytest.raises(BackendUnavailableError,
+                       match=r"it said: libonnxruntime_providers_cuda.so: libcublasLt.so.13: cannot open shared object"):
+        Runner(res.path, backend="onnxruntime", providers=["cuda"])
+    captured = capfd.readouterr()
+    assert "Falling back" not in captured.out and "libcublasLt" not in captured.err
+    print("still printing")  # the streams are restored
+    assert capfd.readouterr().out == "still printing\n"
+
+
 def test_eager_runner_dicts_channels_last_and_info():
     torch.manual_seed(0)
     from visionscale.registry import create

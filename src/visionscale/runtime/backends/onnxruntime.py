@@ -8,7 +8,13 @@ quietly runs on the CPU; this backend reads the providers back from the session 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import re
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +84,62 @@ def resolve_providers(providers: list[str] | tuple[str, ...] | str | None, devic
     return wanted
 
 
+@contextlib.contextmanager
+def capture_output(into: list[str]):
+    """Collect what is written to the process's stdout and stderr (file descriptors 1 and 2,
+    native code included) while the block runs, and append it to ``into`` as one string.
+
+    onnxruntime-gpu reports why a provider failed (``libcublasLt.so.13: cannot open shared
+    object file``) from C++ on stderr and prints its fallback notice ("EP Error ... Falling back
+    to ['CPUExecutionProvider'] and retrying") on stdout, where it would corrupt ``--json``
+    output; the Runner puts the reason into its error instead.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    with tempfile.TemporaryFile() as tmp:
+        try:
+            saved = [os.dup(1), os.dup(2)]
+        except OSError:  # no file descriptors to redirect (an embedded interpreter): capture nothing
+            yield
+            return
+        py_out, py_err = sys.stdout, sys.stderr
+        text = io.TextIOWrapper(tmp, encoding="utf-8", errors="replace", write_through=True)
+        try:
+            os.dup2(tmp.fileno(), 1)
+            os.dup2(tmp.fileno(), 2)
+            sys.stdout = sys.stderr = text  # Python-level prints (also when pytest or rich replaced the streams)
+            yield
+        finally:
+            sys.stdout, sys.stderr = py_out, py_err
+            text.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            tmp.seek(0)
+            into.append(tmp.read().decode("utf-8", errors="replace"))
+            text.detach()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def provider_failure(text: str) -> str:
+    """The lines of ONNX Runtime's output that say why a provider failed, condensed to one line."""
+    keep = []
+    for line in _ANSI.sub("", text).splitlines():
+        line = line.strip()
+        m = re.search(r"Failed to load library (\S+) with error: (.+)", line)
+        if m:
+            keep.append(f"{Path(m.group(1)).name}: {m.group(2).strip()}")
+        elif "Failed to create" in line or line.startswith("Require"):
+            keep.append(re.sub(r"^.*?\] ", "", line))
+    return "; ".join(dict.fromkeys(keep))[:600]
+
+
 def read_sidecar(path: str | Path) -> dict[str, Any]:
     """The JSON written next to an exported file (``model.onnx`` -> ``model.onnx.json``), or {}."""
     side = Path(str(path) + ".json")
@@ -104,16 +166,22 @@ class OnnxRuntimeBackend:
         # Same thread count as PyTorch, so CPU comparisons are like for like.
         opts.intra_op_num_threads = int(threads or torch.get_num_threads())
         opts.log_severity_level = 3
+        said: list[str] = []
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=requested)
+            with capture_output(said):
+                self.session = ort.InferenceSession(str(self.path), opts, providers=requested)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise RunnerError(f"ONNX Runtime cannot load {self.path} with {requested}: {exc}") from None
         used = list(self.session.get_providers())
         dropped = [p for p in requested if p not in used]
         if dropped:
+            why = provider_failure(said[0] if said else "")
             raise BackendUnavailableError(
                 f"ONNX Runtime did not enable {', '.join(dropped)} for {self.path} (the session runs on {', '.join(used)}); "
-                "usually the CUDA/cuDNN/TensorRT libraries it needs are missing or mismatched. Not falling back.")
+                + (f"it said: {why.rstrip('.')}. " if why else "usually the CUDA/cuDNN/TensorRT libraries it needs are missing or "
+                   "mismatched. ") + "Not falling back.")
+        if said and said[0].strip():
+            sys.stderr.write(said[0])  # what it printed while the session started, now that it ran as asked
         self.requested = requested
         self.providers = used
         # Outputs are handed back on the Runner's device, as the PyTorch backends do (the
