@@ -389,3 +389,23 @@ def test_task_metric_says_what_data_is_missing(tmp_path):
         task_metric(create("efficientad_tiny"), tmp_path, (64, 64))
     with pytest.raises(RunnerError, match="--run needs its data set"):
         BenchConfig(model="x", run_dir=str(tmp_path)).validate()
+
+
+def test_provider_failure_condenses_onnxruntime_gpu_output():
+    """Lines as onnxruntime-gpu 1.31.1 printed them on a machine without CUDA libraries."""
+    from visionscale.runtime.backends.onnxruntime import provider_failure
+
+    text = ("\x1b[1;31m2026-11-24 23:55:59.98 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] "
+            "/src/provider_bridge_ort.cc:2043 onnxruntime::Provider& onnxruntime::ProviderLibrary::Get() "
+            "[ONNXRuntimeError] : 1 : FAIL : Failed to load library /x/libonnxruntime_providers_cuda.so with error: "
+            "libcublasLt.so.13: cannot open shared object file: No such file or directory\n\x1b[m\n"
+            "\x1b[0;93m2026-11-24 23:55:59.98 [W:onnxruntime:Default, onnxruntime_pybind_state.cc:1295 "
+            "CreateExecutionProviderFactoryInstance] Failed to create CUDAExecutionProvider. Require cuDNN 9.* and "
+            "CUDA 13.*. Please install all dependencies as mentioned in the GPU requirements page.\x1b[m\n"
+            "Failed to load libcublasLt.so.13: libcublasLt.so.13: cannot open shared object file\n")
+    assert provider_failure(text) == ("libonnxruntime_providers_cuda.so: libcublasLt.so.13: cannot open shared object "
+                                      "file: No such file or directory; Failed to create CUDAExecutionProvider. "
+                                      "Require cuDNN 9.* and CUDA 13.*")
+    preload_only = "Failed to load libcurand.so.10: libcurand.so.10: cannot open shared object file\n"
+    assert provider_failure(preload_only) == "libcurand.so.10: cannot open shared object file"
+    assert provider_failure("some unrelated warning\n") == ""

@@ -124,20 +124,41 @@ def capture_output(into: list[str]):
             text.detach()
 
 
+_CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+_preloaded = False
+
+
+def preload_cuda_libraries(ort) -> None:
+    """``onnxruntime.preload_dlls()`` (onnxruntime-gpu >= 1.21) once per process: loads CUDA and
+    cuDNN from the ``nvidia-*`` pip packages (``pip install onnxruntime-gpu[cuda,cudnn]``) or a
+    compatible PyTorch, so the CUDA provider finds them without ``LD_LIBRARY_PATH``."""
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded = True
+    try:
+        ort.preload_dlls()
+    except Exception:  # noqa: BLE001 - best effort; the session check below says what failed
+        pass
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def provider_failure(text: str) -> str:
-    """The lines of ONNX Runtime's output that say why a provider failed, condensed to one line."""
-    keep = []
+    """The lines of ONNX Runtime's output that say why a provider failed, condensed to one line:
+    the provider library that did not load and why, and what the provider requires."""
+    session, preload = [], []
     for line in _ANSI.sub("", text).splitlines():
         line = line.strip()
         m = re.search(r"Failed to load library (\S+) with error: (.+)", line)
         if m:
-            keep.append(f"{Path(m.group(1)).name}: {m.group(2).strip()}")
-        elif "Failed to create" in line or line.startswith("Require"):
-            keep.append(re.sub(r"^.*?\] ", "", line))
-    return "; ".join(dict.fromkeys(keep))[:600]
+            session.append(f"{Path(m.group(1)).name}: {m.group(2).strip()}")
+        elif "Failed to create" in line:
+            session.append(re.sub(r"^.*?\] ", "", line).split(" Please ")[0].rstrip("."))
+        elif m := re.search(r"Failed to load (lib\S+?): (.+)", line):  # onnxruntime.preload_dlls
+            preload.append(m.group(2).strip())
+    return "; ".join(dict.fromkeys(session or preload))[:600]
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:
@@ -169,6 +190,8 @@ class OnnxRuntimeBackend:
         said: list[str] = []
         try:
             with capture_output(said):
+                if any(p in _CUDA_PROVIDERS for p in requested):
+                    preload_cuda_libraries(ort)
                 self.session = ort.InferenceSession(str(self.path), opts, providers=requested)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise RunnerError(f"ONNX Runtime cannot load {self.path} with {requested}: {exc}") from None
