@@ -409,3 +409,16 @@ def test_provider_failure_condenses_onnxruntime_gpu_output():
     preload_only = "Failed to load libcurand.so.10: libcurand.so.10: cannot open shared object file\n"
     assert provider_failure(preload_only) == "libcurand.so.10: cannot open shared object file"
     assert provider_failure("some unrelated warning\n") == ""
+
+
+def test_bench_combos_measure_exactly_the_pairs_given():
+    from visionscale.runtime.bench import BenchConfig, bench
+
+    torch.manual_seed(0)
+    res = bench(BenchConfig(conv_net(), combos=(("eager", "bf16"), ("onnxruntime", "fp32")), image_size=(32, 32),
+                            device="cpu", warmup=0, repeats=1))
+    assert [(r["backend"], r["precision"]) for r in res.rows] == [("eager", "fp32"), ("eager", "bf16"),
+                                                                  ("onnxruntime", "fp32")]
+    assert res.config["combos"] == [["eager", "fp32"], ["eager", "bf16"], ["onnxruntime", "fp32"]]
+    with pytest.raises(RunnerError, match="combos must be"):
+        BenchConfig(conv_net(), combos=(("onnx", "fp32"),)).validate()

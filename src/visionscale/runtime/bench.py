@@ -56,6 +56,9 @@ class BenchConfig:
     data: str | None = None  # evaluation data: the task metric per combination (runtime/tasks.py)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     compile_backend: str = "inductor"
+    # Exactly these (backend, precision) pairs instead of backends x precisions (eager fp32 is
+    # always added as the baseline).
+    combos: tuple[tuple[str, str], ...] | None = None
 
     def validate(self) -> None:
         for b in self.backends:
@@ -64,6 +67,13 @@ class BenchConfig:
         self.precisions = tuple(parse_precision(p) for p in self.precisions)
         if not self.backends or not self.precisions or not self.batches:
             raise RunnerError("give at least one backend, precision and batch size")
+        if self.combos is not None:
+            if not self.combos or any(len(c) != 2 or c[0] not in BACKENDS for c in self.combos):
+                raise RunnerError(f"combos must be (backend, precision) pairs with backends among {', '.join(BACKENDS)}, "
+                                  f"got {self.combos}")
+            self.combos = tuple((b, parse_precision(p)) for b, p in self.combos)
+            self.backends = tuple(dict.fromkeys(b for b, _ in self.combos))
+            self.precisions = tuple(dict.fromkeys(p for _, p in self.combos))
         if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batches):
             raise RunnerError(f"batch sizes must be positive integers, got {list(self.batches)}")
         if self.run_dir is not None and self.data is None:
@@ -165,7 +175,8 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> Be
     channels = in_channels(net)
     net = net.float().eval()
 
-    combos = [(b, p) for b in cfg.backends for p in cfg.precisions]
+    combos = ([(b, parse_precision(p)) for b, p in cfg.combos] if cfg.combos is not None
+              else [(b, p) for b in cfg.backends for p in cfg.precisions])
     if ("eager", "fp32") not in combos:
         combos.insert(0, ("eager", "fp32"))  # the baseline every ratio refers to
     gen = torch.Generator().manual_seed(0)
@@ -245,7 +256,8 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> Be
         pass
     if cuda:
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
-    config = dict(model=name, backends=list(cfg.backends), precisions=list(cfg.precisions), batches=list(cfg.batches),
+    config = dict(model=name, backends=list(cfg.backends), precisions=list(cfg.precisions),
+                  combos=[list(c) for c in combos], batches=list(cfg.batches),
                   image_size=list(size), device=device.type, warmup=warmup, repeats=repeats,
                   providers=list(cfg.providers) if cfg.providers else None, channels_last=cfg.channels_last,
                   run_dir=cfg.run_dir, data=cfg.data)
