@@ -34,14 +34,7 @@ from visionscale.registry import create
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CI machine's 2 cores are shared: two intra-op threads fighting other jobs make
-    # these tiny steps 10-50x slower than one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _normalised(n: int, size: int = SIZE, seed: int = 0) -> torch.Tensor:

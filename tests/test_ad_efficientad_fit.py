@@ -18,7 +18,6 @@ from visionscale.anomaly import train as T
 from visionscale.anomaly.data import DataError, iter_batches, load_dataset
 from visionscale.anomaly.efficientad import efficientad_tiny
 from visionscale.anomaly.predict import evaluate, load_run, predict
-from visionscale.anomaly.synthetic import make_demo
 from visionscale.cli import ad
 from visionscale.io.weights import load_state_dict
 from visionscale.nn.pdn import pdn_small
@@ -28,12 +27,7 @@ SIZE = 64
 TINY = dict(model="efficientad_tiny", image_size=SIZE, steps=12, checkpoint_every=5, device="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cli():
@@ -43,10 +37,9 @@ def _cli():
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    make_demo(root, seed=0, size=SIZE, categories=["brick"], num_train=10, num_test_good=3, num_test_defect=1)
-    return root / "brick"
+def demo(brick_demo):
+    assert SIZE == 64  # the size of conftest's shared demo
+    return brick_demo
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,13 @@ from visionscale.anomaly import coreset as C
 from visionscale.anomaly import train as T
 from visionscale.anomaly.data import DataError
 from visionscale.anomaly.predict import RunError, evaluate, load_run, predict
-from visionscale.anomaly.synthetic import make_demo
 from visionscale.cli import ad
 from visionscale.io.weights import load_state_dict
 
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convs on a shared 2-core machine: a second intra-op thread only adds waiting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64
 TINY = dict(model="patchcore_tiny", image_size=SIZE, batch_size=4, device="cpu")
 
@@ -39,10 +32,9 @@ def _cli():
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    make_demo(root, seed=0, size=SIZE, categories=["brick"], num_train=10, num_test_good=3, num_test_defect=1)
-    return root / "brick"
+def demo(brick_demo):
+    assert SIZE == 64  # the size of conftest's shared demo
+    return brick_demo
 
 
 @pytest.fixture(scope="module")

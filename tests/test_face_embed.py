@@ -26,13 +26,7 @@ from visionscale.face.losses import ContrastiveLoss, TripletLoss, contrastive_lo
 from visionscale.registry import create, list_models
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread is faster, and far steadier on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- losses ---------------------------------------------------------------------------------
