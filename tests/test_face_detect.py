@@ -468,7 +468,7 @@ def test_detector_through_onnx_runtime_gives_the_same_detections():
     net = BlazeFace(VARIANTS["tiny"]).eval()
     eager = FaceDetector(net, min_score=0.0)
     ort = FaceDetector(net, min_score=0.0, backend="onnxruntime")
-    assert ort._forward.info["provider"] == "CPUExecutionProvider"
+    assert ort.runtime["provider"] == "CPUExecutionProvider" and ort.runtime["backend"] == "onnxruntime"
     images = [skimage.data.astronaut(), skimage.data.coffee()]
     x, _ = eager.preprocess(images)
     for a, b in zip(eager.raw(x), ort.raw(x)):

@@ -452,7 +452,8 @@ def test_recognizer_through_onnx_runtime_gives_the_same_embeddings():
     crops = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(3)]
     eager = FaceRecognizer("face_embedder_tiny", detector=None, seed=3)
     ort = FaceRecognizer("face_embedder_tiny", detector=None, seed=3, backend="onnxruntime")
-    assert ort._forward.info["provider"] == "CPUExecutionProvider"
+    assert ort.runtime == {"backend": "onnxruntime", "precision": "fp32", "device": "cpu", "provider": "CPUExecutionProvider"}
+    assert eager.runtime == {"backend": "eager", "precision": "fp32", "device": "cpu"}
     a, b = eager.embed(crops), ort.embed(crops)
     assert a.shape == b.shape == (3, eager.dim)
     np.testing.assert_allclose(b, a, atol=1e-4)

@@ -551,16 +551,14 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, batch_size: int = 64,
         ``"runtime"`` (backend, precision, device, provider) and ``"predictions"`` (path,
         true, predicted, probability per image).
     """
-    from visionscale.runtime import accelerate
+    from visionscale.runtime import accelerate, runtime_info
 
     dev = resolve_device(device)
     model = load_classifier(checkpoint, device=str(dev))
     size = model.config.image_size
     run = accelerate(model, backend, precision, dev, image_size=(size, size))
     report = evaluate_model(model, data_dir, batch_size, dev, forward=run)
-    info = getattr(run, "info", None)
-    report["runtime"] = ({k: info.get(k) for k in ("backend", "precision", "device", "provider") if k in info}
-                         if isinstance(info, dict) else {"backend": "eager", "precision": "fp32", "device": str(dev)})
+    report["runtime"] = runtime_info(run, dev)
     return report
 
 

@@ -29,9 +29,9 @@ def split_csv(text: str) -> list[str]:
 
 def note_runner(forward) -> None:
     """``note: running <backend> <precision> on <device>[, provider P]`` on stderr when ``forward``
-    is a :class:`visionscale.runtime.Runner` (nothing for a plain eager FP32 module)."""
-    info = getattr(forward, "info", None)
-    if isinstance(info, dict):
+    is a :class:`visionscale.runtime.Runner` or its ``runtime_info`` (nothing for eager FP32)."""
+    info = forward if isinstance(forward, dict) else getattr(forward, "info", None)
+    if isinstance(info, dict) and (info.get("backend"), info.get("precision")) != ("eager", "fp32"):
         provider = f", provider {info['provider']}" if "provider" in info else ""
         what = f"running {info['backend']} {info['precision']} on {info['device']}{provider}"
         err.print(f"note: {escape(what)}", highlight=False, soft_wrap=True)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from visionscale.cli._common import err, fail, out
+from visionscale.cli._common import err, fail, note_runner, out
 
 app = typer.Typer(
     help="Faces: BlazeFace detection with MediaPipe's weights (and recognition commands).",
@@ -100,6 +100,7 @@ def detect_cmd(
     except (WeightsUnavailableError, TFLiteError, StateDictMismatchError, FileNotFoundError, ValueError,
             BackendUnavailableError, ExportError) as e:
         fail(str(e))
+    note_runner(detector.runtime)
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
             fail(f"--out must be a folder, got a file: {out_dir}")

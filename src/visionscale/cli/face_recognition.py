@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from visionscale.cli._common import err, fail, out
+from visionscale.cli._common import err, fail, note_runner, out
 
 DEFAULT_GALLERY = "gallery.db"
 
@@ -58,8 +58,10 @@ def _model_note(model: str) -> None:
 def _recognizer(model: str, detect: bool, device: str, backend: str = "eager", precision: str = "fp32"):
     from visionscale.face.api import FaceRecognizer
 
-    return FaceRecognizer(model, detector="auto" if detect else None, device=device, backend=backend,
-                          precision=precision)
+    rec = FaceRecognizer(model, detector="auto" if detect else None, device=device, backend=backend,
+                         precision=precision)
+    note_runner(rec.runtime)
+    return rec
 
 
 def _model_for_gallery(gallery: Path, model: Optional[str]) -> str:

@@ -108,6 +108,13 @@ class FaceRecognizer:
         self._detector = detector
 
     @property
+    def runtime(self) -> dict:
+        """What runs the network: backend, precision, device and, for ONNX Runtime, the provider."""
+        from visionscale.runtime import runtime_info
+
+        return runtime_info(self._forward, self.device)
+
+    @property
     def model_id(self) -> str:
         return self.embedder.model_id
 

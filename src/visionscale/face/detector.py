@@ -157,6 +157,13 @@ class FaceDetector:
         self.suppression_threshold = suppression_threshold
         self.batch_size = max(1, int(batch_size))
 
+    @property
+    def runtime(self) -> dict:
+        """What runs the network: backend, precision, device and, for ONNX Runtime, the provider."""
+        from visionscale.runtime import runtime_info
+
+        return runtime_info(self._forward, self.device)
+
     @staticmethod
     def _load(net: BlazeFace, weights) -> None:
         from visionscale.face.tflite_import import find_tflite, import_tflite, load_weights, missing_weights_message

@@ -10,7 +10,7 @@ imported only by the backends that need them.
 
 from visionscale.runtime.errors import BackendUnavailableError, ExportError, RunnerError
 from visionscale.runtime.precision import PRECISIONS, PrecisionError
-from visionscale.runtime.runner import Runner, accelerate, resolve_device
+from visionscale.runtime.runner import Runner, accelerate, resolve_device, runtime_info
 
 
 def __getattr__(name: str):  # lazy: export/bench import torch.onnx and friends
@@ -26,5 +26,5 @@ def __getattr__(name: str):  # lazy: export/bench import torch.onnx and friends
 
 
 __all__ = ["BackendUnavailableError", "ExportError", "PRECISIONS", "PrecisionError", "Runner", "RunnerError", "accelerate",
-           "resolve_device", "export_onnx", "export_tensorrt", "export_model", "ExportResult", "bench",
+           "resolve_device", "runtime_info", "export_onnx", "export_tensorrt", "export_model", "ExportResult", "bench",
            "BenchConfig", "BenchResult"]

@@ -238,3 +238,12 @@ def accelerate(model: nn.Module, backend: str = "eager", precision: str = "fp32"
     if backend == "eager" and parse_precision(precision) == "fp32":
         return model
     return Runner(model, backend=backend, precision=precision, device=device, image_size=image_size)
+
+
+def runtime_info(forward: Any, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """``backend``, ``precision``, ``device`` (and ``provider`` for ONNX Runtime) of what
+    :func:`accelerate` returned: a Runner's info, or eager FP32 for the plain module."""
+    info = getattr(forward, "info", None)
+    if isinstance(info, dict):
+        return {k: info[k] for k in ("backend", "precision", "device", "provider") if k in info}
+    return {"backend": "eager", "precision": "fp32", "device": str(device)}
