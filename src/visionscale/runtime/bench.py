@@ -35,7 +35,7 @@ from visionscale.profiling.timing import summarize
 from visionscale.runtime.backends import BACKENDS
 from visionscale.runtime.errors import BackendUnavailableError, ExportError, RunnerError
 from visionscale.runtime.models import default_image_size, in_channels, resolve_model, validate_size
-from visionscale.runtime.outputs import OutputSpec, max_differences
+from visionscale.runtime.outputs import OutputSpec, max_differences, tree_map
 from visionscale.runtime.precision import parse_precision
 from visionscale.runtime.runner import Runner, resolve_device
 
@@ -111,16 +111,6 @@ def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats
     return summarize(samples, device.type)
 
 
-def _to_cpu(out: Any) -> Any:
-    if isinstance(out, Tensor):
-        return out.detach().cpu()
-    if isinstance(out, dict):
-        return {k: _to_cpu(v) for k, v in out.items()}
-    if isinstance(out, (tuple, list)):
-        return type(out)(_to_cpu(v) for v in out)
-    return out
-
-
 def task_effect(ref: Any, got: Any) -> dict[str, Any]:
     """Family-aware comparison of one combination's outputs with eager FP32's."""
     spec = OutputSpec.of(ref)
@@ -128,7 +118,8 @@ def task_effect(ref: Any, got: Any) -> dict[str, Any]:
     d: dict[str, Any] = {"max_abs": max(v["max_abs"] for v in diffs.values()),
                          "max_rel": max(v["max_rel"] for v in diffs.values()),
                          "outputs": {k: v["max_abs"] for k, v in diffs.items()}}
-    ref, got = _to_cpu(ref), _to_cpu(got)  # an ONNX Runtime or TensorRT output may sit elsewhere than eager's
+    # an ONNX Runtime or TensorRT output may sit elsewhere than eager's
+    ref, got = (tree_map(lambda t: t.detach().cpu(), o) for o in (ref, got))
     if isinstance(ref, dict) and "pred_score" in ref:
         d["kind"] = "anomaly"
         d["score_max_abs"] = float((ref["pred_score"].float() - got["pred_score"].float()).abs().max())

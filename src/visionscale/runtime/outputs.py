@@ -17,6 +17,17 @@ import torch
 from torch import Tensor, nn
 
 
+def tree_map(fn, out: Any) -> Any:
+    """``fn`` applied to every tensor of an output (tensor, tuple/list, dict), structure kept."""
+    if isinstance(out, Tensor):
+        return fn(out)
+    if isinstance(out, dict):
+        return {k: tree_map(fn, v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(tree_map(fn, v) for v in out)
+    return out
+
+
 @dataclass(frozen=True)
 class OutputSpec:
     kind: str  # "tensor" | "tuple" | "list" | "dict"

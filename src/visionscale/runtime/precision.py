@@ -90,10 +90,6 @@ def autocast(precision: str, device: torch.device) -> Iterator[None]:
 
 def to_float32(out):
     """Cast every floating tensor in an output (tensor, tuple/list, dict) back to fp32."""
-    if isinstance(out, torch.Tensor):
-        return out.float() if out.is_floating_point() and out.dtype != torch.float32 else out
-    if isinstance(out, dict):
-        return {k: to_float32(v) for k, v in out.items()}
-    if isinstance(out, (tuple, list)):
-        return type(out)(to_float32(v) for v in out)
-    return out
+    from visionscale.runtime.outputs import tree_map
+
+    return tree_map(lambda t: t.float() if t.is_floating_point() and t.dtype != torch.float32 else t, out)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from visionscale.runtime.errors import RunnerError
@@ -86,33 +85,17 @@ def _anomaly(data: Path, size: tuple[int, int], batch_size: int) -> TaskMetric:
 
 
 def anomaly_auroc(runner, batches, labels) -> float | None:
-    """Image AUROC of ``runner``'s ``pred_score`` over normalised test ``batches`` (None with one class)."""
+    """Image AUROC of ``runner``'s ``pred_score`` over normalised test ``batches`` (None with one class).
+    A graph exported with batch 1 (PatchCore's, DDAD's) takes the batches too: the ONNX Runtime
+    backend runs it image by image."""
     from visionscale.anomaly.metrics import auroc
 
     if len(set(labels)) < 2:
         return None
     scores = []
     for b in batches:
-        scores.extend(call_fixed_batch(runner, b.images)["pred_score"].float().cpu().tolist())
+        scores.extend(runner(b.images)["pred_score"].float().cpu().tolist())
     return float(auroc(labels, scores))
-
-
-def call_fixed_batch(runner, images: torch.Tensor) -> Any:
-    """``runner(images)`` for a graph whose batch axis is fixed (PatchCore's export): chunks of
-    that size, the last one padded with copies of its last image; dict outputs are joined."""
-    shape = getattr(getattr(runner, "backend", None), "input_shape", None)
-    fixed = shape[0] if shape and isinstance(shape[0], int) else None
-    if not fixed or fixed == images.shape[0]:
-        return runner(images)
-    parts = []
-    for i in range(0, images.shape[0], fixed):
-        chunk = images[i:i + fixed]
-        n = chunk.shape[0]
-        if n < fixed:
-            chunk = torch.cat([chunk, chunk[-1:].expand(fixed - n, *chunk.shape[1:])])
-        out = runner(chunk)
-        parts.append({k: v[:n] for k, v in out.items()})
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 # -- classification --------------------------------------------------------------------------

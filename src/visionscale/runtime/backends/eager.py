@@ -8,17 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from visionscale.runtime.errors import RunnerError
+from visionscale.runtime.outputs import tree_map
 from visionscale.runtime.precision import autocast, to_float32
-
-
-def _tree_map(fn, out):
-    if isinstance(out, Tensor):
-        return fn(out)
-    if isinstance(out, dict):
-        return {k: _tree_map(fn, v) for k, v in out.items()}
-    if isinstance(out, (tuple, list)):
-        return type(out)(_tree_map(fn, v) for v in out)
-    return out
 
 
 class CudaGraphCall:
@@ -46,7 +37,7 @@ class CudaGraphCall:
                               f"{self.static_in.dtype}, got {tuple(x.shape)} {x.dtype}; build another Runner per shape")
         self.static_in.copy_(x)
         self.graph.replay()
-        return _tree_map(lambda t: t.clone(), self.static_out)
+        return tree_map(lambda t: t.clone(), self.static_out)
 
     def _capture(self, x: Tensor) -> None:
         self.static_in = x.clone()
