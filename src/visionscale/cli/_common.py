@@ -1,8 +1,14 @@
 """What every ``visionscale`` sub-command shares: the two consoles and how errors are printed.
 
 Results go to stdout (``out``), notes, warnings and errors to stderr (``err``). ``fail`` prints
-one line ``error: <message>`` (the message is escaped, so paths with ``[`` stay intact) and
-exits with status 2: the CLI's code for bad input.
+one line ``error: <message>`` and exits with status 2: the CLI's code for bad input.
+
+Both consoles have Rich markup switched **off**: every string printed (a person's name, a path,
+a table cell) appears literally, so ``"Smith [/tmp]"`` can neither crash the CLI nor lose its
+brackets. Colour comes only from ``style=`` arguments and :class:`rich.text.Text` pieces, never
+from text. :class:`CLIGroup` is the error boundary of every command: a
+:class:`~visionscale.errors.VisionscaleError` or a failed file write (permission denied,
+read-only or full file system, a file where a folder should be) becomes one line and exit 2.
 """
 
 from __future__ import annotations
@@ -11,15 +17,73 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
+from typer.core import TyperGroup
 
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
+out = Console(soft_wrap=True, markup=False, emoji=False)
+
+
+def _line(label: str, style: str, message: str) -> Text:
+    return Text.assemble((label, style), " ", str(message))
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    err.print(_line("error:", "bold red", message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    """``warning: <message>`` on stderr, the message printed literally."""
+    err.print(_line("warning:", "bold yellow", message), highlight=False, soft_wrap=True)
+
+
+def note(message: str) -> None:
+    """``note: <message>`` on stderr, the message printed literally."""
+    err.print(_line("note:", "", message), highlight=False, soft_wrap=True)
+
+
+# errno values that mean "this output cannot be written here", not a bug.
+_WRITE_ERRNOS = {"EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENOTDIR", "EISDIR", "EEXIST",
+                 "ENAMETOOLONG", "EFBIG", "ENOENT", "ELOOP", "EMLINK", "ETXTBSY"}
+
+
+def describe_os_error(exc: OSError) -> str | None:
+    """One line for an OSError about a file (``cannot write X: No space left on device``), or None."""
+    import errno as _errno
+
+    name = _errno.errorcode.get(exc.errno or -1)
+    if name not in _WRITE_ERRNOS:
+        return None
+    where = exc.filename if exc.filename is not None else "a file"
+    if exc.filename2 is not None:
+        where = f"{exc.filename} -> {exc.filename2}"
+    return f"cannot access {where}: {exc.strerror or exc}"
+
+
+class CLIGroup(TyperGroup):
+    """Typer group whose ``invoke`` turns expected failures into one-line errors (exit 2)."""
+
+    def invoke(self, ctx):  # noqa: D401 - click API
+        from visionscale.errors import VisionscaleError
+
+        try:
+            return super().invoke(ctx)
+        except VisionscaleError as exc:
+            fail(str(exc))
+        except MemoryError:
+            fail("out of memory (host RAM); use smaller images or batches")
+        except OSError as exc:
+            line = describe_os_error(exc)
+            if line is None:
+                raise
+            fail(line)
+        except RuntimeError as exc:
+            # CUDA out of memory surfaces as torch.OutOfMemoryError (a RuntimeError).
+            if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).split("\n")[0].lower():
+                first = str(exc).split("\n")[0]
+                fail(f"out of GPU memory: {first}; use a smaller image size, batch or another device")
+            raise
 
 
 def split_csv(text: str) -> list[str]:
@@ -34,4 +98,4 @@ def note_runner(forward) -> None:
     if isinstance(info, dict) and (info.get("backend"), info.get("precision")) != ("eager", "fp32"):
         provider = f", provider {info['provider']}" if "provider" in info else ""
         what = f"running {info['backend']} {info['precision']} on {info['device']}{provider}"
-        err.print(f"note: {escape(what)}", highlight=False, soft_wrap=True)
+        note(what)

@@ -1,0 +1,243 @@
+"""Outputs that never destroy what the user owns.
+
+Three mechanisms, used by every command that writes:
+
+* :func:`check_output_file` before the work starts: the output is not one of the inputs
+  (never, even with ``overwrite``), is not an existing file unless ``overwrite`` is set, and its
+  folder exists (or can be made) and is writable. A command checks this *before* a long export
+  or study, so a bad ``--out`` fails in milliseconds, not after the work.
+* :class:`OutputDir` for a folder of results (``scale --out``, ``ad predict --out``, demo data):
+  files are written into a hidden staging folder beside the target and moved into place only
+  when everything succeeded, so a failed command leaves no partial folder and a rerun leaves no
+  stale files from the previous one. A folder that holds files visionscale did not write is
+  refused unless ``overwrite`` is set (then only the files of the same name are replaced).
+  Which files visionscale wrote is recorded in a manifest, ``.visionscale-output.json``.
+* :class:`RunLock` (``fcntl.flock`` on ``<folder>/.lock``) for folders written over a long time
+  (training runs, galleries): a second process gets :class:`RunLockedError` at once instead of
+  interleaving its writes. The kernel drops the lock when the process dies, ``kill -9`` too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from visionscale.errors import OutputError, OutputExistsError, RunLockedError, SameAsInputError
+from visionscale.io.atomic import publish, write_atomic
+
+__all__ = ["check_output_file", "check_writable_dir", "OutputDir", "RunLock", "MANIFEST",
+           "foreign_files", "read_manifest"]
+
+MANIFEST = ".visionscale-output.json"
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.abspath(a) == os.path.abspath(b) or a.resolve() == b.resolve()
+
+
+def check_writable_dir(folder: str | os.PathLike, *, what: str = "output folder") -> Path:
+    """Raise :class:`OutputError` unless ``folder`` is (or can be created as) a writable folder."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        if probe.is_symlink():
+            raise OutputError(f"{what} {folder}: {probe} is a broken link")
+        parent = probe.parent
+        if parent == probe:
+            break
+        probe = parent
+    if not probe.is_dir():
+        raise OutputError(f"{what} {folder}: {probe} exists and is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {folder}: {probe} is not writable (permission denied or read-only)")
+    return folder
+
+
+def check_output_file(path: str | os.PathLike, *, inputs=(), overwrite: bool = False,
+                      what: str = "output") -> Path:
+    """Check, before any work, that writing ``path`` loses nothing; return it as a ``Path``.
+
+    Args:
+        path: the file the command will write (atomically).
+        inputs: files or folders the command reads; ``path`` may be none of them, nor a file
+            inside an input folder that the command reads (pass those files explicitly).
+        overwrite: allow replacing an existing file that is not an input.
+        what: how the message names the output.
+    """
+    path = Path(path)
+    for item in inputs:
+        if item is not None and _same(path, Path(item)):
+            raise SameAsInputError(f"{what} {path} is the input {item}: writing it would destroy the "
+                                   f"input; choose another output path")
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder; give a file path")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise OutputExistsError(f"{what} {path} already exists; choose another path or allow overwriting it")
+    check_writable_dir(path.parent if str(path.parent) else Path("."), what=f"folder of {what} {path}")
+    return path
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest visionscale left in ``folder``, or ``None`` (missing or unreadable)."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), list):
+        return None
+    return data
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def foreign_files(folder: str | os.PathLike, kind: str) -> list[str]:
+    """Files in ``folder`` that an earlier ``kind`` output did not write (relative paths)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    manifest = read_manifest(folder)
+    ours = set(manifest["files"]) if manifest and manifest.get("kind") == kind else set()
+    ours.add(MANIFEST) if manifest and manifest.get("kind") == kind else None
+    return [f for f in _listing(folder) if f not in ours]
+
+
+class OutputDir:
+    """Write a folder of results all at once, or not at all.
+
+    Use as a context manager; inside, write every file under :attr:`path` (a staging folder).
+    On success the files move into ``target``; on any exception the staging folder is removed
+    and ``target`` is exactly as it was::
+
+        with OutputDir(out, kind="scale", overwrite=False) as tmp:
+            (tmp / "results.json").write_text(...)
+
+    A ``target`` that holds files visionscale did not write for this ``kind`` raises
+    :class:`OutputExistsError` when the object is made, before any work, unless ``overwrite``.
+    Files a previous ``kind`` output wrote and this one does not are removed (no stale results).
+    """
+
+    def __init__(self, target: str | os.PathLike, *, kind: str, overwrite: bool = False):
+        self.target = Path(target)
+        self.kind = kind
+        self.overwrite = overwrite
+        if self.target.exists() and not self.target.is_dir():
+            raise OutputError(f"output folder {self.target} exists and is not a folder")
+        check_writable_dir(self.target)
+        foreign = foreign_files(self.target, kind)
+        if foreign and not overwrite:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise OutputExistsError(f"output folder {self.target} holds files visionscale did not write "
+                                    f"({shown}); choose an empty or new folder, or allow overwriting")
+        self.path: Path | None = None
+
+    def __enter__(self) -> Path:
+        parent = self.target.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".partial", dir=parent))
+        return self.path
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        staging = self.path
+        assert staging is not None
+        if exc_type is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            return False
+        try:
+            self._commit(staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return False
+
+    def _commit(self, staging: Path) -> None:
+        new_files = _listing(staging)
+        manifest = {"kind": self.kind, "files": new_files}
+        write_atomic(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
+        for root, dirs, _ in os.walk(staging):
+            for d in dirs:
+                publish(os.path.join(root, d))
+        if not self.target.exists():
+            publish(staging)
+            os.replace(staging, self.target)
+            self.path = None
+            return
+        old = read_manifest(self.target)
+        if old and old.get("kind") == self.kind:
+            # Remove what the previous output of this kind wrote and this one does not.
+            for rel in old["files"]:
+                if rel not in new_files:
+                    try:
+                        (self.target / rel).unlink()
+                    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                        pass
+        for rel in new_files + [MANIFEST]:
+            dst = self.target / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.is_dir():
+                raise OutputError(f"cannot write {dst}: a folder of that name is in the way")
+            os.replace(staging / rel, dst)
+        # Empty folders left by removed stale files.
+        for root, dirs, files in sorted(os.walk(self.target), key=lambda t: -len(t[0])):
+            if root != str(self.target) and not dirs and not files:
+                try:
+                    os.rmdir(root)
+                except OSError:
+                    pass
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on a folder (a training run, a gallery) for one process.
+
+    ``with RunLock(folder, what="run folder"):`` raises :class:`RunLockedError` at once if
+    another process holds it. The lock file ``.lock`` stays (it holds the last owner's pid); the
+    lock itself lives in the kernel and vanishes with the process, however it ends.
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, what: str = "run folder", name: str = ".lock"):
+        self.folder = Path(folder)
+        self.what = what
+        self.file = self.folder / name
+        self._fh = None
+
+    def acquire(self) -> "RunLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fh = open(self.file, "a+")
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; the folder checks still apply
+            self._fh = fh
+            return self
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            owner = fh.read().strip() or "?"
+            fh.close()
+            raise RunLockedError(f"{self.what} {self.folder} is in use by another visionscale process "
+                                 f"(pid {owner}); wait for it to finish or use another folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing the descriptor drops the flock
+            self._fh = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
