@@ -15,6 +15,7 @@ from visionscale.anomaly import train as T
 from visionscale.anomaly.data import DataError
 from visionscale.anomaly.predict import RunError, evaluate, load_run, predict
 from visionscale.cli import ad
+from visionscale.errors import OutputExistsError
 from visionscale.io.weights import load_state_dict
 
 runner = CliRunner()
@@ -379,8 +380,9 @@ def test_bad_inputs_during_fit(demo, tmp_path):
     # A non-empty folder that is not a run is refused.
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("x")
-    with pytest.raises(T.FitError, match="not a run folder"):
+    with pytest.raises(OutputExistsError, match=r"not a run folder \(it holds x\.txt\)"):
         T.fit_patchcore(data, tmp_path / "junk", T.FitConfig(**TINY))
+    assert sorted(p.name for p in (tmp_path / "junk").iterdir()) == ["x.txt"]
 
 
 def test_predict_bad_images_and_broken_runs(fitted, tmp_path):

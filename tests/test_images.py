@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionscale.io.images import IMAGE_SUFFIXES, ImageReadError, collect_images, list_images, read_image
+from visionscale.io.images import (
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    collect_images,
+    list_images,
+    read_image,
+    read_image_and_size,
+)
 
 
 def _save(img: Image.Image, path, **kw):
@@ -169,3 +176,56 @@ def test_collect_images_expands_folders_keeps_files_and_names_what_is_missing(tm
         collect_images([tmp_path / "empty"])
     with pytest.raises(FileNotFoundError, match="no input images"):
         collect_images([])
+
+
+def test_min_size_is_a_whole_factor_box_reduction_before_rgb(tmp_path):
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    path = _save(Image.fromarray(a), tmp_path / "big.png")
+    # Largest whole factor keeping >= 9 x 9: min(40 // 9, 60 // 9) = 4 -> 10 x 15, PIL's box average.
+    out = read_image(path, min_size=(9, 9))
+    np.testing.assert_array_equal(out, np.asarray(Image.fromarray(a).reduce(4)))
+    np.testing.assert_array_equal(read_image(path, min_size=(21, 1)), a)  # 40 // 21 = 1: untouched
+    g = a[..., 0]
+    out = read_image(_save(Image.fromarray(g, mode="L"), tmp_path / "g.png"), min_size=(9, 9))
+    np.testing.assert_array_equal(out[..., 2], np.asarray(Image.fromarray(g, mode="L").reduce(4)))
+
+
+def test_min_size_on_palette_one_bit_and_sixteen_bit_images(tmp_path):
+    p = Image.new("P", (8, 8))
+    p.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    p.paste(1, (0, 0, 4, 8))  # left half index 1 (blue), right half index 0 (red)
+    out = read_image(_save(p, tmp_path / "p.png"), min_size=(2, 2))
+    # Colours are averaged, never palette indices: 4 x 4 blocks stay pure blue / pure red.
+    assert out.shape == (2, 2, 3) and tuple(out[0, 0]) == (0, 0, 255) and tuple(out[0, 1]) == (255, 0, 0)
+    bits = Image.fromarray(np.kron(np.array([[0, 255]], np.uint8), np.ones((4, 4), np.uint8))).convert("1")
+    out = read_image(_save(bits, tmp_path / "b.png"), min_size=(1, 1))
+    assert out.shape == (1, 2, 3) and out[0, 0, 0] == 0 and out[0, 1, 0] == 255
+    a = np.full((8, 8), 65535, np.uint16)
+    a[:, :4] = 0
+    out = read_image(_save(Image.fromarray(a), tmp_path / "g16.png"), min_size=(2, 2))
+    assert out.shape == (2, 2, 3) and out[0, 0, 0] == 0 and out[0, 1, 0] == 255
+
+
+def test_min_size_uses_jpeg_draft_and_follows_exif_orientation(tmp_path):
+    a = np.zeros((64, 128, 3), dtype=np.uint8)  # 128 wide x 64 high; left half red
+    a[:, :64] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: 64 wide x 128 high, red on top
+    path = _save(Image.fromarray(a), tmp_path / "o.jpg", exif=exif, quality=95)
+    out, size = read_image_and_size(path, min_size=(30, 15))  # (h, w) as viewed
+    assert size == (128, 64)
+    # Viewed 128 x 64 at >= 30 x 15: factor min(128 // 30, 64 // 15) = 4 -> 32 x 16.
+    assert out.shape == (32, 16, 3)
+    assert out[2, 8, 0] > 200 and out[29, 8, 2] < 60 and out[29, 8, 0] < 60
+    full = read_image(path)
+    assert full.shape == (128, 64, 3)
+
+
+def test_max_side_bounds_the_longer_side_and_never_enlarges(tmp_path):
+    path = _save(Image.new("RGB", (300, 120), (10, 200, 30)), tmp_path / "w.png")
+    out = read_image(path, max_side=100)
+    assert out.shape == (40, 100, 3) and tuple(out[20, 50]) == (10, 200, 30)
+    assert read_image(path, max_side=1000).shape == (120, 300, 3)
+    with pytest.raises(ValueError, match="max_side"):
+        read_image(path, max_side=0)

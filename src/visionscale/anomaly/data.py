@@ -22,10 +22,15 @@ of ``normal/`` is moved to the test set so image AUROC has normal images to rank
 
 Every image becomes RGB uint8 through :func:`visionscale.io.images.read_image` (grayscale,
 RGBA, 16-bit, EXIF orientation), then :func:`to_model_input` resizes it to the model size
-and normalises it with the ImageNet mean and std, in torch.
+and normalises it with the ImageNet mean and std, in torch. Before that,
+:func:`read_for_size` shrinks an image at least 2 x :data:`READ_MARGIN` times the model size
+by a whole factor in PIL, in 8 bits, so a huge file never becomes a full-size float tensor;
+smaller images (MVTec's 1024 px at 256, say) are read exactly as before.
 """
 
 from __future__ import annotations
+
+from visionscale.errors import VisionscaleError
 
 import random
 from collections import Counter
@@ -38,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visionscale.io.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_image
+from visionscale.errors import check_int
+from visionscale.io.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_image_and_size
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -51,6 +57,8 @@ __all__ = [
     "image_size_of",
     "check_mask_sizes",
     "to_model_input",
+    "read_for_size",
+    "READ_MARGIN",
     "load_mask",
     "ReadLog",
     "Batch",
@@ -60,10 +68,13 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Images are shrunk in PIL only while they stay at least this many times the model size, so
+# the final antialiased resize still does the real filtering.
+READ_MARGIN = 4
 SKIP_HINT = "pass --skip-bad (skip_bad=True) to continue without it; unreadable files are then listed at the end"
 
 
-class DataError(ValueError):
+class DataError(VisionscaleError, ValueError):
     """The data folder cannot be used as given; the message says what to fix."""
 
 
@@ -308,6 +319,13 @@ def check_mask_sizes(samples: Sequence[Sample]) -> None:
 # Tensors.
 
 
+def read_for_size(path: Path, size: int | tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """(H', W', 3) uint8 RGB of ``path``, shrunk in PIL while it stays >= READ_MARGIN x ``size``,
+    and the file's own (H, W). Raises :class:`ImageReadError` naming the file."""
+    h, w = pair(size)
+    return read_image_and_size(path, min_size=(READ_MARGIN * h, READ_MARGIN * w))
+
+
 def to_model_input(image: np.ndarray, size: int | tuple[int, int]) -> Tensor:
     """(H, W, 3) uint8 RGB -> (3, h, w) float32: antialiased bilinear resize, ImageNet normalisation."""
     h, w = pair(size)
@@ -321,9 +339,9 @@ def to_model_input(image: np.ndarray, size: int | tuple[int, int]) -> Tensor:
 
 def load_mask(path: Path, size: int | tuple[int, int]) -> Tensor:
     """Mask file -> (h, w) bool at the model size (nearest neighbour); any channel > 127 = defect."""
-    m = read_image(path).max(axis=2) > 127  # (H, W)
-    t = torch.from_numpy(m)[None, None].float()
     h, w = pair(size)
+    m = read_for_size(path, (h, w))[0].max(axis=2) > 127  # (H, W); huge masks box-averaged first
+    t = torch.from_numpy(m)[None, None].float()
     if tuple(t.shape[-2:]) != (h, w):
         t = F.interpolate(t, size=(h, w), mode="nearest")
     return t[0, 0] > 0.5
@@ -385,8 +403,7 @@ def iter_batches(
     then it is left out and recorded in ``log.bad``. Masks of anomalous samples without a
     mask file (and of all normal samples) are all False.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    check_int("batch_size", batch_size, minimum=1)
     hw = pair(size)
     log = log if log is not None else ReadLog()
     imgs: list[Tensor] = []
@@ -394,14 +411,14 @@ def iter_batches(
     kept: list[Sample] = []
     for s in samples:
         try:
-            arr = read_image(s.path)
+            arr, file_size = read_for_size(s.path, hw)
             mask = load_mask(s.mask, hw) if (with_masks and s.mask is not None) else None
         except ImageReadError as exc:
             if not skip_bad:
                 raise DataError(f"{exc}; {SKIP_HINT}") from None
             log.bad.append((s.path if str(s.path) in str(exc) else s.mask, _short_reason(exc)))
             continue
-        log.sizes[arr.shape[:2]] += 1
+        log.sizes[file_size] += 1
         imgs.append(to_model_input(arr, hw))
         if with_masks:
             masks.append(mask if mask is not None else torch.zeros(hw, dtype=torch.bool))

@@ -42,6 +42,8 @@ position (stage, epoch, batch).
 
 from __future__ import annotations
 
+from visionscale.errors import VisionscaleError
+
 import contextlib
 import copy
 import json
@@ -82,7 +84,7 @@ Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
 
 
-class DDADTrainError(RuntimeError):
+class DDADTrainError(VisionscaleError, RuntimeError):
     """Training cannot go on (diverged, or a checkpoint that does not belong to this run)."""
 
 

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionscale.anomaly.data import IMAGENET_MEAN, IMAGENET_STD
+from visionscale.errors import InvalidFileError
 from visionscale.io.atomic import atomic_path
 
 __all__ = [
@@ -361,18 +362,40 @@ def _save(obj: dict, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def _load_checkpoint(path: Path, identity: dict, say: Log) -> dict | None:
+def _corrupt_checkpoint(path: Path, reason: str) -> InvalidFileError:
+    return InvalidFileError(f"cannot resume from the checkpoint {path}: {reason}; it is corrupt or was edited. "
+                            f"Delete it to start this training over (or fit into a new run folder)")
+
+
+def _load_checkpoint(path: Path, identity: dict, say: Log, keys: tuple[str, ...]) -> dict | None:
+    """The checkpoint at ``path`` if it matches ``identity``; None if there is none.
+
+    Checkpoints are written atomically, so one that cannot be read was damaged afterwards:
+    it is reported (:class:`InvalidFileError`), never silently replaced by a fresh start.
+    """
     if not path.is_file():
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated by a crash while writing is impossible (atomic), but be safe
-        say(f"cannot read checkpoint {path} ({exc}); starting over")
-        return None
+    except Exception as exc:  # noqa: BLE001 - pickle and zip errors of every kind
+        raise _corrupt_checkpoint(path, str(exc).split("\n")[0] or type(exc).__name__) from None
+    if not isinstance(ckpt, dict):
+        raise _corrupt_checkpoint(path, f"expected a dict, got {type(ckpt).__name__}")
+    missing = [k for k in ("identity", "step", *keys) if k not in ckpt]
+    if missing:
+        raise _corrupt_checkpoint(path, f"{', '.join(missing)} missing")
     if ckpt.get("identity") != identity:
         say(f"checkpoint {path} is from a different configuration; starting over")
         return None
     return ckpt
+
+
+def _restore(path: Path, restore: Callable[[], None]) -> None:
+    """Load a checkpoint's states; a state that does not fit is a damaged checkpoint."""
+    try:
+        restore()
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise _corrupt_checkpoint(path, str(exc).split("\n")[0]) from None
 
 
 def train_efficientad(
@@ -404,6 +427,10 @@ def train_efficientad(
     Returns:
         ``{"loss": [...], "loss_hard": [...], "loss_penalty": [...], "loss_ae": [...],
         "loss_stae": [...], "seconds": float, "resumed_from": int}``, one entry per step.
+
+    Raises:
+        InvalidFileError: The checkpoint in ``checkpoint_dir`` cannot be read or restored
+            (names it, and says to delete it to start over).
     """
     say = log or (lambda m: None)
     tick = progress or (lambda s, d, t: None)
@@ -416,12 +443,18 @@ def train_efficientad(
     keys = ("loss", "loss_hard", "loss_penalty", "loss_ae", "loss_stae")
     history: dict = {k: [] for k in keys}
     start = 0
-    ckpt = _load_checkpoint(path, identity, say)
+    ckpt = _load_checkpoint(path, identity, say, ("model", "optimizer", "history"))
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        history = {k: list(ckpt["history"][k]) for k in keys}
-        start = int(ckpt["step"])
+        def restore() -> None:
+            nonlocal history, start
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            history = {k: list(ckpt["history"][k]) for k in keys}
+            start = int(ckpt["step"])
+            if not 0 <= start <= cfg.steps or any(len(v) != start for v in history.values()):
+                raise ValueError(f"step {start} does not match its history of {len(history['loss'])} steps")
+
+        _restore(path, restore)
         say(f"resuming training at step {start + 1} of {cfg.steps} from {path}")
     model.teacher.eval()
     for p in model.teacher.parameters():
@@ -513,13 +546,19 @@ def distill_teacher(
     for p in extractor.parameters():
         p.requires_grad_(False)
     opt = torch.optim.Adam(teacher.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ckpt = _load_checkpoint(path, identity, say)
+    ckpt = _load_checkpoint(path, identity, say, ("teacher", "optimizer", "mean", "std", "history"))
     if ckpt is not None:
-        teacher.load_state_dict(ckpt["teacher"])
-        opt.load_state_dict(ckpt["optimizer"])
-        mean, std = ckpt["mean"].to(dev), ckpt["std"].to(dev)
-        history = {"loss": list(ckpt["history"]["loss"])}
-        start = int(ckpt["step"])
+        def restore() -> None:
+            nonlocal mean, std, history, start
+            teacher.load_state_dict(ckpt["teacher"])
+            opt.load_state_dict(ckpt["optimizer"])
+            mean, std = ckpt["mean"].to(dev), ckpt["std"].to(dev)
+            history = {"loss": list(ckpt["history"]["loss"])}
+            start = int(ckpt["step"])
+            if not 0 <= start <= cfg.distill_steps:
+                raise ValueError(f"step {start} is outside 0..{cfg.distill_steps}")
+
+        _restore(path, restore)
         say(f"resuming teacher distillation at step {start + 1} of {cfg.distill_steps}")
     else:
         n_norm = norm_batches or max(1, -(-cfg.distill_norm_images // cfg.distill_batch_size))

@@ -11,14 +11,24 @@ Predictions say *anomalous* when the image score is >= the saved image threshold
 2 x (threshold - the lowest normal calibration score): that lowest normal score reads 0, the
 threshold 0.5, so scores of different runs read the same way. Heatmaps use the same scale
 on the pixel values (blue = the lowest normal value, green = the pixel threshold, red = far
-above it).
+above it). They are drawn over the image shrunk to at most :data:`HEATMAP_MAX_SIDE` (1024)
+pixels on its longer side, so what is written (and the memory drawing it takes) does not grow
+with the input: a 12000 x 12000 photo gets a 1024 x 1024 heatmap.
+
+Every file of a run is checked when it is loaded: a ``config.json`` or ``calibration.json``
+that was edited into the wrong type, lost a field or holds NaN raises
+:class:`~visionscale.errors.InvalidFileError` naming the file and the field, instead of
+predictions that quietly call everything normal.
 """
 
 from __future__ import annotations
 
+from visionscale.errors import InvalidFileError, InvalidValueError, VisionscaleError, check_finite, check_int
+
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from visionscale.device import resolve_device
 from visionscale.anomaly.data import (
     Batch,
     DataError,
@@ -44,9 +55,11 @@ from visionscale.anomaly.metrics import (
 )
 from visionscale.io.atomic import write_atomic
 from visionscale.io.images import collect_images, read_image
+from visionscale.io.outputs import OutputDir
 from visionscale.io.weights import load_state_dict
 
 __all__ = [
+    "HEATMAP_MAX_SIDE",
     "RunError",
     "LoadedRun",
     "Scored",
@@ -58,31 +71,85 @@ __all__ = [
     "evaluate",
     "records_csv",
     "EvalResult",
+    "validate_run_files",
 ]
 
 Progress = Callable[[str, int, int], None]
 
+HEATMAP_MAX_SIDE = 1024  # px, the longer side of a heatmap overlay at most
 
-class RunError(RuntimeError):
+
+class RunError(VisionscaleError, RuntimeError):
     """A run folder is missing, incomplete or inconsistent; the message says which file."""
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
-    return dev
 
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise RunError(f"{path.parent} is not a complete run folder: {path.name} is missing")
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RunError(f"cannot read {path}: {exc}") from None
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise RunError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise InvalidFileError(f"invalid run file {path}: not valid JSON ({exc}); {_EDITED}") from None
+    if not isinstance(data, dict):
+        raise InvalidFileError(f"invalid run file {path}: expected a JSON object, got {type(data).__name__}; "
+                               f"{_EDITED}")
+    return data
+
+
+_EDITED = "the file was edited or is corrupt: restore it or fit the run again"
+
+
+def _field_error(path: Path, message: str) -> InvalidFileError:
+    return InvalidFileError(f"invalid run file {path}: {message}; {_EDITED}")
+
+
+def _number(path: Path, data: dict, key: str, *, required: bool = True, positive: bool = False) -> None:
+    if key not in data:
+        if required:
+            raise _field_error(path, f"{key} is missing")
+        return
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _field_error(path, f"{key} must be a number, got {value!r}")
+    try:
+        check_finite(key, value, minimum=0.0 if positive else None, min_inclusive=False)
+    except InvalidValueError as exc:
+        raise _field_error(path, str(exc)) from None
+
+
+def validate_run_files(run: Path, config: dict, calibration: dict) -> None:
+    """Raise :class:`InvalidFileError` naming the file and field that cannot be used as saved."""
+    from visionscale.anomaly.train import FIT_MODELS, method_of
+
+    cfg_path, cal_path = run / "config.json", run / "calibration.json"
+    model = config.get("model")
+    if not isinstance(model, str) or model not in FIT_MODELS:
+        raise _field_error(cfg_path, f"model must be one of {', '.join(FIT_MODELS)}, got {model!r}")
+    method = config.get("method", method_of(model))
+    if method != method_of(model):
+        raise _field_error(cfg_path, f"method {method!r} does not match model {model!r}")
+    size = config.get("image_size")
+    if (not isinstance(size, list) or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+        raise _field_error(cfg_path, f"image_size must be [height, width] in pixels, got {size!r}")
+    if method == "patchcore":
+        ratio = config.get("coreset_ratio")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (
+                math.isfinite(ratio) and 0 < ratio <= 1):
+            raise _field_error(cfg_path, f"coreset_ratio must be a number in (0, 1], got {ratio!r}")
+    seed = config.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise _field_error(cfg_path, f"seed must be an integer >= 0, got {seed!r}")
+    if not isinstance(config.get("pdn_padding", True), bool):
+        raise _field_error(cfg_path, f"pdn_padding must be true or false, got {config['pdn_padding']!r}")
+    for key in ("image_threshold", "pixel_threshold"):
+        _number(cal_path, calibration, key)
+    for key in ("image_span", "pixel_span"):
+        _number(cal_path, calibration, key, positive=True)
+    for key in ("image_min", "image_max", "pixel_min", "pixel_max"):  # informative; finite if there
+        _number(cal_path, calibration, key, required=False)
 
 
 @dataclass
@@ -111,6 +178,8 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "auto", *, bac
 
     Raises:
         RunError: The folder or one of its files is missing or unreadable.
+        InvalidFileError: ``config.json`` or ``calibration.json`` was edited into something
+            unusable (wrong type, a missing or non-finite field); the message names both.
     """
     from visionscale.anomaly.train import (
         build_run_model,  # the builders live with fitting
@@ -121,6 +190,7 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "auto", *, bac
         raise RunError(f"run folder not found: {path}")
     config = _read_json(path / "config.json")
     calibration = _read_json(path / "calibration.json")
+    validate_run_files(path, config, calibration)
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise RunError(f"{path} is not a complete run folder: model.safetensors is missing (did fitting finish?)")
@@ -204,41 +274,54 @@ def predict(
     skip_bad: bool = False,
     overlays: bool = True,
     progress: Progress | None = None,
+    threshold: float | None = None,
+    overwrite: bool = False,
 ) -> tuple[list[dict], ReadLog]:
     """Score images: one record per readable image, heatmap overlay PNGs in ``out_dir``.
 
     Records hold ``path``, ``score``, ``normalized_score``, ``label`` (``"anomalous"`` or
     ``"normal"``), ``heatmap`` (PNG path or None). With ``out_dir``, ``predictions.json``
-    and ``predictions.csv`` are written there too.
+    and ``predictions.csv`` are written there too, all at once when every image is done
+    (:class:`~visionscale.io.outputs.OutputDir`, kind ``ad-predict``): a failure leaves
+    ``out_dir`` as it was, and files of an earlier prediction there that this one does not
+    write are removed. A folder holding other files is refused unless ``overwrite``.
+
+    Args:
+        threshold: Image threshold instead of the run's saved one (``normalized_score``
+            then reads 0.5 at it).
 
     Raises:
         DataError: An image cannot be read and ``skip_bad`` is False (names the file).
+        InvalidValueError: ``threshold`` is not finite, ``batch_size`` < 1.
+        OutputExistsError: ``out_dir`` holds files that are not an earlier prediction's.
     """
+    check_int("batch_size", batch_size, minimum=1)
+    thr = run.calibration["image_threshold"] if threshold is None else check_finite("threshold", threshold)
+    target = OutputDir(out_dir, kind="ad-predict", overwrite=overwrite) if out_dir is not None else None
     paths = collect_images(images)
     cal = run.calibration
     samples = [Sample(p, -1, "") for p in paths]
     log = ReadLog()
     batches = iter_batches(samples, run.image_size, batch_size, skip_bad=skip_bad, log=log)
-    scored = score_batches(run.model, batches, run.device, len(samples), progress, "predicting", keep_maps=overlays)
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    draw = overlays and target is not None
+    scored = score_batches(run.model, batches, run.device, len(samples), progress, "predicting", keep_maps=draw)
     names = dict(zip([s.path for s in scored.samples], _unique_names([s.path for s in scored.samples])))
     records = []
-    for i, (s, score) in enumerate(zip(scored.samples, scored.scores)):
-        rec = {
+    for s, score in zip(scored.samples, scored.scores):
+        records.append({
             "path": str(s.path),
             "score": float(score),
-            "normalized_score": float(normalize(score, cal["image_threshold"], cal["image_span"])),
-            "label": "anomalous" if score >= cal["image_threshold"] else "normal",
-            "heatmap": None,
-        }
-        if overlays and out is not None:
-            rec["heatmap"] = str(_write_overlay(s.path, scored.maps[i], cal, out / f"{names[s.path]}_heatmap.png"))
-        records.append(rec)
-    if out is not None:
-        write_atomic(out / "predictions.json", (json.dumps(records, indent=2) + "\n").encode())
-        write_atomic(out / "predictions.csv", records_csv(records).encode())
+            "normalized_score": float(normalize(score, thr, cal["image_span"])),
+            "label": "anomalous" if score >= thr else "normal",
+            "heatmap": str(target.target / f"{names[s.path]}_heatmap.png") if draw else None,
+        })
+    if target is not None:
+        with target as tmp:
+            if draw:
+                for s, amap in zip(scored.samples, scored.maps):
+                    _write_overlay(s.path, amap, cal, tmp / f"{names[s.path]}_heatmap.png")
+            write_atomic(tmp / "predictions.json", (json.dumps(records, indent=2) + "\n").encode())
+            write_atomic(tmp / "predictions.csv", records_csv(records).encode())
     return records, log
 
 
@@ -255,7 +338,8 @@ def records_csv(records: Sequence[dict]) -> str:
 def _write_overlay(path: Path, amap: np.ndarray, cal: dict, dst: Path) -> Path:
     from visionscale.anomaly.plots import heatmap_overlay, save_png
 
-    image = read_image(path)  # already read once; small next to the model's cost
+    # Read again (small next to the model's cost), shrunk in PIL: the overlay's size is bounded.
+    image = read_image(path, max_side=HEATMAP_MAX_SIDE)
     h, w = image.shape[:2]
     t = torch.from_numpy(amap)[None, None]
     full = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
@@ -282,15 +366,20 @@ def evaluate(
     skip_bad: bool = False,
     plots: bool = True,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> EvalResult:
     """Score a data set's test images; metrics, ROC/PRO PNGs and per-image scores in ``out_dir``.
 
     Masks are resized (nearest) to the model size, where the maps are. Pixel metrics
     need a mask for every anomalous image and are skipped, with a note, otherwise.
+    ``out_dir`` is written all at once, like :func:`predict`'s (kind ``ad-eval``).
 
     Raises:
         DataError: No test images, unreadable data (see ``skip_bad``), mask size mismatch.
+        OutputExistsError: ``out_dir`` holds files that are not an earlier evaluation's.
     """
+    check_int("batch_size", batch_size, minimum=1)
+    target = OutputDir(out_dir, kind="ad-eval", overwrite=overwrite) if out_dir is not None else None
     ds = load_dataset(data, category, require_train=False)
     if not ds.test:
         raise DataError(f"no test images in {ds.root} (expected test/good and test/<defect>, or normal_test/ and abnormal/)")
@@ -311,25 +400,30 @@ def evaluate(
     metrics = evaluate_scores(labels, scored.scores, maps, masks)
     metrics.notes = tuple(notes) + metrics.notes
     files: list[Path] = []
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        payload = {"run": str(run.path), "data": str(ds.root), "category": ds.category, **metrics.as_dict(),
-                   "threshold_used": run.calibration["image_threshold"],
-                   "accuracy_at_saved_threshold": _accuracy(labels, scored.scores, run.calibration["image_threshold"])}
-        write_atomic(out / "metrics.json", (json.dumps(payload, indent=2) + "\n").encode())
-        files.append(out / "metrics.json")
-        rows = [{"path": str(s.path), "defect": s.defect, "label": int(s.label), "score": float(v)}
-                for s, v in zip(scored.samples, scored.scores)]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["path", "defect", "label", "score"], lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-        write_atomic(out / "scores.csv", buf.getvalue().encode())
-        files.append(out / "scores.csv")
-        if plots:
-            files.extend(_eval_plots(labels, scored, maps, masks, metrics, out))
+    if target is not None:
+        with target as out:
+            files = [target.target / p.name for p in _write_eval(run, ds, labels, scored, maps, masks, metrics, out,
+                                                                plots)]
     return EvalResult(metrics, files, log, notes)
+
+
+def _write_eval(run: LoadedRun, ds, labels, scored: Scored, maps, masks, metrics: ImageMetrics, out: Path,
+                plots: bool) -> list[Path]:
+    thr = run.calibration["image_threshold"]
+    payload = {"run": str(run.path), "data": str(ds.root), "category": ds.category, **metrics.as_dict(),
+               "threshold_used": thr, "accuracy_at_saved_threshold": _accuracy(labels, scored.scores, thr)}
+    write_atomic(out / "metrics.json", (json.dumps(payload, indent=2) + "\n").encode())
+    rows = [{"path": str(s.path), "defect": s.defect, "label": int(s.label), "score": float(v)}
+            for s, v in zip(scored.samples, scored.scores)]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["path", "defect", "label", "score"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(out / "scores.csv", buf.getvalue().encode())
+    files = [out / "metrics.json", out / "scores.csv"]
+    if plots:
+        files.extend(_eval_plots(labels, scored, maps, masks, metrics, out))
+    return files
 
 
 def _accuracy(labels: np.ndarray, scores: Sequence[float], threshold: float) -> float | None:

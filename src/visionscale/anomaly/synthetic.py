@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visionscale.errors import check_int
 from visionscale.io.atomic import publish, write_atomic
 
 __all__ = ["TEXTURES", "DEFECTS", "make_demo", "make_category"]
@@ -237,6 +238,12 @@ def make_demo(
         ValueError: Unknown category or defect, size < 32, no training images.
     """
     out = Path(out).expanduser()
+    # Bounds before any work: a negative count used to write a demo silently, a huge size to
+    # run for minutes (the textures are 512 px; 4096 px is already an 8x upscale).
+    check_int("size", size, minimum=32, maximum=4096)
+    check_int("num_train", num_train, minimum=1)
+    check_int("num_test_good", num_test_good, minimum=0)
+    check_int("num_test_defect", num_test_defect, minimum=0)
     cats = list(dict.fromkeys(categories))
     if not cats:
         raise ValueError("no categories given")

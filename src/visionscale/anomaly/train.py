@@ -43,6 +43,9 @@ Run folder::
 
 from __future__ import annotations
 
+from visionscale.errors import InvalidFileError, OutputExistsError, VisionscaleError, check_finite, check_int
+
+import contextlib
 import hashlib
 import json
 import os
@@ -84,6 +87,7 @@ from visionscale.anomaly.data import (
 from visionscale.anomaly.metrics import evaluate_scores, f1_optimal_threshold
 from visionscale.anomaly.predict import Scored, resolve_device, score_batches
 from visionscale.io.atomic import write_atomic
+from visionscale.io.outputs import RunLock
 from visionscale.io.weights import WeightsUnavailableError, save_file_atomic
 
 __all__ = [
@@ -117,11 +121,13 @@ RANDOM_TEACHER_WARNING = (
     "Wide-ResNet-101-2 features) for meaningful anomaly scores"
 )
 
+MAX_IMAGE_SIDE = 16384  # px: a larger model input is a typo, not a plan
+
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
 
 
-class FitError(RuntimeError):
+class FitError(VisionscaleError, RuntimeError):
     """Fitting cannot go on; the message says what to change."""
 
 
@@ -192,20 +198,33 @@ class FitConfig:
     checkpoint_every: int = 1000
 
     def __post_init__(self) -> None:
+        # Every number is checked here, not only in the CLI: NaN passes most comparisons.
+        if not isinstance(self.image_size, int):
+            for v in self.image_size:
+                check_int("image_size", v)
+        else:
+            check_int("image_size", self.image_size)
         object.__setattr__(self, "image_size", pair(self.image_size))
         method = method_of(self.model)
         if self.batch_size is None and method != "ddad":
             object.__setattr__(self, "batch_size", 8 if method == "patchcore" else 1)
-        if self.batch_size is not None and self.batch_size < 1:
-            raise FitError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size, minimum=1)
         if min(self.image_size) < 32:
             raise FitError(f"image size must be at least 32 px per side, got {self.image_size[1]}x{self.image_size[0]}")
-        if not 0 <= self.holdout_fraction < 1 or self.threshold_margin < 0:
-            raise FitError("holdout_fraction must be in [0, 1) and threshold_margin >= 0")
-        if self.steps is not None and self.steps < 1:
-            raise FitError(f"--steps must be >= 1, got {self.steps}")
-        if self.checkpoint_every < 1 or self.distill_steps < 1:
-            raise FitError("--checkpoint-every and --distill-steps must be >= 1")
+        if max(self.image_size) > MAX_IMAGE_SIDE:
+            raise FitError(f"image size must be at most {MAX_IMAGE_SIDE} px per side, "
+                           f"got {self.image_size[1]}x{self.image_size[0]}")
+        check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
+        check_finite("coreset_ratio", self.coreset_ratio)
+        check_finite("holdout_fraction", self.holdout_fraction, minimum=0.0, maximum=1.0, max_inclusive=False)
+        check_finite("threshold_margin", self.threshold_margin, minimum=0.0)
+        if self.steps is not None:
+            check_int("steps", self.steps, minimum=1)
+        check_int("checkpoint_every", self.checkpoint_every, minimum=1)
+        check_int("distill_steps", self.distill_steps, minimum=1)
+        check_int("projection_dim", self.projection_dim, minimum=1)
+        check_int("num_starting_points", self.num_starting_points, minimum=0)
         ead_only = [name for name, on in (("--teacher", self.teacher is not None),
                                           ("--distill-teacher", self.distill_teacher),
                                           ("--imagenet", self.imagenet is not None)) if on]
@@ -216,10 +235,7 @@ class FitConfig:
         if method == "patchcore":
             if self.steps is not None:
                 raise FitError("--steps does not apply to PatchCore (it has no training loop)")
-            if not 0 < self.coreset_ratio <= 1:
-                raise FitError(f"coreset ratio must be in (0, 1], got {self.coreset_ratio}")
-            if self.projection_dim < 1 or self.num_starting_points < 0:
-                raise FitError("projection_dim must be >= 1 and num_starting_points >= 0")
+            check_finite("coreset_ratio", self.coreset_ratio, minimum=0.0, maximum=1.0, min_inclusive=False)
         if method == "efficientad":
             if self.teacher is not None and self.distill_teacher:
                 raise FitError("--teacher and --distill-teacher exclude each other: load a teacher or distil one")
@@ -380,6 +396,148 @@ def _oom_error(stage: str, cfg: FitConfig, device: torch.device, extra: str = ""
     return FitError(f"out of memory during {stage} on {device}: {knobs}{extra}")
 
 
+RUN_FILES = ("config.json", "versions.json", "model.safetensors", "teacher.safetensors", "calibration.json",
+             "metrics.json", "state.json")
+RUN_FOLDERS = ("cache", "checkpoints")
+
+
+def _run_config(path: Path) -> dict | None:
+    """The ``config.json`` of a run visionscale fitted, or None (missing, unreadable, someone else's)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and data.get("model") in FIT_MODELS and isinstance(data.get("image_size"), list):
+        return data
+    return None
+
+
+def _read_run_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise InvalidFileError(f"invalid run file {path}: not valid JSON ({exc}); the file was edited or is "
+                               f"corrupt: delete the run folder {path.parent} to fit again") from None
+    if not isinstance(data, dict):
+        raise InvalidFileError(f"invalid run file {path}: expected a JSON object, got {type(data).__name__}; "
+                               f"delete the run folder {path.parent} to fit again")
+    return data
+
+
+def _has_progress(run: Path) -> bool:
+    """Whether ``run`` holds anything a rerun would resume from (weights, checkpoints, features)."""
+    if any((run / name).is_file() for name in ("model.safetensors", "teacher.safetensors")):
+        return True
+    if (run / "checkpoints").is_dir() and any(p.is_file() for p in (run / "checkpoints").rglob("*")):
+        return True
+    try:
+        return json.loads((run / "cache" / "progress.json").read_text()).get("rows", 0) > 0
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _claims_run_folder(fit_fn):
+    """Run ``fit_fn(data, out, ...)`` holding the lock on its run folder ``out``.
+
+    Before the lock is taken (taking it creates the folder and its ``.lock``): a folder with
+    anything in it but a run of ours is refused unless ``overwrite``. A failure before anything
+    resumable was saved removes what this fit created: the folder (and missing parents) if it
+    was new, else the entries it added.
+    """
+    import functools
+
+    @functools.wraps(fit_fn)
+    def wrapper(data, out, config=None, **kw):
+        run = Path(out).expanduser()
+        if run.exists() and not run.is_dir():
+            raise FitError(f"run folder {run} exists and is not a folder")
+        top = run  # the outermost folder this call creates
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
+        before = set(os.listdir(run)) if run.is_dir() else None
+        others = sorted((before or set()) - {".lock"})
+        if others and _run_config(run / "config.json") is None and not kw.get("overwrite", False):
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise OutputExistsError(f"run folder {run} is not empty and is not a run folder (it holds {shown}); "
+                                    f"choose a new or empty folder, or allow overwriting (a run's file names "
+                                    f"there are then replaced)")
+        # Not cleaned up when this fails: another process may have just made the folder and hold it.
+        lock = RunLock(run, what="run folder").acquire()
+        try:
+            return fit_fn(data, out, config, **kw)
+        except BaseException:
+            if not _has_progress(run):
+                if before is None:
+                    shutil.rmtree(top, ignore_errors=True)
+                else:
+                    _remove_new_entries(run, before)
+            raise
+        finally:
+            lock.release()
+
+    return wrapper
+
+
+def _remove_new_entries(run: Path, before: set[str]) -> None:
+    try:
+        added = set(os.listdir(run)) - before
+    except OSError:
+        return
+    for name in added:
+        target = run / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def _clear_run(run: Path) -> None:
+    """Remove the files a run consists of (``overwrite``), nothing else."""
+    for name in RUN_FILES:
+        (run / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(run / name, ignore_errors=True)
+
+
+def _open_run(run: Path, record: dict, say: Log, overwrite: bool = False) -> dict:
+    """Create the run folder, or check that it holds the same fit and return its state."""
+    if run.exists() and not run.is_dir():
+        raise FitError(f"run folder {run} exists and is not a folder")
+    cfg_path = run / "config.json"
+    old = _run_config(cfg_path)
+    if old is not None:
+        old_fit = {k: old.get(k) for k in record["fit"]}
+        diff = [k for k in record["fit"] if old_fit[k] != record["fit"][k]]
+        old_data = old.get("data")
+        if not isinstance(old_data, dict) or old_data.get("fingerprint") != record["data"]["fingerprint"]:
+            diff.append("training images")
+        if diff and not overwrite:
+            raise FitError(f"{run} already holds a fit with a different {', '.join(diff)}; "
+                           f"choose another run folder, delete it, or allow overwriting it")
+        if not diff:
+            state_path = run / "state.json"
+            state = _read_run_json(state_path) if state_path.is_file() else {}
+            if not state.get("complete"):
+                say(f"resuming the unfinished fit in {run}")
+            return state
+        say(f"{run} held a fit with a different {', '.join(diff)}: starting over (overwrite)")
+        _clear_run(run)
+    elif run.is_dir() and any(p.name != ".lock" for p in run.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"run folder {run} is not empty and is not a run folder; choose a new or "
+                                    f"empty folder, or allow overwriting")
+        _clear_run(run)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise FitError(f"cannot write to run folder {run}: {exc.strerror or exc}") from None
+    return {}
+
+
+@_claims_run_folder
 def fit_patchcore(
     data: str | os.PathLike,
     out: str | os.PathLike,
@@ -389,12 +547,14 @@ def fit_patchcore(
     progress: Progress | None = None,
     log: Log | None = None,
     keep_cache: bool = False,
+    overwrite: bool = False,
 ) -> FitResult:
     """Fit PatchCore on the normal training images under ``data`` and write a run folder to ``out``.
 
     Args:
         data: MVTec AD root/category or plain folder layout (see :mod:`visionscale.anomaly.data`).
-        out: Run folder; created, or resumed if it holds an unfinished fit of the same config.
+        out: Run folder; created, or resumed if it holds an unfinished fit of the same config
+            (see :func:`fit` for the lock, foreign files and ``overwrite``).
         config: What to fit.
         category: MVTec category when ``data`` holds several.
         progress: ``progress(stage, done, total)``.
@@ -439,12 +599,9 @@ def fit_patchcore(
             "test_anomalous": sum(s.label == 1 for s in ds.test), "fingerprint": _data_fingerprint(ds.train),
         },
     }
-    state = _open_run(run, record, say)
+    state = _open_run(run, record, say, overwrite)
     if state.get("complete"):
-        say(f"{run} already holds this fit, complete; nothing to do")
-        return FitResult(run, json.loads((run / "calibration.json").read_text()),
-                         json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else None,
-                         state, state.get("notes", []))
+        return _finished(run, state, say)
     if cfg.weights is None:
         say(RANDOM_WEIGHTS_WARNING)
     # Built before config.json is written: weights that fail to load leave no run behind
@@ -518,40 +675,6 @@ def fit_patchcore(
             raise _oom_error("calibration", cfg, device) from None
         raise
     return _finish(run, calibration, metrics, cal_notes, notes, say, state, save_state, t0)
-
-
-def _open_run(run: Path, record: dict, say: Log) -> dict:
-    """Create the run folder, or check that it holds the same fit and return its state."""
-    if run.exists() and not run.is_dir():
-        raise FitError(f"--out {run} exists and is not a folder")
-    cfg_path = run / "config.json"
-    if cfg_path.is_file():
-        try:
-            old = json.loads(cfg_path.read_text())
-        except ValueError:
-            raise FitError(f"{cfg_path} is unreadable; choose another --out or delete {run}") from None
-        old_fit = {k: old.get(k) for k in record["fit"]}
-        diff = [k for k in record["fit"] if old_fit[k] != record["fit"][k]]
-        if old.get("data", {}).get("fingerprint") != record["data"]["fingerprint"]:
-            diff.append("training images")
-        if diff:
-            raise FitError(f"{run} already holds a fit with a different {', '.join(diff)}; "
-                           f"choose another --out or delete it")
-        state_path = run / "state.json"
-        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-        if not state.get("complete"):
-            say(f"resuming the unfinished fit in {run}")
-        return state
-    if run.is_dir() and any(run.iterdir()):
-        raise FitError(f"--out {run} is not empty and is not a run folder; choose a new or empty folder")
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise FitError(f"cannot write to --out {run}: {exc.strerror or exc}") from None
-    return {}
 
 
 def _extract_features(model, samples: list[Sample], cfg: FitConfig, device: torch.device, run: Path, state: dict,
@@ -765,6 +888,7 @@ def fit(
     progress: Progress | None = None,
     log: Log | None = None,
     keep_cache: bool = False,
+    overwrite: bool = False,
 ) -> FitResult:
     """Fit ``config.model`` on the normal training images under ``data`` into the run folder ``out``.
 
@@ -772,13 +896,20 @@ def fit(
     method writes the same run folder (``config.json``, ``versions.json``,
     ``model.safetensors``, ``calibration.json``, ``metrics.json``, ``state.json``) that
     :func:`visionscale.anomaly.predict.load_run` reads back.
+
+    The run folder is locked for the whole fit (:class:`~visionscale.io.outputs.RunLock`: a
+    second fit into it fails at once). A folder that holds anything but a run is refused
+    unless ``overwrite`` (then a run's file names there are replaced; with ``overwrite`` a
+    different fit there is started over). A fit that fails before it saved anything it could
+    resume from leaves no new folder behind.
     """
     cfg = config or FitConfig()
     if cfg.method == "patchcore":
-        return fit_patchcore(data, out, cfg, category=category, progress=progress, log=log, keep_cache=keep_cache)
+        return fit_patchcore(data, out, cfg, category=category, progress=progress, log=log, keep_cache=keep_cache,
+                             overwrite=overwrite)
     if cfg.method == "efficientad":
-        return fit_efficientad(data, out, cfg, category=category, progress=progress, log=log)
-    return fit_ddad_run(data, out, cfg, category=category, progress=progress, log=log)
+        return fit_efficientad(data, out, cfg, category=category, progress=progress, log=log, overwrite=overwrite)
+    return fit_ddad_run(data, out, cfg, category=category, progress=progress, log=log, overwrite=overwrite)
 
 
 class SignedInput(torch.nn.Module):
@@ -871,12 +1002,11 @@ class _ImageStore:
         self.cache: dict[int, torch.Tensor] | None = {} if len(paths) * 3 * h * w * 4 <= budget else None
 
     def get(self, i: int) -> torch.Tensor:
-        from visionscale.anomaly.data import to_model_input
-        from visionscale.io.images import read_image
+        from visionscale.anomaly.data import read_for_size, to_model_input
 
         t = self.cache.get(i) if self.cache is not None else None
         if t is None:
-            t = to_model_input(read_image(self.paths[i]), self.size)  # (3, H, W)
+            t = to_model_input(read_for_size(self.paths[i], self.size)[0], self.size)  # (3, H, W)
             if self.cache is not None:
                 self.cache[i] = t
         return t
@@ -898,15 +1028,17 @@ class _GenericImages:
         self.bad: dict[Path, str] = {}
 
     def _read(self, i: int):
-        from visionscale.io.images import ImageReadError, read_image
+        from visionscale.anomaly.data import read_for_size
+        from visionscale.io.images import ImageReadError
 
+        h, w = self.size
         n = len(self.paths)
         for k in range(n):  # an unreadable file (with skip_bad) is replaced by the next one
             p = self.paths[(i + k) % n]
             if p in self.bad:
                 continue
             try:
-                return read_image(p)
+                return read_for_size(p, (2 * h, 2 * w))[0]  # used at 2H x 2W and H x W
             except ImageReadError as exc:
                 if not self.skip_bad:
                     raise DataError(f"{exc} (in --imagenet); {SKIP_HINT}") from None
@@ -1017,11 +1149,11 @@ def _run_record(cfg: FitConfig, ds: ADDataset, train: list[Sample], holdout: lis
 
 def _finished(run: Path, state: dict, say: Log) -> FitResult:
     say(f"{run} already holds this fit, complete; nothing to do")
-    return FitResult(run, json.loads((run / "calibration.json").read_text()),
-                     json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else None,
-                     state, state.get("notes", []))
+    metrics = _read_run_json(run / "metrics.json") if (run / "metrics.json").exists() else None
+    return FitResult(run, _read_run_json(run / "calibration.json"), metrics, state, state.get("notes", []))
 
 
+@_claims_run_folder
 def fit_efficientad(
     data: str | os.PathLike,
     out: str | os.PathLike,
@@ -1030,6 +1162,7 @@ def fit_efficientad(
     category: str | None = None,
     progress: Progress | None = None,
     log: Log | None = None,
+    overwrite: bool = False,
 ) -> FitResult:
     """Train EfficientAD (paper Algorithm 1) on the training images under ``data``; write a run folder.
 
@@ -1082,7 +1215,7 @@ def fit_efficientad(
 
     device = resolve_device(cfg.device)
     record = _run_record(cfg, ds, train_samples, val_samples)
-    state = _open_run(run, record, say)
+    state = _open_run(run, record, say, overwrite)
     if state.get("complete"):
         return _finished(run, state, say)
     random_teacher = cfg.teacher is None and not cfg.distill_teacher
@@ -1206,6 +1339,7 @@ def fit_efficientad(
     return _finish(run, calibration, metrics, cal_notes, notes, say, state, save_state, t0)
 
 
+@_claims_run_folder
 def fit_ddad_run(
     data: str | os.PathLike,
     out: str | os.PathLike,
@@ -1214,6 +1348,7 @@ def fit_ddad_run(
     category: str | None = None,
     progress: Progress | None = None,
     log: Log | None = None,
+    overwrite: bool = False,
 ) -> FitResult:
     """Train DDAD through :mod:`visionscale.anomaly.ddad_train` and write a run folder.
 
@@ -1275,7 +1410,7 @@ def fit_ddad_run(
         raise FitError(f"--image-size {cfg.image_size[1]}x{cfg.image_size[0]} does not fit {cfg.model}: {exc}") from None
     device = resolve_device(cfg.device)
     record = _run_record(cfg, ds, train_samples, holdout)
-    state = _open_run(run, record, say)
+    state = _open_run(run, record, say, overwrite)
     if state.get("complete"):
         return _finished(run, state, say)
     if cfg.weights is None:

@@ -15,9 +15,12 @@ from typing import Optional
 
 import typer
 
-from visionscale.cli._common import err, fail, note_runner, out, split_csv
+from visionscale.cli import _common
+from visionscale.cli._common import CLIGroup, err, fail, note_runner, out, split_csv
+from visionscale.io.outputs import OutputDir
 
 app = typer.Typer(
+    cls=CLIGroup,
     help="Anomaly detection: make demo data, fit PatchCore / EfficientAD / DDAD, predict on images, evaluate.",
     no_args_is_help=True,
     add_completion=False,
@@ -28,12 +31,10 @@ app = typer.Typer(
 
 
 def note(message: str) -> None:
-    from rich.markup import escape
-
     if message.startswith("running on") and "RANDOM" in message:
-        err.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        _common.warn(message)
     else:
-        err.print(f"note: {escape(message)}", highlight=False, soft_wrap=True)
+        _common.note(message)
 
 
 def warn_if_random(run) -> None:
@@ -133,10 +134,15 @@ def fit_cmd(
     seed: int = typer.Option(0, help="Seeds random weights, projection, coreset start, data order and hold-outs."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Fit into a folder that holds other files (a run's file names there are replaced) or a different fit (started over)."),
 ) -> None:
-    """Fit an anomaly detector on normal images and save it with its thresholds."""
+    """Fit an anomaly detector on normal images and save it with its thresholds.
+
+    The run folder is locked while fitting: a second `ad fit` into it stops at once.
+    """
     from visionscale.anomaly import train as T
     from visionscale.anomaly.data import DataError
+    from visionscale.errors import VisionscaleError
 
     try:
         cfg = T.FitConfig(model=model, image_size=parse_image_size(image_size), coreset_ratio=coreset_ratio,
@@ -145,8 +151,8 @@ def fit_cmd(
                           imagenet=str(imagenet) if imagenet is not None else None, distill_steps=distill_steps,
                           allow_random_weights=allow_random_weights, checkpoint_every=checkpoint_every)
         with _progress() as progress:
-            result = T.fit(data, run_dir, cfg, category=category, progress=progress, log=note)
-    except (T.FitError, DataError, ValueError, OSError) as exc:
+            result = T.fit(data, run_dir, cfg, category=category, progress=progress, log=note, overwrite=overwrite)
+    except (VisionscaleError, T.FitError, DataError, ValueError, OSError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail(f"interrupted; finished batches and checkpoints are kept in {run_dir}: run the same command again "
@@ -195,10 +201,12 @@ def _print_metrics(m: dict) -> None:
 def predict_cmd(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="Run folder written by `ad fit`."),
     images: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Image files or folders of images."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where heatmaps and predictions.json/csv go [default: RUN/predictions]."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where heatmaps and predictions.json/csv go [default: RUN/predictions]; written all at once, replacing an earlier prediction's files."),
     as_json: bool = typer.Option(False, "--json", help="Print predictions as JSON on stdout."),
     as_csv: bool = typer.Option(False, "--csv", help="Print predictions as CSV on stdout."),
-    heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Write heatmap overlay PNGs."),
+    heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Write heatmap overlay PNGs (at most 1024 px on the longer side)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Image threshold to use instead of the run's saved one."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out folder that holds other files (same names are replaced)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and list them."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
@@ -208,17 +216,21 @@ def predict_cmd(
     """Score images: anomalous or normal, a score, and a heatmap overlay each."""
     from visionscale.anomaly.data import DataError
     from visionscale.anomaly.predict import RunError, load_run, predict, records_csv
+    from visionscale.errors import VisionscaleError
 
     if as_json and as_csv:
         fail("--json and --csv exclude each other")
+    dest = out_dir or run_dir / "predictions"
     try:
+        OutputDir(dest, kind="ad-predict", overwrite=overwrite)  # refuse a bad --out before loading anything
         run = load_run(run_dir, device, backend=backend, precision=precision)
         warn_if_random(run)
         note_runner(run.model)
         with _progress() as progress:
-            records, log = predict(run, images, out_dir or run_dir / "predictions", batch_size=batch_size,
-                                   skip_bad=skip_bad, overlays=heatmaps, progress=progress)
-    except (RunError, DataError, FileNotFoundError, ValueError, OSError) as exc:
+            records, log = predict(run, images, dest, batch_size=batch_size,
+                                   skip_bad=skip_bad, overlays=heatmaps, progress=progress, threshold=threshold,
+                                   overwrite=overwrite)
+    except (VisionscaleError, RunError, DataError, FileNotFoundError, ValueError, OSError) as exc:
         fail(str(exc))
     for n in (log.size_note(run.image_size), log.bad_note()):
         if n:
@@ -230,14 +242,15 @@ def predict_cmd(
     else:
         from rich.table import Table
 
-        t = Table(title=f"threshold {run.calibration['image_threshold']:.4f} (normalized 0.5)")
+        thr = run.calibration["image_threshold"] if threshold is None else threshold
+        t = Table(title=f"threshold {thr:.4f} (normalized 0.5)")
         for col in ("image", "label", "score", "normalized"):
             t.add_column(col, justify="left" if col in ("image", "label") else "right")
         for r in records:
             style = "bold red" if r["label"] == "anomalous" else None
             t.add_row(r["path"], r["label"], f"{r['score']:.4f}", f"{r['normalized_score']:.3f}", style=style)
         out.print(t)
-        out.print(f"wrote predictions and heatmaps to {out_dir or run_dir / 'predictions'}", highlight=False)
+        out.print(f"wrote predictions and heatmaps to {dest}", highlight=False)
 
 
 @app.command("eval")
@@ -248,6 +261,7 @@ def eval_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where metrics.json, scores.csv, roc.png, pro.png go [default: RUN/eval]."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write ROC and PRO curves as PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON on stdout."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out folder that holds other files (same names are replaced)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and list them."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
@@ -257,16 +271,18 @@ def eval_cmd(
     """Evaluate a fitted run on a test set: image/pixel AUROC, AUPRO@0.3, F1; ROC and PRO PNGs."""
     from visionscale.anomaly.data import DataError
     from visionscale.anomaly.predict import RunError, evaluate, load_run
+    from visionscale.errors import VisionscaleError
 
     dest = out_dir or run_dir / "eval"
     try:
+        OutputDir(dest, kind="ad-eval", overwrite=overwrite)  # refuse a bad --out before loading anything
         run = load_run(run_dir, device, backend=backend, precision=precision)
         warn_if_random(run)
         note_runner(run.model)
         with _progress() as progress:
             res = evaluate(run, data, category, dest, batch_size=batch_size, skip_bad=skip_bad, plots=plots,
-                           progress=progress)
-    except (RunError, DataError, FileNotFoundError, ValueError, OSError) as exc:
+                           progress=progress, overwrite=overwrite)
+    except (VisionscaleError, RunError, DataError, FileNotFoundError, ValueError, OSError) as exc:
         fail(str(exc))
     for n in res.metrics.notes:
         note(n)
