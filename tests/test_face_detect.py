@@ -349,7 +349,15 @@ def test_cli_detect_json_and_annotated_output(tmp_path, tiny_weights):
     assert data[0]["width"] == 80 and len(data[0]["faces"]) > 0
     assert set(data[0]["faces"][0]["keypoints"]) == {"right_eye", "left_eye", "nose_tip", "mouth_center",
                                                      "right_ear_tragion", "left_ear_tragion"}
-    assert sorted(p.name for p in out_dir.iterdir()) == ["a_faces.png", "b_faces.jpg"]  # no temp files left
+    # No temp files left; the manifest records what visionscale wrote (a rerun may replace it).
+    assert sorted(p.name for p in out_dir.iterdir()) == [".visionscale-output.json", "a_faces.png", "b_faces.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "out", "tiny.safetensors"]  # no staging folder
+    before = (out_dir / "a_faces.png").read_bytes()
+    r = CliRunner().invoke(app, ["detect", str(folder / "a.png"), "--model", "tiny", "--weights", str(tiny_weights),
+                                 "--min-score", "0", "--out", str(out_dir)])
+    assert r.exit_code == 0, r.output  # its own earlier output: replaced, and the stale b_faces.jpg removed
+    assert sorted(p.name for p in out_dir.iterdir()) == [".visionscale-output.json", "a_faces.png"]
+    assert (out_dir / "a_faces.png").read_bytes() == before
 
 
 def test_cli_detect_says_no_face(tmp_path, tiny_weights):

@@ -2,7 +2,8 @@
 
 Thin layer over :class:`visionscale.face.detector.FaceDetector`: parse, read images in batches,
 one library call per batch, print (``--json`` for scripts) and optionally write annotated
-copies (atomically). Bad input prints ``error: ...`` naming the file and exits with status 2.
+copies: all moved into ``--out`` at the end, and a folder holding files of the user's is refused
+before any work. Bad input prints ``error: ...`` naming the file and exits with status 2.
 The recognition commands (verify, enroll, identify, ...) are added to this app by
 :mod:`visionscale.cli.face_recognition`.
 """
@@ -10,14 +11,16 @@ The recognition commands (verify, enroll, identify, ...) are added to this app b
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from visionscale.cli._common import err, fail, note_runner, out
+from visionscale.cli._common import CLIGroup, err, fail, note, note_runner, out, warn
 
 app = typer.Typer(
+    cls=CLIGroup,
     help="Faces: BlazeFace detection with MediaPipe's weights (and recognition commands).",
     no_args_is_help=True,
     add_completion=False,
@@ -71,6 +74,7 @@ def detect_cmd(
     images: list[Path] = typer.Argument(..., help="Image files and/or folders of images."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write annotated copies (boxes, keypoints) here."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON (boxes and keypoints in pixels)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into --out even if it holds files of your own (same names are replaced)."),
     model: str = typer.Option("front", "--model", "-m", help="front (= short range, 128 px) or back (256 px)."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Score threshold (default 0.5 front, 0.65 back)."),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="A .tflite or .safetensors file (default: MediaPipe's, installed)."),
@@ -79,11 +83,14 @@ def detect_cmd(
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also read images in subfolders."),
     backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
+    device: str = typer.Option("cpu", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Find faces; print boxes and the six keypoints per face, optionally write annotated images."""
+    from visionscale.cli.face_recognition import literal_progress
     from visionscale.face.detector import MIN_IMAGE_SIDE, FaceDetector
     from visionscale.face.tflite_import import TFLiteError
     from visionscale.io.images import ImageReadError, collect_images, read_image
+    from visionscale.io.outputs import OutputDir
     from visionscale.io.weights import StateDictMismatchError, WeightsUnavailableError
 
     try:
@@ -92,25 +99,23 @@ def detect_cmd(
         fail(str(e))
     if min_score is not None and not 0.0 <= min_score <= 1.0:
         fail(f"--min-score must be in [0, 1], got {min_score}")
+    # Checked before the detector is built: a bad --out fails at once, and no user file is replaced.
+    output = OutputDir(out_dir, kind="face-detect", overwrite=overwrite) if out_dir is not None else None
     from visionscale.runtime.errors import BackendUnavailableError, ExportError
 
     try:
         detector = FaceDetector(model=model, weights=weights, min_score=min_score, blending=blending, batch_size=batch_size,
-                                backend=backend, precision=precision)
+                                backend=backend, precision=precision, device=device)
     except (WeightsUnavailableError, TFLiteError, StateDictMismatchError, FileNotFoundError, ValueError,
             BackendUnavailableError, ExportError) as e:
         fail(str(e))
     note_runner(detector.runtime)
-    if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            fail(f"--out must be a folder, got a file: {out_dir}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    from rich.progress import Progress
 
     results = []
-    used: set[str] = set()
-    with Progress(console=err, transient=True, disable=len(files) <= batch_size) as progress:
+    # Never name an annotated copy like an input image that lives in --out.
+    used = {f.name for f in files if out_dir is not None and f.absolute().parent == out_dir.absolute()}
+    with (output if output is not None else nullcontext()) as staging, \
+            literal_progress(transient=True, disable=len(files) <= batch_size) as progress:
         task = progress.add_task("detecting faces", total=len(files))
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
@@ -125,8 +130,8 @@ def detect_cmd(
                          f"(need at least {MIN_IMAGE_SIDE} px per side)")
                 arrays.append(a)
             for f, a, faces in zip(chunk, arrays, detector.detect(arrays)):
-                if out_dir is not None:
-                    _annotate(a, faces, out_dir / _out_name(f, used))
+                if staging is not None:
+                    _annotate(a, faces, staging / _out_name(f, used))
                 results.append({"image": str(f), "width": a.shape[1], "height": a.shape[0],
                                 "faces": [x.to_dict() for x in faces]})
             progress.advance(task, len(chunk))

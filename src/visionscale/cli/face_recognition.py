@@ -3,7 +3,9 @@
 ``register(app)`` adds them to the ``face`` sub-app (whose detection verbs live in
 ``cli/face.py``). Each command parses arguments, makes one library call
 (``visionscale.face.*``) and prints. Bad input prints one line ``error: ...`` on stderr and
-exits with status 2; ``verify`` on an image without a face exits 2 too.
+exits with status 2; ``verify`` on an image without a face exits 2 too. Names and paths are
+printed literally (the consoles have no markup; progress descriptions neither). Commands that
+only read a gallery open it read-only: they never create or change the file.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from visionscale.cli._common import err, fail, note_runner, out
+from visionscale.cli._common import CLIGroup, err, fail, note, note_runner, out, warn
 
 DEFAULT_GALLERY = "gallery.db"
+DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+LFW_EVAL_KIND = "face-eval-lfw"
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
@@ -41,18 +45,27 @@ def _warnings_to_stderr():
             yield
         finally:
             for w in caught:
-                err.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+                warn(str(w.message))
 
 
 def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
+def literal_progress(**kwargs):
+    """A Rich progress bar on stderr whose task descriptions are shown literally (Rich's default
+    description column would parse them as markup)."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}", markup=False, style="progress.description"), BarColumn(),
+                    TaskProgressColumn(), TimeRemainingColumn(), console=err, **kwargs)
+
+
 def _model_note(model: str) -> None:
     p = Path(model)
     if p.suffix.lower() != ".safetensors" and not p.is_dir() and os.sep not in model:
-        err.print(f"[yellow]note:[/] {model} has random (untrained) weights: distances are not meaningful for "
-                  f"real faces; pass --model with a checkpoint from `visionscale face train`.", highlight=False)
+        note(f"{model} has random (untrained) weights: distances are not meaningful for "
+             f"real faces; pass --model with a checkpoint from `visionscale face train`.")
 
 
 def _recognizer(model: str, detect: bool, device: str, backend: str = "eager", precision: str = "fp32"):
@@ -64,19 +77,21 @@ def _recognizer(model: str, detect: bool, device: str, backend: str = "eager", p
     return rec
 
 
-def _model_for_gallery(gallery: Path, model: Optional[str]) -> str:
+def _stored_source(gallery: Path) -> Optional[str]:
+    """The model source recorded in an existing gallery (read-only: the file is not changed)."""
+    from visionscale.face.gallery import Gallery
+
+    with Gallery(gallery, read_only=True) as g:
+        return g.stored_model_source
+
+
+def _model_for_gallery(model: Optional[str], stored: Optional[str]) -> str:
     """--model, else the source recorded in the gallery, else the default."""
     from visionscale.face.api import DEFAULT_MODEL
-    from visionscale.face.gallery import Gallery
 
     if model:
         return str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
-    if gallery.exists():
-        with Gallery(gallery) as g:
-            src = g.stored_model_source
-        if src:
-            return src
-    return DEFAULT_MODEL
+    return stored or DEFAULT_MODEL
 
 
 _MODEL_HELP = ("Face embedder: a checkpoint (.safetensors or `face train` folder) or a registry name "
@@ -94,7 +109,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("face_embedder_resnet18", "--model", "-m", help=_MODEL_HELP),
         threshold: float = typer.Option(0.5, help="Same person when the embedding distance is below this (seed 003: 0.5)."),
         detect: bool = typer.Option(True, "--detect/--no-detect", help=_DETECT_HELP),
-        device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+        device: str = typer.Option("cpu", help=DEVICE_HELP),
         backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (the embedder; see `visionscale bench`)."),
         precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -119,7 +134,7 @@ def register(app: typer.Typer) -> None:
         gallery: Path = typer.Option(Path(DEFAULT_GALLERY), "--gallery", "-g", help="Gallery database file (created if missing)."),
         model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
         detect: bool = typer.Option(True, "--detect/--no-detect", help=_DETECT_HELP),
-        device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+        device: str = typer.Option("cpu", help=DEVICE_HELP),
         backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (the embedder; see `visionscale bench`)."),
         precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
     ) -> None:
@@ -127,7 +142,9 @@ def register(app: typer.Typer) -> None:
         from visionscale.face.gallery import Gallery
 
         try:
-            src = _model_for_gallery(gallery, model)
+            # Only enroll creates a gallery: a missing or empty file is a new one.
+            fresh = not gallery.exists() or (gallery.is_file() and gallery.stat().st_size == 0)
+            src = _model_for_gallery(model, None if fresh else _stored_source(gallery))
             _model_note(src)
             with _warnings_to_stderr():
                 rec = _recognizer(src, detect, device, backend, precision)
@@ -147,7 +164,7 @@ def register(app: typer.Typer) -> None:
         k: int = typer.Option(3, "--top-k", "-k", help="Candidates to list per image."),
         threshold: float = typer.Option(0.5, help="Known when the nearest person's distance is below this."),
         detect: bool = typer.Option(True, "--detect/--no-detect", help=_DETECT_HELP),
-        device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+        device: str = typer.Option("cpu", help=DEVICE_HELP),
         backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (the embedder; see `visionscale bench`)."),
         precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
@@ -158,11 +175,11 @@ def register(app: typer.Typer) -> None:
         if not gallery.exists():
             fail(f"gallery not found: {gallery} (enroll people first with `visionscale face enroll`)")
         try:
-            src = _model_for_gallery(gallery, model)
+            src = _model_for_gallery(model, _stored_source(gallery))
             with _warnings_to_stderr():
                 rec = _recognizer(src, detect, device, backend, precision)
                 emb = rec.embed([str(p) for p in images])
-            with Gallery(gallery, embedder=rec) as g:
+            with Gallery(gallery, embedder=rec, read_only=True) as g, _warnings_to_stderr():
                 results = g.identify(embeddings=emb, k=k, threshold=threshold)
         except _input_errors() as exc:
             fail(str(exc))
@@ -175,16 +192,16 @@ def register(app: typer.Typer) -> None:
             cands = ", ".join(f"{m.name} {m.distance:.3f}" for m in r.matches) or "gallery is empty"
             out.print(f"{p}: {r.label}  ({cands})", highlight=False, soft_wrap=True)
 
-    gal = typer.Typer(help="List, rename and remove enrolled people.", no_args_is_help=True, add_completion=False,
-                      pretty_exceptions_enable=False)
+    gal = typer.Typer(cls=CLIGroup, help="List, rename and remove enrolled people.", no_args_is_help=True,
+                      add_completion=False, pretty_exceptions_enable=False)
     app.add_typer(gal, name="gallery")
 
-    def _open(gallery: Path):
+    def _open(gallery: Path, read_only: bool):
         from visionscale.face.gallery import Gallery
 
         if not gallery.exists():
             fail(f"gallery not found: {gallery}")
-        return Gallery(gallery)
+        return Gallery(gallery, read_only=read_only, create=False)
 
     @gal.command("list")
     def gallery_list(
@@ -193,7 +210,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Enrolled people and how many embeddings each has."""
         try:
-            with _open(gallery) as g:
+            with _open(gallery, read_only=True) as g:
                 people, model = g.list(), g.stored_model
         except _input_errors() as exc:
             fail(str(exc))
@@ -201,8 +218,8 @@ def register(app: typer.Typer) -> None:
             _print_json({"model": model, "people": [{"name": p.name, "embeddings": p.n_embeddings} for p in people]})
             return
         err.print(f"{len(people)} people in {gallery} (model {model or 'none yet'})", highlight=False)
-        for p in people:
-            out.print(f"{p.name}\t{p.n_embeddings}", highlight=False)
+        # Tab-separated lines, written as they are (a Rich console would expand the tabs).
+        sys.stdout.write("".join(f"{p.name}\t{p.n_embeddings}\n" for p in people))
 
     @gal.command("rename")
     def gallery_rename(
@@ -212,7 +229,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Rename a person."""
         try:
-            with _open(gallery) as g:
+            with _open(gallery, read_only=False) as g:
                 g.rename(old, new)
         except _input_errors() as exc:
             fail(str(exc))
@@ -225,7 +242,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Remove a person."""
         try:
-            with _open(gallery) as g:
+            with _open(gallery, read_only=False) as g:
                 n = g.remove(name)
         except _input_errors() as exc:
             fail(str(exc))
@@ -251,7 +268,7 @@ def register(app: typer.Typer) -> None:
         patience: int = typer.Option(8, help="Early stop after this many epochs without a lower validation loss."),
         pairs_per_epoch: int = typer.Option(2000, help="Pairs drawn per epoch from identity folders."),
         seed: int = typer.Option(0, help="Seed of split, sampling, augmentation and init."),
-        device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+        device: str = typer.Option("auto", help=DEVICE_HELP),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run in --out."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Write curves.png."),
@@ -277,30 +294,32 @@ def register(app: typer.Typer) -> None:
         pairs: Path = typer.Option(..., "--pairs", help="pairs.txt (10 folds) or pairsDevTest.txt."),
         model: str = typer.Option("face_embedder_resnet18", "--model", "-m", help=_MODEL_HELP),
         out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write report.json, pairs.csv and roc.png here."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Write --out even if it holds files of your own (same names are replaced)."),
         threshold: list[float] = typer.Option([0.5, 0.6], "--threshold", "-t", help="Fixed thresholds for the seed's table (repeatable)."),
         far: float = typer.Option(1e-3, help="FAR for TAR @ FAR."),
         batch_size: int = typer.Option(64, help="Images per embedding batch."),
         detect: bool = typer.Option(False, "--detect/--no-detect", help="Detect and align faces first [default: no, LFW images are centred faces, as seed 003 used them]."),
-        device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+        device: str = typer.Option("cpu", help=DEVICE_HELP),
         backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (the embedder; see `visionscale bench`)."),
         precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
         as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
     ) -> None:
         """LFW verification: 10-fold accuracy, ROC AUC, EER, TAR@FAR and the seed's fixed-threshold table."""
-        from rich.progress import Progress
-
         from visionscale.face.lfw import evaluate_lfw, write_lfw_outputs
+        from visionscale.io.outputs import OutputDir
 
         _model_note(model)
         try:
+            if out_dir is not None:  # refused now, not after embedding every image
+                OutputDir(out_dir, kind=LFW_EVAL_KIND, overwrite=overwrite)
             rec = _recognizer(model, detect, device, backend, precision)
-            with _warnings_to_stderr(), Progress(console=err, transient=True) as bar:
+            with _warnings_to_stderr(), literal_progress(transient=True) as bar:
                 task = bar.add_task("embedding", total=None)
                 res = evaluate_lfw(root, pairs, rec.embed, batch_size=batch_size, thresholds=threshold, far=far,
                                    progress=lambda i, n: bar.update(task, completed=i, total=n))
             res.report["model"] = rec.model_id
             if out_dir is not None:
-                write_lfw_outputs(res, out_dir)
+                write_lfw_outputs(res, out_dir, overwrite=overwrite, kind=LFW_EVAL_KIND)
         except _input_errors() as exc:
             fail(str(exc))
         rep = res.report
@@ -325,6 +344,7 @@ def register(app: typer.Typer) -> None:
     @app.command("make-lfw-demo")
     def make_lfw_demo_cmd(
         out_dir: Path = typer.Argument(..., help="New folder for an LFW-shaped synthetic data set."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that holds files of your own (same names are replaced)."),
         people: int = typer.Option(24, help="Synthetic identities."),
         images_per_person: int = typer.Option(4, help="Images per identity."),
         size: int = typer.Option(64, help="Image side in px."),
@@ -334,7 +354,8 @@ def register(app: typer.Typer) -> None:
         from visionscale.face.lfw import make_synthetic_lfw
 
         try:
-            info = make_synthetic_lfw(out_dir, n_people=people, images_per_person=images_per_person, size=size, seed=seed)
+            info = make_synthetic_lfw(out_dir, n_people=people, images_per_person=images_per_person, size=size, seed=seed,
+                                      overwrite=overwrite)
         except _input_errors() as exc:
             fail(str(exc))
         out.print(f"wrote {info['n_images']} images of {people} identities to {info['root']}, and pairs.txt, "

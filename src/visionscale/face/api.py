@@ -18,6 +18,8 @@ checkpoint.
 
 from __future__ import annotations
 
+from visionscale.errors import VisionscaleError
+
 import os
 import warnings
 from collections.abc import Sequence
@@ -36,7 +38,7 @@ DEFAULT_MODEL = "face_embedder_resnet18"
 DEFAULT_THRESHOLD = 0.5  # seed 003: same person when the embedding distance is < 0.5
 
 
-class NoFaceError(ValueError):
+class NoFaceError(VisionscaleError, ValueError):
     """No face was found in an image where one was expected; the message names the image."""
 
 
@@ -91,15 +93,18 @@ class FaceRecognizer:
         detector: ``"auto"`` (BlazeFace front model, built on first use), ``None`` (inputs
             are face crops already) or any object with ``detect(images)`` returning, per
             image, detections with ``box`` and ``keypoints``.
-        device: Torch device of the embedder (and the auto detector).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for the embedder (and the auto detector);
+            one this machine lacks raises :class:`~visionscale.errors.DeviceError`.
         batch_size: Images per embedding batch.
         seed: Seed of random weights when ``model`` is a registry name.
     """
 
     def __init__(self, model: str | os.PathLike | FaceEmbedder = DEFAULT_MODEL, detector="auto", device: str = "cpu",
                  batch_size: int = 64, seed: int = 0, backend: str = "eager", precision: str = "fp32") -> None:
+        from visionscale.device import resolve_device
         from visionscale.runtime import accelerate
 
+        device = resolve_device(device)
         self.embedder = build_embedder(model, device, seed)
         size = self.embedder.config.image_size
         self._forward = accelerate(self.embedder.eval(), backend, precision, device, image_size=(size, size))

@@ -117,7 +117,8 @@ class FaceDetector:
             smaller faces), ``"paper"``/``"tiny"`` (need ``weights``), or a :class:`BlazeFace`.
         weights: None (MediaPipe's released file, found or cached), or a ``.tflite`` /
             ``.safetensors`` / ``.pth`` path.
-        device: Torch device for the network.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (a torch device works too); one this
+            machine lacks raises :class:`~visionscale.errors.DeviceError`.
         min_score: Score threshold (default: MediaPipe's, 0.5 front, 0.65 back).
         blending: ``"weighted"`` (MediaPipe's weighted NMS) or ``"nms"``.
         suppression_threshold: IoU above which detections are blended / suppressed (0.3).
@@ -131,6 +132,9 @@ class FaceDetector:
     def __init__(self, model: str | BlazeFace = "front", weights: str | os.PathLike | None = None, device: str = "cpu",
                  min_score: float | None = None, blending: str = "weighted", suppression_threshold: float = 0.3,
                  batch_size: int = 64, backend: str = "eager", precision: str = "fp32") -> None:
+        from visionscale.device import resolve_device
+
+        device = resolve_device(device)  # before any weights are read: a bad device fails at once
         if blending not in ("weighted", "nms"):
             raise ValueError(f"blending must be 'weighted' or 'nms', got {blending!r}")
         if isinstance(model, BlazeFace):
@@ -145,7 +149,7 @@ class FaceDetector:
         # channels_last: PyTorch's CPU (oneDNN) depthwise convolutions are much faster in NHWC.
         self.net = net.eval().to(device).to(memory_format=torch.channels_last)
         self.config = net.config
-        self.device = torch.device(device)
+        self.device = device
         from visionscale.runtime import accelerate  # backend / precision: see visionscale.runtime.Runner
 
         size = net.config.input_size

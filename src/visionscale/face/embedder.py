@@ -18,6 +18,8 @@ rule is "same person when distance < 0.5".
 
 from __future__ import annotations
 
+from visionscale.errors import VisionscaleError
+
 import hashlib
 import json
 import os
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionscale.components import Component, State, components_of
+from visionscale.device import resolve_device
 from visionscale.io.weights import load_into, load_state_dict, save_file_atomic
 from visionscale.registry import create, register_model
 
@@ -55,7 +58,7 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class EmbedderCheckpointError(ValueError):
+class EmbedderCheckpointError(VisionscaleError, ValueError):
     """A file is not a usable face-embedder checkpoint."""
 
 
@@ -250,7 +253,7 @@ class FaceEmbedder(nn.Module):
         :class:`visionscale.runtime.Runner` around it for another backend or precision)."""
         was_training = self.training
         self.eval()
-        dev = torch.device(device) if device is not None else next(self.parameters()).device
+        dev = resolve_device(device) if device is not None else next(self.parameters()).device
         out = []
         try:
             n = len(images)
@@ -331,6 +334,7 @@ def read_embedder_config(path: str | os.PathLike) -> EmbedderConfig:
 
 def load_embedder(path: str | os.PathLike, device: str | torch.device = "cpu") -> FaceEmbedder:
     """Rebuild a saved embedder (eval mode) from a ``.safetensors`` file or a training folder."""
+    device = resolve_device(device)
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / "model.safetensors"
@@ -347,6 +351,7 @@ def build_embedder(model: str | os.PathLike | FaceEmbedder, device: str | torch.
     gives the same weights, and the same gallery id, in every process): no trained face
     weights ship with visionscale; train your own with ``visionscale face train``.
     """
+    device = resolve_device(device)
     if isinstance(model, FaceEmbedder):
         return model.to(device).eval()
     text = os.fspath(model)

@@ -3,31 +3,43 @@
 Storage is one SQLite file (WAL mode, so readers never block the writer and vice versa):
 
 * ``meta`` (key/value): ``model`` (the embedder id, e.g. ``face_embedder_resnet18/512d/<sha>``),
-  ``dim``, ``generation`` (bumped by every change of the stored vectors) and ``uuid``;
+  ``dim``, ``generation`` (bumped by every change), ``uuid`` and ``state`` (see below);
 * ``people`` (id, unique name, created) and ``embeddings`` (id, person id, float32 blob,
   source, created), deleted with their person;
 * ``PRAGMA user_version`` = schema version. A file from a newer schema is refused before
   anything is written to it (it is first opened read-only).
 
 Every change is one transaction, so a crash midway (power cut, ``kill -9``) loses that
-change only; everything committed before stays. Vectors are stored L2-normalised.
+change only; everything committed before stays. Vectors are stored L2-normalised. The model
+and dimension are claimed and checked inside that transaction, so two processes starting a
+gallery with different embedders cannot both succeed.
+
+Reading (``read_only=True``: list, identify) opens the file with SQLite's ``mode=ro``: it is
+never created or modified (in a writable folder SQLite may leave the empty ``-wal``/``-shm``
+companions every WAL reader uses; the next writer removes them), and works on read-only files
+and folders. A missing or empty file is an error there; only a writable open creates a gallery.
 
 Search: an exact inner-product index (faiss ``IndexFlatIP`` when the optional ``faiss``
 package is importable, otherwise a numpy matrix product: same maths, same results up to
-float rounding of exact ties) over the normalised embeddings. It is rebuilt from the
-database whenever the database's generation differs from the one the index was built at
-(another process enrolled, or the file changed), and cached beside the database as
-``<name>.vectors.safetensors`` (tagged with the database's uuid and generation; a missing
-or stale cache is simply rebuilt). Distance = Euclidean distance of unit vectors =
+float rounding of exact ties) over the normalised embeddings, rebuilt whenever another
+connection committed a change. It is cached beside the database as
+``<name>.vectors.safetensors``, keyed by ``state``: a random token that every Gallery write
+renews, in the same transaction as its rows, and that triggers clear when any other program
+changes the embeddings. Equal tokens therefore mean equal rows, whatever happened to the file
+(a restored backup that was enrolled into again gets a new token); a cache with another token,
+or a database without one, is not used. Distance = Euclidean distance of unit vectors =
 ``sqrt(2 - 2 cos)``; a query is identified as the nearest person when that distance is
 below ``threshold``, otherwise as unknown.
 """
 
 from __future__ import annotations
 
+from visionscale.errors import VisionscaleError
+
 import os
 import sqlite3
 import time
+import unicodedata
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
@@ -67,9 +79,18 @@ CREATE TABLE embeddings (
 );
 CREATE INDEX embeddings_person ON embeddings(person_id);
 """
+# Any change of the embeddings by a program that does not renew ``state`` (the sqlite3 shell,
+# an older visionscale) clears it, so an index cache can never be taken for the new rows.
+# Created with the schema, and by the first write to a gallery made before they existed.
+_TRIGGERS = [f"""CREATE TRIGGER IF NOT EXISTS embeddings_{op.lower()}_clears_state AFTER {op} ON embeddings
+WHEN (SELECT value FROM meta WHERE key = 'state') IS NOT ''
+BEGIN UPDATE meta SET value = '' WHERE key = 'state'; END""" for op in ("INSERT", "UPDATE", "DELETE")]
+MAX_NAME_LENGTH = 1000
+# Control characters, surrogates and line/paragraph separators: a name is printed on one line.
+_BAD_NAME_CATEGORIES = {"Cc", "Cs", "Zl", "Zp"}
 
 
-class GalleryError(ValueError):
+class GalleryError(VisionscaleError, ValueError):
     """Bad gallery file or bad input to a gallery operation."""
 
 
@@ -126,9 +147,33 @@ def faiss_available() -> bool:
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise GalleryError(f"a person's name must be a non-empty string, got {name!r}")
-    if name != name.strip() or any(ord(c) < 32 for c in name):
-        raise GalleryError(f"a person's name must not start/end with spaces or hold control characters: {name!r}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise GalleryError(f"a person's name must be at most {MAX_NAME_LENGTH} characters, got {len(name)}")
+    if name != name.strip() or any(unicodedata.category(c) in _BAD_NAME_CATEGORIES for c in name):
+        raise GalleryError(f"a person's name must not start/end with spaces or hold control characters, "
+                           f"line breaks or lone surrogates: {name!r}")
     return name
+
+
+def _read_only_uri(path: Path) -> str:
+    """SQLite URI that reads ``path`` without writing it.
+
+    A WAL database is read through its ``-shm`` file, which SQLite creates beside it when it can.
+    In a folder we cannot write, without those files, no process can be writing either, so the
+    file is opened ``immutable``; a non-empty ``-wal`` there holds commits that only a writable
+    open can replay, which is refused rather than silently read without them.
+    """
+    path = path.absolute()
+    uri = f"{path.as_uri()}?mode=ro"
+    if os.access(path.parent, os.W_OK | os.X_OK):
+        return uri
+    wal, shm = Path(f"{path}-wal"), Path(f"{path}-shm")
+    if wal.exists() and shm.exists():
+        return uri
+    if wal.exists() and wal.stat().st_size > 0:
+        raise GalleryError(f"cannot read {path} in a read-only folder: its write-ahead log {wal} holds changes "
+                           f"that need {shm.name} to be read; open it once where the folder is writable")
+    return uri + "&immutable=1"
 
 
 def _normalise(x, dim: int | None, what: str = "embeddings") -> np.ndarray:
@@ -151,22 +196,26 @@ class Gallery:
     """People and their face embeddings in an SQLite file, with exact search.
 
     Args:
-        path: The ``.db`` file (created if missing).
+        path: The ``.db`` file (created if missing, unless ``read_only`` or ``create=False``).
         embedder: Optional object with ``model_id``, ``dim`` and ``embed(images)``, used by
             ``enroll(images=...)`` / ``identify(images=...)`` and to check the model.
         model: The embedder id when you pass embeddings yourself (ignored with ``embedder``).
             Writing or searching with a model other than the stored one raises
             :class:`ModelMismatchError`; ``None`` skips that check (the dimension is still checked).
         backend: ``"auto"`` (faiss when importable, else numpy), ``"faiss"`` or ``"numpy"``.
-        cache_index: Keep ``<name>.vectors.safetensors`` beside the database.
+        cache_index: Keep ``<name>.vectors.safetensors`` beside the database (when that folder
+            is writable).
         timeout: Seconds to wait for another process's write lock.
         model_source: Where the model comes from (checkpoint path or registry name); stored
             with the first enrolment so tools can rebuild the same embedder later.
+        read_only: Open for reading only (SQLite ``mode=ro``): the file is never created or
+            modified, works on read-only files and folders; writes raise :class:`GalleryError`.
+        create: With ``False``, a missing or empty file is an error instead of a new gallery.
     """
 
     def __init__(self, path: str | os.PathLike, embedder: Embedder | None = None, model: str | None = None,
                  backend: str = "auto", cache_index: bool = True, timeout: float = 30.0,
-                 model_source: str | None = None) -> None:
+                 model_source: str | None = None, read_only: bool = False, create: bool = True) -> None:
         self.path = Path(path).expanduser()
         self.embedder = embedder
         self.model = embedder.model_id if embedder is not None else model
@@ -178,12 +227,22 @@ class Gallery:
                               "backend='numpy' gives the same results")
         self.backend = "faiss" if backend == "faiss" or (backend == "auto" and faiss_available()) else "numpy"
         self.cache_index = cache_index
+        self.read_only = read_only
         self._before_commit: Callable[[], None] | None = None  # fault injection point for tests
         self._index = None
-        self._index_gen: tuple[str, int] | None = None
-        self._check_existing(timeout)
+        self._index_version: tuple[int, int] | None = None
+        self._writes = 0  # commits by this connection (PRAGMA data_version counts the others')
+        self._triggers_checked = False
+        if read_only:
+            self._conn = self._open_read_only(timeout)
+            return
+        self._check_existing(timeout, create)
+        self._check_writable()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
+        try:
+            self._conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise GalleryError(f"cannot open gallery {self.path} for writing: {exc}") from None
         try:
             # 16 KiB pages hold seven 512-d float32 rows; at SQLite's default 4 KiB only one
             # ~2.1 KB row fits per page and half the file is padding. Effective only while the
@@ -196,40 +255,80 @@ class Gallery:
             if self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
                 warnings.warn(f"{self.path}: could not switch to WAL mode; concurrent readers may wait for writers")
             self._init_schema()
+        except sqlite3.OperationalError as exc:
+            self._conn.close()
+            raise GalleryError(f"cannot open gallery {self.path} for writing: {exc}") from None
         except BaseException:
             self._conn.close()
             raise
 
     # -- opening ------------------------------------------------------------------------
-    def _check_existing(self, timeout: float) -> None:
-        """Refuse files that are not our galleries before opening them for writing."""
+    def _head(self, create: bool) -> bytes | None:
+        """The file's first bytes (None when missing); refuses folders, and unless ``create``
+        missing or empty files."""
         if not self.path.exists():
-            return
+            if not create:
+                raise GalleryError(f"gallery not found: {self.path}")
+            return None
         if self.path.is_dir():
             raise GalleryError(f"gallery path is a folder: {self.path}")
         with open(self.path, "rb") as fh:
             head = fh.read(16)
-        if not head:
-            return  # an empty file: SQLite treats it as a new database
-        if head != _SQLITE_MAGIC:
+        if not head and not create:
+            raise GalleryError(f"gallery {self.path} is empty (0 bytes): no one was enrolled into it yet")
+        if head and head != _SQLITE_MAGIC:
             raise GalleryError(f"{self.path} is not a visionscale gallery (not an SQLite database); not touched")
+        return head
+
+    def _inspect(self, conn: sqlite3.Connection) -> None:
+        """Refuse a newer schema or someone else's SQLite database (on a read-only connection)."""
         try:
-            ro = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)
-        except sqlite3.Error as exc:
-            raise GalleryError(f"cannot open {self.path}: {exc}") from None
-        try:
-            version = ro.execute("PRAGMA user_version").fetchone()[0]
-            tables = {r[0] for r in ro.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as exc:
             raise GalleryError(f"{self.path} is not a readable SQLite database ({exc}); not touched") from None
-        finally:
-            ro.close()
         if version > SCHEMA_VERSION:
             raise SchemaError(f"{self.path} has gallery schema version {version}, newer than this visionscale "
                               f"understands ({SCHEMA_VERSION}); upgrade visionscale. The file was not modified.")
         if tables and not {"meta", "people", "embeddings"} <= tables:
             raise GalleryError(f"{self.path} is an SQLite database but not a visionscale gallery "
                                f"(tables: {', '.join(sorted(tables))}); not touched")
+        if not tables and self.read_only:
+            raise GalleryError(f"gallery {self.path} is an empty SQLite database: no one was enrolled into it yet")
+
+    def _connect_read_only(self, timeout: float) -> sqlite3.Connection:
+        try:
+            return sqlite3.connect(_read_only_uri(self.path), uri=True, timeout=timeout, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise GalleryError(f"cannot open {self.path}: {exc}") from None
+
+    def _open_read_only(self, timeout: float) -> sqlite3.Connection:
+        self._head(create=False)
+        conn = self._connect_read_only(timeout)
+        try:
+            self._inspect(conn)
+            conn.execute("PRAGMA query_only = ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_existing(self, timeout: float, create: bool) -> None:
+        """Refuse files that are not our galleries before opening them for writing."""
+        if not self._head(create):
+            return  # missing or empty: SQLite makes a new database
+        ro = self._connect_read_only(timeout)
+        try:
+            self._inspect(ro)
+        finally:
+            ro.close()
+
+    def _check_writable(self) -> None:
+        from visionscale.io.outputs import check_writable_dir
+
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise GalleryError(f"cannot write gallery {self.path}: the file is read-only")
+        check_writable_dir(self.path.parent, what=f"folder of gallery {self.path}")
 
     def _init_schema(self) -> None:
         c = self._conn
@@ -239,9 +338,13 @@ class Gallery:
                 for stmt in _SCHEMA.strip().split(";"):
                     if stmt.strip():
                         c.execute(stmt)
+                for stmt in _TRIGGERS:
+                    c.execute(stmt)
                 c.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
-                              [("generation", "0"), ("uuid", uuid.uuid4().hex), ("created", repr(time.time()))])
+                              [("generation", "0"), ("uuid", uuid.uuid4().hex), ("created", repr(time.time())),
+                               ("state", uuid.uuid4().hex)])
                 c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self._triggers_checked = True
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
@@ -280,22 +383,30 @@ class Gallery:
     def generation(self) -> int:
         return int(self._meta("generation") or 0)
 
+    def _mismatch(self, stored_model: str | None, stored_dim: str | None, dim: int | None) -> None:
+        if stored_model is not None and self.model is not None and stored_model != self.model:
+            raise ModelMismatchError(f"gallery {self.path} holds embeddings of model {stored_model!r}; refusing to "
+                                     f"mix in {self.model!r} (use a separate gallery per model, or re-enroll)")
+        if stored_dim is not None and dim is not None and int(stored_dim) != dim:
+            raise ModelMismatchError(f"gallery {self.path} holds {stored_dim}-d embeddings, got {dim}-d")
+
     def _check_model(self, dim: int | None = None) -> None:
-        stored = self.stored_model
-        if stored is not None and self.model is not None and stored != self.model:
-            raise ModelMismatchError(f"gallery {self.path} holds embeddings of model {stored!r}; refusing to mix in "
-                                     f"{self.model!r} (use a separate gallery per model, or re-enroll)")
-        sdim = self.dim
-        if sdim is not None and dim is not None and sdim != dim:
-            raise ModelMismatchError(f"gallery {self.path} holds {sdim}-d embeddings, got {dim}-d")
+        """Early check, before a write transaction (which checks again: see ``_claim_model``)."""
+        self._mismatch(self.stored_model, self._meta("dim"), dim)
 
     def _write(self, fn: Callable[[sqlite3.Connection], object]) -> object:
-        """Run ``fn`` in one write transaction (all or nothing) and bump the generation."""
+        """Run ``fn`` in one write transaction (all or nothing), bump the generation and renew the state."""
+        if self.read_only:
+            raise GalleryError(f"gallery {self.path} was opened read-only; open it for writing to change it")
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
+            if not self._triggers_checked:  # a gallery made before the triggers existed
+                for stmt in _TRIGGERS:
+                    c.execute(stmt)
             result = fn(c)
             c.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('state', ?)", (uuid.uuid4().hex,))
             if self._before_commit is not None:
                 self._before_commit()
             c.execute("COMMIT")
@@ -303,12 +414,18 @@ class Gallery:
             if c.in_transaction:
                 c.execute("ROLLBACK")
             raise
+        self._triggers_checked = True
+        self._writes += 1
         return result
 
     def _claim_model(self, c: sqlite3.Connection, dim: int) -> None:
-        if c.execute("SELECT value FROM meta WHERE key='dim'").fetchone() is None:
+        """Check the stored model and dimension and claim them if unset, inside the write
+        transaction: another process may have claimed them since ``_check_model``."""
+        stored = dict(c.execute("SELECT key, value FROM meta WHERE key IN ('model', 'dim')").fetchall())
+        self._mismatch(stored.get("model"), stored.get("dim"), dim)
+        if "dim" not in stored:
             c.execute("INSERT INTO meta(key, value) VALUES ('dim', ?)", (str(dim),))
-        if self.model is not None and c.execute("SELECT value FROM meta WHERE key='model'").fetchone() is None:
+        if self.model is not None and "model" not in stored:
             c.execute("INSERT INTO meta(key, value) VALUES ('model', ?)", (self.model,))
             if self.model_source is not None:
                 c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('model_source', ?)", (self.model_source,))
@@ -427,23 +544,31 @@ class Gallery:
     def cache_path(self) -> Path:
         return self.path.with_name(self.path.name + ".vectors.safetensors")
 
-    def _snapshot(self) -> tuple[str, int, np.ndarray, np.ndarray, np.ndarray]:
-        """uuid, generation, ids, person ids, vectors: one consistent read transaction."""
+    def _snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids, person ids, vectors, from the cache when its state is the database's (one read transaction)."""
         c = self._conn
         c.execute("BEGIN")
         try:
-            uid, gen = self._meta("uuid") or "", self.generation
-            if self.cache_index and self.cache_path.is_file():
-                cached = self._read_cache(uid, gen)
+            uid, state = self._meta("uuid") or "", self._meta("state") or ""
+            dim = self.dim
+            key = f"{uid}/{state}" if uid and state else None  # no state: the rows' version is unknown
+            if key is not None and self.cache_index and self.cache_path.is_file():
+                cached = self._read_cache(key, dim)
                 if cached is not None:
                     c.execute("COMMIT")
-                    return (uid, gen, *cached)
+                    return cached
             n = c.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
-            dim = self.dim or 0
+            if n and dim is None:
+                raise GalleryError(f"{self.path} holds embeddings but no dimension in its meta table; "
+                                   f"the file was edited or damaged")
             ids = np.empty(n, np.int64)
             pids = np.empty(n, np.int64)
-            vecs = np.empty((n, dim), np.float32)
+            vecs = np.empty((n, dim or 0), np.float32)
             for i, (eid, pid, blob) in enumerate(c.execute("SELECT id, person_id, vector FROM embeddings ORDER BY id")):
+                if not isinstance(blob, bytes) or len(blob) != 4 * dim:
+                    size = f"{len(blob)} bytes" if isinstance(blob, bytes) else f"a {type(blob).__name__}"
+                    raise GalleryError(f"{self.path}: embedding {eid} is {size}, not {dim} float32 values "
+                                       f"(the gallery's dimension); the file was edited or damaged")
                 ids[i], pids[i] = eid, pid
                 vecs[i] = np.frombuffer(blob, dtype="<f4")
             c.execute("COMMIT")
@@ -451,39 +576,48 @@ class Gallery:
             if c.in_transaction:
                 c.execute("ROLLBACK")
             raise
-        if self.cache_index:
-            self._write_cache(uid, gen, ids, pids, vecs)
-        return uid, gen, ids, pids, vecs
+        if key is not None and self.cache_index:
+            self._write_cache(key, ids, pids, vecs)
+        return ids, pids, vecs
 
-    def _read_cache(self, uid: str, gen: int):
+    def _read_cache(self, key: str, dim: int | None):
         from safetensors import safe_open
 
         try:
             with safe_open(str(self.cache_path), framework="numpy") as f:
-                meta = f.metadata() or {}
-                if meta.get("uuid") != uid or meta.get("generation") != str(gen):
-                    return None  # stale: rebuilt from the database
-                return f.get_tensor("ids"), f.get_tensor("person_ids"), f.get_tensor("vectors")
+                if (f.metadata() or {}).get("state") != key:
+                    return None  # other rows (another version, a restored backup): rebuilt from the database
+                ids, pids, vecs = f.get_tensor("ids"), f.get_tensor("person_ids"), f.get_tensor("vectors")
         except Exception:  # a damaged cache is only a cache
             return None
+        if not (ids.ndim == pids.ndim == 1 and vecs.ndim == 2 and len(ids) == len(pids) == len(vecs)
+                and vecs.shape[1] == (dim or 0) and vecs.dtype == np.float32):
+            return None
+        return ids.astype(np.int64), pids.astype(np.int64), vecs
 
-    def _write_cache(self, uid: str, gen: int, ids, pids, vecs) -> None:
+    def _write_cache(self, key: str, ids, pids, vecs) -> None:
         from safetensors.numpy import save_file
 
         from visionscale.io.atomic import atomic_path
 
+        if not os.access(self.cache_path.absolute().parent, os.W_OK | os.X_OK):
+            return  # a read-only folder: search works from memory, and nothing is written there
         try:
             with atomic_path(self.cache_path) as tmp:
                 save_file({"ids": ids, "person_ids": pids, "vectors": vecs}, str(tmp),
-                          metadata={"uuid": uid, "generation": str(gen), "model": self.stored_model or ""})
-        except OSError as exc:  # read-only folder: search still works from memory
+                          metadata={"state": key, "model": self.stored_model or ""})
+        except OSError as exc:
             warnings.warn(f"could not write the index cache {self.cache_path}: {exc}")
 
+    def _version(self) -> tuple[int, int]:
+        """Changes since the index was built: commits by other connections, and by this one."""
+        return int(self._conn.execute("PRAGMA data_version").fetchone()[0]), self._writes
+
     def _ensure_index(self) -> None:
-        uid, gen = self._meta("uuid") or "", self.generation
-        if self._index is not None and self._index_gen == (uid, gen):
+        version = self._version()
+        if self._index is not None and self._index_version == version:
             return
-        uid, gen, ids, pids, vecs = self._snapshot()
+        ids, pids, vecs = self._snapshot()
         if self.backend == "faiss" and len(ids):
             import faiss
 
@@ -494,7 +628,7 @@ class Gallery:
             store = vecs
         per = np.bincount(np.unique(pids, return_inverse=True)[1]).max() if len(pids) else 0
         self._index = (ids, pids, store, int(per))
-        self._index_gen = (uid, gen)
+        self._index_version = version
 
     def rebuild_index(self) -> None:
         """Drop the in-memory index and the cache file; the next search rebuilds both."""

@@ -20,6 +20,8 @@ pairs file has several sets.
 
 from __future__ import annotations
 
+from visionscale.errors import VisionscaleError
+
 import csv
 import io
 import json
@@ -56,7 +58,7 @@ __all__ = [
 IMAGE_FOLDERS = ("lfw", "lfw-deepfunneled", "lfw_funneled", "lfw-funneled")
 
 
-class LFWError(ValueError):
+class LFWError(VisionscaleError, ValueError):
     """A malformed LFW file or missing images; the message names the file, line or paths."""
 
 
@@ -321,27 +323,33 @@ def evaluate_lfw(root: str | os.PathLike, pairs_file: str | os.PathLike, embed: 
     return LFWResult(rep, dist, same, folds, pf.pairs, len(keys), roc_curve(dist, same))
 
 
-def write_lfw_outputs(result: LFWResult, out_dir: str | os.PathLike, plot: bool = True) -> list[Path]:
-    """``report.json``, ``pairs.csv`` (distance per pair) and ``roc.png``, each written atomically."""
-    d = Path(out_dir).expanduser()
-    d.mkdir(parents=True, exist_ok=True)
-    written = []
-    write_atomic(d / "report.json", (json.dumps(result.report, indent=2) + "\n").encode())
-    written.append(d / "report.json")
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["fold", "name1", "n1", "name2", "n2", "same", "distance"])
-    for pr, dist in zip(result.pairs, result.distances):
-        w.writerow([pr.fold, pr.name1, pr.n1, pr.name2, pr.n2, int(pr.same), f"{dist:.6f}"])
-    write_atomic(d / "pairs.csv", buf.getvalue().encode())
-    written.append(d / "pairs.csv")
-    if plot:
-        from visionscale.face.plots import roc_png
+def write_lfw_outputs(result: LFWResult, out_dir: str | os.PathLike, plot: bool = True, overwrite: bool = False,
+                      kind: str = "face-eval-lfw") -> list[Path]:
+    """``report.json``, ``pairs.csv`` (distance per pair) and ``roc.png``, all moved into ``out_dir``
+    together at the end (:class:`~visionscale.io.outputs.OutputDir`).
 
-        fpr, tpr, _ = result.roc
-        write_atomic(d / "roc.png", roc_png(fpr, tpr, result.report["roc_auc"], result.report["eer"], "LFW pairs"))
-        written.append(d / "roc.png")
-    return written
+    Raises:
+        OutputExistsError: ``out_dir`` holds files an earlier evaluation did not write, and
+            ``overwrite`` is not set (nothing is written then).
+    """
+    from visionscale.io.outputs import OutputDir
+
+    d = Path(out_dir).expanduser()
+    names = ["report.json", "pairs.csv"] + (["roc.png"] if plot else [])
+    with OutputDir(d, kind=kind, overwrite=overwrite) as tmp:
+        write_atomic(tmp / "report.json", (json.dumps(result.report, indent=2) + "\n").encode())
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["fold", "name1", "n1", "name2", "n2", "same", "distance"])
+        for pr, dist in zip(result.pairs, result.distances):
+            w.writerow([pr.fold, pr.name1, pr.n1, pr.name2, pr.n2, int(pr.same), f"{dist:.6f}"])
+        write_atomic(tmp / "pairs.csv", buf.getvalue().encode())
+        if plot:
+            from visionscale.face.plots import roc_png
+
+            fpr, tpr, _ = result.roc
+            write_atomic(tmp / "roc.png", roc_png(fpr, tpr, result.report["roc_auc"], result.report["eer"], "LFW pairs"))
+    return [d / n for n in names]
 
 
 # -- synthetic LFW -------------------------------------------------------------------------
@@ -376,7 +384,7 @@ def _identity_images(rng: np.random.Generator, n_people: int, per_person: int, s
 
 def make_synthetic_lfw(out: str | os.PathLike, n_people: int = 24, images_per_person: int = 4, size: int = 64,
                        n_sets: int = 10, per_set: int = 10, dev_pairs: int = 20, seed: int = 0,
-                       folder: str = "lfw") -> dict:
+                       folder: str = "lfw", overwrite: bool = False) -> dict:
     """Write an LFW-shaped tree of synthetic identities, for tests and demos (offline).
 
     ``<out>/<folder>/<name>/<name>_0001.jpg ...``, ``pairs.txt`` (``n_sets`` x ``per_set`` matched
@@ -384,13 +392,26 @@ def make_synthetic_lfw(out: str | os.PathLike, n_people: int = 24, images_per_pe
     (``n_sets`` sets) and ``peopleDevTrain.txt`` / ``peopleDevTest.txt``. Identities differ by
     colour cast and texture, so the right answer of every pair is known and learnable.
     Not faces of real people and not a stand-in for LFW's difficulty.
+
+    Everything is written to a staging folder and moved into ``out`` at the end; an ``out``
+    holding files an earlier demo did not write (someone's own ``pairs.txt``) raises
+    :class:`~visionscale.errors.OutputExistsError` first, unless ``overwrite``.
     """
-    from PIL import Image
+    from visionscale.io.outputs import OutputDir
 
     if n_people < 2 or images_per_person < 2:
-        raise ValueError("need at least 2 people with at least 2 images each")
+        raise LFWError("need at least 2 people with at least 2 images each")
+    final = Path(out).expanduser()
+    with OutputDir(final, kind="lfw-demo", overwrite=overwrite) as staging:
+        info = _write_synthetic_lfw(staging, n_people, images_per_person, size, n_sets, per_set, dev_pairs, seed, folder)
+    return {**info, "root": final / folder, "pairs": final / "pairs.txt"}
+
+
+def _write_synthetic_lfw(base: Path, n_people: int, images_per_person: int, size: int, n_sets: int, per_set: int,
+                         dev_pairs: int, seed: int, folder: str) -> dict:
+    from PIL import Image
+
     rng = np.random.default_rng(seed)
-    base = Path(out).expanduser()
     img_root = base / folder
     names = [f"Person_{chr(65 + i % 26)}{i // 26:02d}" for i in range(n_people)]
     people = _identity_images(rng, n_people, images_per_person, size)

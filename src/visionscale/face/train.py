@@ -22,6 +22,8 @@ Outputs in ``out_dir``: ``model.safetensors`` (best embedder, config in its head
 
 from __future__ import annotations
 
+from visionscale.errors import VisionscaleError
+
 import csv
 import io
 import json
@@ -38,6 +40,8 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from visionscale.device import resolve_device
+from visionscale.io.outputs import check_writable_dir
 from visionscale.face.embedder import FREEZE_MODES, FaceEmbedder, preprocess, save_embedder
 from visionscale.face.losses import CONTRASTIVE_FORMS, contrastive_loss, triplet_loss
 from visionscale.face.verification import best_threshold, roc_auc
@@ -54,7 +58,7 @@ LAST_FILE = "last.safetensors"
 RESUMABLE = {"epochs", "patience", "device"}
 
 
-class TrainError(ValueError):
+class TrainError(VisionscaleError, ValueError):
     """Bad training input or settings; raised before any output file is written."""
 
 
@@ -142,15 +146,6 @@ class TrainResult:
     best_epoch: int
     best_val_loss: float
     files: list[Path] = field(default_factory=list)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -368,6 +363,7 @@ def train(data: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainConfig 
     say = progress or (lambda m: None)
     out = Path(out_dir).expanduser()
     device = resolve_device(cfg.device)
+    check_writable_dir(out)  # a file in the way or a read-only folder fails now, not after the images load
     if not resume and not overwrite and any((out / n).exists() for n in (LAST_FILE, MODEL_FILE)):
         raise TrainError(f"{out} already holds a training run: resume it, overwrite it, or choose another folder")
     state, tensors = _read_resume(out, cfg) if resume else (None, None)
