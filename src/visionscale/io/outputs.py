@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,9 +30,18 @@ from visionscale.errors import OutputError, OutputExistsError, RunLockedError, S
 from visionscale.io.atomic import publish, write_atomic
 
 __all__ = ["check_output_file", "check_writable_dir", "OutputDir", "RunLock", "MANIFEST",
-           "foreign_files", "read_manifest"]
+           "foreign_files", "read_manifest", "is_our_scratch"]
 
 MANIFEST = ".visionscale-output.json"
+LOCK = ".lock"
+# io.atomic's temporary files: ".<name>.<8 random chars>.tmp". One is left behind only when a
+# process was killed mid-write (kill -9, power loss); it is ours, never the user's.
+_SCRATCH = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def is_our_scratch(name: str) -> bool:
+    """True for the lock file and for a temporary file a killed atomic write left behind."""
+    return name == LOCK or bool(_SCRATCH.match(name))
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -108,7 +118,7 @@ def foreign_files(folder: str | os.PathLike, kind: str) -> list[str]:
     manifest = read_manifest(folder)
     ours = set(manifest["files"]) if manifest and manifest.get("kind") == kind else set()
     ours.add(MANIFEST) if manifest and manifest.get("kind") == kind else None
-    return [f for f in _listing(folder) if f not in ours]
+    return [f for f in _listing(folder) if f not in ours and not is_our_scratch(Path(f).name)]
 
 
 class OutputDir:
@@ -202,7 +212,7 @@ class RunLock:
     lock itself lives in the kernel and vanishes with the process, however it ends.
     """
 
-    def __init__(self, folder: str | os.PathLike, *, what: str = "run folder", name: str = ".lock"):
+    def __init__(self, folder: str | os.PathLike, *, what: str = "run folder", name: str = LOCK):
         self.folder = Path(folder)
         self.what = what
         self.file = self.folder / name
