@@ -59,3 +59,28 @@ def test_import_object_loads_dotted_attributes_and_names_what_is_missing():
         import_object("no_such_pkg_xyz:net")
     with pytest.raises(ModelImportError, match="has no attribute 'nope'"):
         import_object("visionscale.nn.resnet:nope")
+
+
+def test_a_spec_that_is_not_a_model_says_what_it_is():
+    from visionscale.errors import VisionscaleError
+    from visionscale.registry import NotAModelError, build_model, import_model
+
+    with pytest.raises(NotAModelError, match=r"'os:sep' is a str, not a torch.nn.Module"):
+        import_model("os:sep")
+    factory = import_model("os:getcwd")  # callable: only calling it tells
+    with pytest.raises(NotAModelError, match=r"'os:getcwd' is not a model: calling it returned str") as info:
+        build_model(factory, "os:getcwd")
+    assert isinstance(info.value, VisionscaleError)
+    with pytest.raises(NotAModelError, match="cannot be built with arguments {'image_size': 64}") as info:
+        build_model(import_model("visionscale.nn.resnet:ResNetConfig.__init__"), "x", image_size=64)
+    assert isinstance(info.value, TypeError)  # as calling the factory would have raised
+    assert isinstance(build_model(import_model("visionscale.nn.resnet:resnet_tiny"), "resnet_tiny"), torch.nn.Module)
+
+
+def test_a_user_module_that_fails_to_import_is_one_error(tmp_path, monkeypatch):
+    from visionscale.registry import ModelImportError, import_object
+
+    (tmp_path / "vs_broken_mod.py").write_text("def oops(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelImportError, match="cannot import 'vs_broken_mod'.*SyntaxError"):
+        import_object("vs_broken_mod:net")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from visionscale.io.outputs import MANIFEST
 from visionscale.profiling import GPU, StudyConfig, StudyError, run_study, write_outputs
 from visionscale.profiling.gpus import parse_gpu, parse_size
 from visionscale.registry import UnknownModelError
@@ -83,7 +84,8 @@ def test_time_budget_skips_what_does_not_fit():
     assert set(status[1:]) == {"skipped_time_budget"}
 
 
-@pytest.mark.parametrize("res,msg", [((0, 32, 64), "positive"), ((16, "a", 64), "integers"), ((), "no resolutions")])
+@pytest.mark.parametrize("res,msg", [((0, 32, 64), "resolutions must be >= 1"), ((16, "a", 64), "must be an integer"),
+                                     ((), "no resolutions")])
 def test_bad_resolutions(res, msg):
     with pytest.raises(StudyError, match=msg):
         run_study(cfg(resolutions=res), modules={"net": small_net()})
@@ -115,6 +117,7 @@ def test_gpu_specs():
     assert parse_size("24GiB") == 24 * 1024**3
     assert parse_size("16000 MiB") == 16000 * 1024**2
     assert parse_size("80GB") == 80 * 1000**3
+    assert parse_size("1TiB") == 1024**4 and parse_size("2TB") == 2 * 1000**4
     assert parse_gpu("RTX 6000 Ada=48GiB") == GPU("RTX 6000 Ada", 48 * 1024**3)
     with pytest.raises(ValueError, match="NAME=SIZE"):
         parse_gpu("48GiB")
@@ -134,7 +137,8 @@ def test_outputs_are_complete_and_parse(tmp_path):
     assert {"model", "component", "metric", "beta0", "beta1", "beta2", "r2"} <= set(data["fits"][0])
     assert {"model", "gpu", "vram_bytes", "max_resolution"} <= set(data["gpu_limits"][0])
     assert (tmp_path / "memory_extrapolated.png").read_bytes()[:4] == b"\x89PNG"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+    # no temp files left; the one hidden file is the manifest of what the study wrote
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [MANIFEST]
 
 
 def test_precision_axis_gives_rows_fits_and_limits_per_dtype(tmp_path):

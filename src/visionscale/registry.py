@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import inspect
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from torch import nn
+
+from visionscale.errors import VisionscaleError
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
@@ -32,7 +35,7 @@ _MODEL_MODULES = (
 _loaded = False
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(VisionscaleError, KeyError):
     """Raised for a name that is not registered; the message lists the known names."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
@@ -77,11 +80,58 @@ def get_model_factory(name: str) -> Callable[..., nn.Module]:
 
 def create(name: str, **kwargs) -> nn.Module:
     """Build a registered model. Keyword arguments go to its factory."""
-    return get_model_factory(name)(**kwargs)
+    return build_model(get_model_factory(name), name, **kwargs)
 
 
-class ModelImportError(ValueError):
+class ModelImportError(VisionscaleError, ValueError):
     """A ``package.module:attr`` model spec names a module or attribute that cannot be loaded."""
+
+
+class NotAModelError(ModelImportError, TypeError):
+    """A model spec names something that is not an ``nn.Module`` nor a function returning one, or
+    a factory that cannot take the arguments given (a ``TypeError``, as calling it would raise)."""
+
+
+def _describe(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}" if type(obj).__module__ != "builtins" \
+        else type(obj).__name__
+
+
+def build_model(factory: Callable[..., Any], name: str, **kwargs) -> nn.Module:
+    """``factory(**kwargs)``, checked: the arguments fit its signature and the result is an ``nn.Module``.
+
+    Raises:
+        NotAModelError: The factory cannot take ``kwargs`` or returned something else (named).
+    """
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        raise NotAModelError(f"model {name!r} cannot be built with arguments {kwargs}: {exc}") from None
+    except ValueError:  # no signature (some builtins): let the call decide
+        pass
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise NotAModelError(f"model {name!r} is not a model: calling it returned {_describe(model)} "
+                             f"{_short_repr(model)}, not a torch.nn.Module")
+    return model
+
+
+def _short_repr(obj: Any) -> str:
+    text = repr(obj)
+    return f"({text[:60]}...)" if len(text) > 60 else f"({text})"
+
+
+def import_model(spec: str) -> nn.Module | Callable[..., nn.Module]:
+    """``"package.module:attr"`` -> an ``nn.Module`` or a callable to build one with :func:`build_model`.
+
+    Raises:
+        ModelImportError: The module does not import or has no such attribute.
+        NotAModelError: The attribute is neither a module nor callable (say a number or a string).
+    """
+    obj = import_object(spec)
+    if isinstance(obj, nn.Module) or callable(obj):
+        return obj
+    raise NotAModelError(f"model {spec!r} is a {_describe(obj)}, not a torch.nn.Module or a function returning one")
 
 
 def import_object(spec: str) -> object:
@@ -96,6 +146,9 @@ def import_object(spec: str) -> object:
         obj: object = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelImportError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from None
+    except Exception as exc:  # the user's module fails while importing (SyntaxError, its own errors)
+        raise ModelImportError(f"cannot import {module_name!r} for model {spec!r}: "
+                               f"{type(exc).__name__}: {exc}") from None
     for part in attr.split("."):
         if not part or not hasattr(obj, part):
             raise ModelImportError(f"model {spec!r}: {module_name!r} has no attribute {attr!r}")

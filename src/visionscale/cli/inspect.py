@@ -12,10 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from visionscale.cli._common import fail, out
-
-
-
+from visionscale.cli._common import describe_os_error, fail, out
 
 
 def inspect_cmd(
@@ -28,6 +25,7 @@ def inspect_cmd(
     max_maps: int = typer.Option(64, help="Most feature-map channels drawn."),
     table: bool = typer.Option(True, "--table/--no-table", help="Print the layer table."),
     as_json: bool = typer.Option(False, "--json", help="Print summary.json to stdout."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a --out folder that holds files visionscale did not write."),
 ) -> None:
     """Per-layer table (type, output shape, parameters, activation bytes, receptive field), the first layer's filters and one layer's feature maps as PNG grids."""
     from visionscale.classify.inspect import inspect_model
@@ -40,9 +38,11 @@ def inspect_cmd(
         fail(f"--max-maps must be at least 1, got {max_maps}")
     try:
         result = inspect_model(model, out_dir, weights=weights, layer=layer, image=image, image_size=size,
-                               max_maps=max_maps)
-    except (ValueError, OSError, UnknownModelError, StateDictMismatchError, WeightsUnavailableError) as exc:
+                               max_maps=max_maps, overwrite=overwrite)
+    except (ValueError, UnknownModelError, StateDictMismatchError, WeightsUnavailableError) as exc:
         fail(str(exc))
+    except OSError as exc:  # an output error names its file; a bare one (a full disk) gets a line too
+        fail(str(exc) if exc.errno is None else (describe_os_error(exc) or str(exc)))
     if as_json:
         sys.stdout.write((out_dir / "summary.json").read_text())
         return

@@ -11,18 +11,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from visionscale.cli._common import err, fail, out, split_csv
+from visionscale.cli._common import CLIGroup, err, fail, out, split_csv
 
 app = typer.Typer(
+    cls=CLIGroup,
     help="How memory and latency of vision models grow with image resolution, and what fits on your GPU.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-
-
 
 
 def parse_resolutions(text: str) -> tuple[int, ...]:
@@ -65,55 +62,59 @@ def scale_cmd(
     only_gpus: bool = typer.Option(False, "--only-gpus", help="Use only the --gpu cards, not the built-in catalogue."),
     cuda_context: str = typer.Option("512MiB", help="Memory the CUDA context and libraries take beside PyTorch's tensors."),
     exact_limits: bool = typer.Option(True, "--exact-limits/--no-exact-limits", help="Also find each GPU's limit by bisection on the analytic pass."),
+    limit_cap: int = typer.Option(16384, help="Largest side (px) the GPU-limit search tries; a model that still fits there is reported as '>= CAP'."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
-    out_dir: Path = typer.Option(Path("scale-results"), "--out", "-o", help="Output folder."),
+    out_dir: Path = typer.Option(Path("scale-results"), "--out", "-o", help="Output folder (replaced as a whole; an earlier study's files there are removed)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that holds files visionscale did not write (files of the same name are replaced)."),
     as_json: bool = typer.Option(False, "--json", help="Print results.json to stdout."),
 ) -> None:
     """Run the resolution-scalability study (defaults: seed 000's study)."""
     from visionscale.profiling.gpus import GPUS, parse_gpu, parse_size
-    from visionscale.profiling.report import OutputError, check_output_dir, write_outputs
-    from visionscale.profiling.sweep import StudyConfig, StudyError, run_study
-    from visionscale.registry import UnknownModelError
+    from visionscale.profiling.report import output_dir, write_outputs
+    from visionscale.profiling.sweep import StudyConfig, run_study
 
+    # Bad input (a StudyError, UnknownModelError, DeviceError, OutputError...: all
+    # VisionscaleErrors) becomes one line in CLIGroup; only the parsers' ValueErrors are ours.
     try:
         res = parse_resolutions(resolutions)
         extra = tuple(parse_gpu(g) for g in gpu)
         cards = extra if only_gpus else GPUS + extra
         if not cards:
             raise ValueError("--only-gpus needs at least one --gpu NAME=SIZE")
-        cfg = StudyConfig(
-            models=tuple(split_csv(models)), resolutions=res, target=target, dtype=dtype, device=device,
-            batch_size=batch_size, timing=timing, warmup=warmup, repeats=repeats, time_budget_s=time_budget,
-            gpus=cards, cuda_context_bytes=parse_size(cuda_context), exact_limits=exact_limits,
-        )
-        check_output_dir(out_dir)
-    except (ValueError, UnknownModelError, OutputError) as exc:
+        context_bytes = parse_size(cuda_context)
+    except ValueError as exc:
         fail(str(exc))
-
-    try:
-        with err.status("starting") as status:
-            result = run_study(cfg, progress=lambda msg: status.update(msg))
-        written = write_outputs(result, out_dir, plots=plots)
-    except (StudyError, UnknownModelError) as exc:
-        fail(str(exc))
-    except OutputError as exc:
-        fail(str(exc))
+    cfg = StudyConfig(
+        models=tuple(split_csv(models)), resolutions=res, target=target, dtype=dtype, device=device,
+        batch_size=batch_size, timing=timing, warmup=warmup, repeats=repeats, time_budget_s=time_budget,
+        gpus=cards, cuda_context_bytes=context_bytes, exact_limits=exact_limits, limit_cap=limit_cap,
+    )
+    cfg.resolved_device()  # an unknown or absent device fails before the folder is checked
+    target_dir = output_dir(out_dir, overwrite=overwrite)  # checked before the study runs
+    with err.status("starting") as status:
+        result = run_study(cfg, progress=lambda msg: status.update(msg))
+    written = write_outputs(result, target_dir, plots=plots)
 
     if as_json:
         sys.stdout.write((out_dir / "results.json").read_text() + "\n")
         return
     _print_summary(result)
-    out.print(f"wrote {len(written)} files to {out_dir}/ (report.md, results.json, CSVs, plots)", highlight=False)
+    out.print(f"wrote {len(written)} files to {out_dir}/ (report.md, results.json, CSVs{', plots' if plots else ''})",
+              highlight=False)
 
 
 def _print_summary(result) -> None:
     from rich.table import Table
+
+    from visionscale.profiling.report import analytic_limit_text
 
     exact = bool(result.config.get("exact_limits"))
     title = "Largest square resolution per GPU, px: analytic (quadratic fit)" if exact else \
         "Largest square resolution per GPU, px (quadratic fit of peak memory)"
     dtypes = list(result.config.get("dtypes") or [result.config.get("dtype", "fp32")])
     multi = len(dtypes) > 1
+    if any(g.get("capped") for g in result.gpu_limits):
+        title += f"; >= N: still fits at the search's cap of {result.config.get('limit_cap')} px"
     t = Table(title=title)
     t.add_column("GPU")
     models = list(dict.fromkeys(g["model"] for g in result.gpu_limits))
@@ -127,8 +128,7 @@ def _print_summary(result) -> None:
                      if x["gpu"] == name and x["model"] == m and (d is None or x.get("dtype") == d))
             fit = "–" if g["max_resolution"] is None else str(g["max_resolution"])
             if exact:
-                a = g.get("max_resolution_analytic")
-                cells.append(f"{'–' if a is None else a} ({fit})")
+                cells.append(f"{analytic_limit_text(g)} ({fit})")
             else:
                 cells.append(fit)
         t.add_row(name, *cells)

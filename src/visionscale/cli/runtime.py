@@ -49,6 +49,7 @@ def export_cmd(
     static: bool = typer.Option(False, "--static", help="Export the example shape only (no dynamic batch/height/width)."),
     opset: int = typer.Option(18, help="ONNX opset."),
     as_json: bool = typer.Option(False, "--json", help="Print the export report (the sidecar JSON) to stdout."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file and its FILE.json (never the model being exported)."),
 ) -> None:
     """Export a model to ONNX or TensorRT; a parity check against eager FP32 follows every export."""
     from visionscale.runtime.errors import BackendUnavailableError, ExportError, RunnerError
@@ -59,7 +60,7 @@ def export_cmd(
         size = _image_size(image_size)
         if batch is not None and batch < 1:
             raise ValueError(f"--batch must be >= 1, got {batch}")
-        kw = dict(precision=precision, image_size=size, batch=batch)
+        kw = dict(precision=precision, image_size=size, batch=batch, overwrite=overwrite)
         if format == "onnx":
             kw.update(dynamic=not static, opset=opset)
         with err.status(f"exporting {model} to {format}"):
@@ -98,9 +99,11 @@ def bench_cmd(
     run: Optional[Path] = typer.Option(None, "--run", help="Fitted anomaly run folder: benchmark its model and report AUROC per row (needs --data)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data: the task metric per backend/precision. Anomaly run: its data set (AUROC); classifier checkpoint: labelled folder (accuracy); detector checkpoint: folder with val.json (COCO AP); face embedder: LFW folder with pairs.txt (verification accuracy)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write bench.json and bench.md here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a --out folder that holds files visionscale did not write."),
     as_json: bool = typer.Option(False, "--json", help="Print bench.json to stdout."),
 ) -> None:
     """Latency, throughput and accuracy deltas per backend x precision x batch, against eager FP32."""
+    from visionscale.io.outputs import OutputDir
     from visionscale.runtime.bench import BenchConfig, bench, render_markdown, write_result
     from visionscale.runtime.errors import BackendUnavailableError, RunnerError
     from visionscale.runtime.precision import PrecisionError
@@ -114,14 +117,14 @@ def bench_cmd(
             run_dir=str(run) if run is not None else None, data=str(data) if data is not None else None,
         )
         cfg.validate()
-        if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-            raise ValueError(f"output path {out_dir} exists and is not a folder")
+        # checked before the benchmark runs (an OutputError reaches the CLI's error boundary)
+        target = OutputDir(out_dir, kind="bench", overwrite=overwrite) if out_dir is not None else None
         with err.status("starting") as status:
             result = bench(cfg, progress=lambda m: status.update(m))
     except (ValueError, RunnerError, PrecisionError, BackendUnavailableError) as exc:
         fail(str(exc))
-    if out_dir is not None:
-        write_result(result, out_dir)
+    if target is not None:
+        write_result(result, target)
     if as_json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=1, default=lambda o: None) + "\n")
     else:

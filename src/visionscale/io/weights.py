@@ -9,11 +9,13 @@ the same place torchvision uses, so a file fetched by either is found by both.
 from __future__ import annotations
 
 import http.client
+import json
+import math
 import os
 import pickle
 import re
 import socket
-import zipfile
+import struct
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +27,17 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from visionscale.errors import InvalidFileError, VisionscaleError
 from visionscale.io.atomic import atomic_path
 
 __all__ = [
     "WeightsSpec",
     "WeightsUnavailableError",
     "StateDictMismatchError",
+    "WeightsFileError",
+    "WeightsFileNotFoundError",
     "load_state_dict",
+    "check_safetensors_header",
     "load_into",
     "download_to_cache",
     "cache_path_for",
@@ -79,12 +85,125 @@ class WeightsSpec:
         return Path(urlparse(self.url).path).name
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(VisionscaleError, RuntimeError):
     """Pretrained weights could not be downloaded and are not in the cache."""
 
 
-class StateDictMismatchError(RuntimeError):
+class StateDictMismatchError(VisionscaleError, RuntimeError):
     """A state dict does not fit a model (missing/unexpected keys or wrong shapes)."""
+
+
+class WeightsFileError(InvalidFileError):
+    """A weights file is corrupt, truncated, of an unknown kind or not a plain state dict; names the file."""
+
+
+class WeightsFileNotFoundError(VisionscaleError, FileNotFoundError):
+    """A weights file that does not exist."""
+
+
+# Bytes per element of every dtype safetensors' torch loader knows.
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
+                      "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
+                      "F64": 8, "C64": 8}
+_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
+
+
+def _nonneg_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def check_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Validate a safetensors file's header against its size; return the header (a dict).
+
+    The checks are the format's rules, made here so each failure names the file and the field:
+    an 8-byte little-endian header length that fits the file, a UTF-8 JSON object, a string ->
+    string ``__metadata__``, and per tensor a known ``dtype``, a ``shape`` of non-negative
+    integers and ``data_offsets`` whose span is exactly shape x dtype size; the tensors tile the
+    data after the header with no gap or overlap.
+
+    Raises:
+        WeightsFileError: The first rule the file breaks.
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise WeightsFileError(f"{p} is not a safetensors file: {size} bytes, too short for the 8-byte "
+                                       f"header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > _MAX_SAFETENSORS_HEADER:
+                raise WeightsFileError(f"{p} is not a valid safetensors file: its header length field says {n} "
+                                       f"bytes, but {size - 8} bytes follow it (truncated or not safetensors)")
+            raw = f.read(n)
+    except OSError as e:
+        raise WeightsFileError(f"cannot read weights file {p}: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise WeightsFileError(f"{p} is not a valid safetensors file: its header is not UTF-8 JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise WeightsFileError(f"{p} is not a valid safetensors file: its header is a JSON "
+                               f"{type(header).__name__}, not an object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict)
+                                 and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        raise WeightsFileError(f"{p}: __metadata__ in the safetensors header must map strings to strings")
+    data_len = size - 8 - n
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{p}: tensor {name!r} in the safetensors header"
+        if not isinstance(info, dict):
+            raise WeightsFileError(f"{where} is a {type(info).__name__}, not an object with dtype/shape/data_offsets")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise WeightsFileError(f"{where}: dtype {dtype!r} is not one of {', '.join(SAFETENSORS_DTYPES)}")
+        if not isinstance(shape, list) or not all(_nonneg_int(d) for d in shape):
+            raise WeightsFileError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_nonneg_int(o) for o in offs) and offs[0] <= offs[1]):
+            raise WeightsFileError(f"{where}: data_offsets {offs!r} is not [begin, end] with 0 <= begin <= end")
+        if offs[1] > data_len:
+            raise WeightsFileError(f"{where}: data_offsets {offs} reach past the end of the data ({data_len} bytes; "
+                                   f"file truncated?)")
+        need = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+        if offs[1] - offs[0] != need:
+            raise WeightsFileError(f"{where}: shape {shape} of {dtype} needs {need} bytes, but data_offsets {offs} "
+                                   f"span {offs[1] - offs[0]}")
+        spans.append((offs[0], offs[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise WeightsFileError(f"{p}: tensor {name!r} starts at data byte {begin}, expected {end} "
+                                   f"(tensors overlap or leave a gap)")
+        end = stop
+    if end != data_len:
+        raise WeightsFileError(f"{p}: the tensors in the safetensors header cover {end} bytes, "
+                               f"but the file holds {data_len} bytes of data")
+    return header
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    """What torch.load(weights_only=True) refused, without torch's advice to load unsafely.
+
+    torch wraps the unpickler's own error ("Unsupported global: GLOBAL pathlib.Path was not an
+    allowed global by default", "Trying to load unsupported GLOBAL posix.system whose module posix
+    is blocked") in paragraphs that suggest ``weights_only=False``; keep the error whole.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    text = text.split("\n\nCheck the documentation of torch.load")[0]
+    if "WeightsUnpickler error:" in text:
+        reason = text.rsplit("WeightsUnpickler error:", 1)[1]
+    else:
+        paragraphs = [q.strip() for q in text.split("\n\n") if q.strip()]
+        reason = paragraphs[-1] if len(paragraphs) > 1 else (paragraphs or [type(exc).__name__])[0]
+    # Drop the sentences that advise weights_only=False or allowlisting globals: neither is
+    # offered here, and the first would run the file's code.
+    reason = re.sub(r"\s*(In PyTorch 2\.6|Re-running `torch\.load`|Please use `torch\.serialization)[^\n]*", "", reason)
+    reason = " ".join(reason.split())
+    return f"Weights only load failed. {reason}" if reason else "Weights only load failed."
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -92,42 +211,48 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
     Pickle files are read with ``weights_only=True``: a file that holds anything
     other than tensors and plain containers is refused, never executed. A top-level
-    ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped.
+    ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped. A safetensors
+    header is validated first (:func:`check_safetensors_header`).
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: Unsupported suffix, unreadable/corrupt file, or non-tensor entries.
+        WeightsFileNotFoundError: ``path`` does not exist (a ``FileNotFoundError``).
+        WeightsFileError: Unsupported suffix, unreadable/corrupt file, or non-tensor entries
+            (a ``ValueError``); the message names the file.
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"weights file not found: {p}")
+        raise WeightsFileNotFoundError(f"weights file not found: {p}")
     if p.is_dir():
-        raise ValueError(f"weights path is a directory, expected a file: {p}")
+        raise WeightsFileError(f"weights path is a directory, expected a file: {p}")
     suffix = p.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:
+        check_safetensors_header(p)
         try:
             obj = safetensors.torch.load_file(str(p), device="cpu")
         except Exception as e:  # safetensors raises its own SafetensorError, OSError...
-            raise ValueError(f"could not read safetensors file {p}: {e}") from e
+            raise WeightsFileError(f"could not read safetensors file {p}: {e}") from e
     elif suffix in PICKLE_SUFFIXES:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             # Refused globals and garbage bytes both land here. torch's own message
             # suggests weights_only=False; we never do that, so keep only the reason.
-            found = re.search(r"Unsupported global: [^\n]*", str(e))
-            reason = found.group(0).strip() if found else (str(e).splitlines() or [type(e).__name__])[0][:200]
-            raise ValueError(
+            raise WeightsFileError(
                 f"refused to load {p}: it is corrupt or pickles objects other than tensors "
-                f"(torch.load with weights_only=True failed: {reason}). Arbitrary pickled objects "
+                f"(torch.load with weights_only=True: {_unpickling_reason(e)}) Arbitrary pickled objects "
                 f"are never unpickled here; re-save it as a plain state dict "
                 f"(torch.save(model.state_dict(), path)) or as .safetensors."
             ) from e
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-            raise ValueError(f"could not read checkpoint {p} (corrupt or truncated?): {e}") from e
+        except MemoryError:
+            raise
+        except Exception as e:  # a corrupt zip or pickle can fail in many ways (zipfile, EOF, struct...)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise WeightsFileError(f"could not read checkpoint {p} (corrupt or truncated?): "
+                                   f"{type(e).__name__}: {first}") from e
     else:
         allowed = ", ".join((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
-        raise ValueError(f"unsupported weights file type {suffix or '(no suffix)'!r} for {p}; expected one of {allowed}")
+        raise WeightsFileError(f"unsupported weights file type {suffix or '(no suffix)'!r} for {p}; "
+                               f"expected one of {allowed}")
     return _as_tensor_dict(obj, p)
 
 
@@ -140,11 +265,11 @@ def _as_tensor_dict(obj: object, p: Path) -> dict[str, Tensor]:
             if inner is not None:
                 obj = inner
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{p} holds a {type(obj).__name__}, expected a state dict (mapping of names to tensors)")
+        raise WeightsFileError(f"{p} holds a {type(obj).__name__}, expected a state dict (mapping of names to tensors)")
     bad = [f"{k!r}: {type(v).__name__}" for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
-        raise ValueError(f"{p} is not a plain state dict; non-tensor entries: {shown}")
+        raise WeightsFileError(f"{p} is not a plain state dict; non-tensor entries: {shown}")
     return dict(obj)
 
 

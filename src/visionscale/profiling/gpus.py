@@ -46,12 +46,13 @@ def sensor_side(megapixels: float) -> int:
     return int(round(math.sqrt(megapixels * 1e6)))
 
 
-_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": MiB, "gib": GiB}
+_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4, "kib": 1024, "mib": MiB, "gib": GiB,
+          "tib": 1024 * GiB}
 
 
 def parse_size(text: str) -> int:
-    """``"24GiB"``, ``"16000 MiB"``, ``"80GB"`` -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?b|b)\s*", text.lower())
+    """``"24GiB"``, ``"16000 MiB"``, ``"80GB"``, ``"1TiB"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)\s*", text.lower())
     if not m:
         raise ValueError(f"cannot read memory size {text!r}; use e.g. 24GiB, 16000MiB or 80GB")
     return int(float(m.group(1)) * _UNITS[m.group(2)])

@@ -1,7 +1,8 @@
 """Write a study's outputs: results.json, tidy CSVs, PNG plots and report.md.
 
-Every file is written to a temporary name in the output folder and renamed into place,
-so an interrupted run never leaves a half-written file behind.
+The folder is written all at once through :class:`~visionscale.io.outputs.OutputDir`: a failed
+or interrupted run leaves the folder as it was, a rerun leaves no stale files of the previous
+one, and a folder holding files visionscale did not write is refused unless overwriting.
 """
 
 from __future__ import annotations
@@ -11,25 +12,29 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from visionscale.io.atomic import write_atomic
+from visionscale.errors import OutputError  # re-exported: other commands catch it from here
 from visionscale.io.figures import figure_png
+from visionscale.io.outputs import OutputDir, read_manifest
 from visionscale.profiling.sweep import StudyResult
 
 MiB = 1024**2
+OUTPUT_KIND = "scale"
 
-
-class OutputError(OSError):
-    """The output folder cannot be used."""
+__all__ = ["OutputError", "check_output_dir", "output_dir", "write_outputs", "render_markdown"]
 
 
 def check_output_dir(path: Path) -> Path:
-    """Create ``path`` if needed and prove it is writable, before any work starts."""
+    """Create ``path`` if needed and prove it is writable, before any work starts.
+
+    For commands that write single files into a folder; the study itself uses :func:`output_dir`.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"output path {path} exists and is not a folder")
@@ -41,6 +46,37 @@ def check_output_dir(path: Path) -> Path:
     except OSError as exc:
         raise OutputError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
     return path
+
+
+# What a study writes (before outputs had a manifest): a folder holding only these is an
+# earlier study's, replaced without asking like one with a manifest.
+_STUDY_FILES = re.compile(r"(results\.json|report\.md|(rows|fits|gpu_limits|checks|totals)\.csv|"
+                          r"components_.+\.png|(memory_extrapolated(_seed_sum)?|runtime_extrapolated)\.png)")
+
+
+def _earlier_study(folder: Path) -> bool:
+    if not folder.is_dir() or read_manifest(folder) is not None:
+        return False
+    entries = list(folder.iterdir())
+    if not all(p.is_file() and _STUDY_FILES.fullmatch(p.name) for p in entries) \
+            or "results.json" not in {p.name for p in entries}:
+        return False
+    try:
+        data = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"config", "rows", "gpu_limits"} <= set(data)
+
+
+def output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> OutputDir:
+    """The study's output folder, checked now (before the study runs).
+
+    Raises:
+        OutputError: ``out_dir`` is a file, cannot be written, or holds files that are not a
+            study's (:class:`~visionscale.errors.OutputExistsError`) and ``overwrite`` is False.
+    """
+    out_dir = Path(out_dir)
+    return OutputDir(out_dir, kind=OUTPUT_KIND, overwrite=overwrite or _earlier_study(out_dir))
 
 
 
@@ -249,6 +285,14 @@ def _sensor_for(side: int | None, sensors: list[dict[str, Any]]) -> str:
     return f"{max(s['megapixels'] for s in ok):g} MP" if ok else "< 2 MP"
 
 
+def analytic_limit_text(limit: dict[str, Any]) -> str:
+    """``4096``, ``>= 16384`` when the search hit its cap, or ``–`` (nothing fits / not searched)."""
+    value = limit.get("max_resolution_analytic")
+    if value is None:
+        return "–"
+    return f">= {value}" if limit.get("capped") else str(value)
+
+
 def render_markdown(result: StudyResult, images: list[str]) -> str:
     env, cfg = result.environment, result.config
     multi = len(dtypes_of(result)) > 1
@@ -306,6 +350,8 @@ def render_markdown(result: StudyResult, images: list[str]) -> str:
     lines += ["", f"## Largest square resolution per GPU (CUDA context allowance "
                   f"{cfg['cuda_context_bytes'] / MiB:,.0f} MiB)", "",
               f"`analytic`: search on the analytic peak (to {cfg['limit_step']} px), the number to plan with; "
+              f"the search stops at {cfg.get('limit_cap', 16384)} px, so `>= N` means the model still fits there "
+              "(its true limit is higher); "
               "`peak fit`: the seed's method, quadratic fit of the peak total; `seed sum fit`: fit of the seed's "
               "Eq. 1 total (every activation held at once, so pessimistic). *Sensor*: the largest square camera "
               "sensor that fits, by the first available of these columns.", "",
@@ -314,7 +360,7 @@ def render_markdown(result: StudyResult, images: list[str]) -> str:
     for g in result.gpu_limits:
         best = g.get("max_resolution_analytic") or g["max_resolution"]
         lines.append(f"| {dcol(g)}{g['model']} | {g['gpu']} | {g['vram_bytes'] / 1024**3:,.1f} | "
-                     f"{g.get('max_resolution_analytic') or '–'} | {_sensor_for(best, result.sensors)} | "
+                     f"{analytic_limit_text(g)} | {_sensor_for(best, result.sensors)} | "
                      f"{g['max_resolution'] or '–'} | {g['max_resolution_seed_sum'] or '–'} |")
     lines += ["", "Camera sensors (1:1): " + ", ".join(f"{s['megapixels']:g} MP = {s['side_px']} px" for s in result.sensors), ""]
     if images:
@@ -330,9 +376,15 @@ def _json_default(o):
     raise TypeError(f"cannot serialise {type(o).__name__}")
 
 
-def write_outputs(result: StudyResult, out_dir: Path, plots: bool = True) -> list[Path]:
-    """Write all outputs of a study into ``out_dir``; returns the files written."""
-    out_dir = check_output_dir(Path(out_dir))
+def write_outputs(result: StudyResult, out_dir: str | os.PathLike | OutputDir, plots: bool = True,
+                  overwrite: bool = False) -> list[Path]:
+    """Write all outputs of a study into ``out_dir`` at once; returns the files written.
+
+    ``out_dir`` may be the :class:`OutputDir` from :func:`output_dir`, made before the study so a
+    bad folder fails first. Files of an earlier study there that this one does not write are
+    removed; any other files are refused unless ``overwrite``.
+    """
+    target = out_dir if isinstance(out_dir, OutputDir) else output_dir(out_dir, overwrite)
     files: dict[str, bytes] = {}
     files["results.json"] = json.dumps(result.to_dict(), indent=1, default=_json_default).encode()
     files["rows.csv"] = _csv_bytes(result.rows)
@@ -357,8 +409,12 @@ def write_outputs(result: StudyResult, out_dir: Path, plots: bool = True) -> lis
                 files[name] = plot_comparison(result, metric)
                 images.append(name)
     files["report.md"] = render_markdown(result, images).encode()
-    written = []
-    for name, data in files.items():
-        write_atomic(out_dir / name, data)
-        written.append(out_dir / name)
-    return written
+    with target as staging:
+        for name, data in files.items():
+            try:
+                (staging / name).write_bytes(data)
+            except OSError as exc:  # a full disk fails in write(), with no file name: name it
+                if exc.filename is None and exc.errno is not None:
+                    raise OSError(exc.errno, exc.strerror, str(target.target / name)) from exc
+                raise
+    return [target.target / name for name in files]

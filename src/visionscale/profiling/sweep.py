@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from visionscale.components import Component, State, components_of, module_bytes
+from visionscale.errors import InvalidValueError, VisionscaleError, check_finite, check_int
 from visionscale.profiling.fit import QuadraticFit, fit_quadratic
 from visionscale.profiling.gpus import CUDA_CONTEXT_BYTES, GPU, GPUS, SENSORS_MP, sensor_side
 from visionscale.profiling.memory import MemoryEstimate, estimate_model, model_totals
@@ -37,10 +38,14 @@ DEFAULT_TARGET = 3000
 
 ModelSource = nn.Module | Callable[[int], nn.Module]
 
+# The GPU-limit search stops here: a model that still fits at this side length gets the
+# limit ">= LIMIT_CAP" (``capped`` in the results), never a made-up number.
+LIMIT_CAP = 16384
+
 MEMORY_METRICS = ("params_bytes", "activation_sum_bytes", "activation_peak_bytes", "total_sum_bytes", "total_peak_bytes")
 
 
-class StudyError(ValueError):
+class StudyError(VisionscaleError, ValueError):
     """Bad study input, reported before any work is done."""
 
 
@@ -52,7 +57,10 @@ class StudyConfig:
     ``dtype`` is one of ``fp32``, ``fp16``, ``bf16`` or several, comma-separated
     (``"fp32,bf16"``) or as a tuple: the precision axis. Each dtype gets its own rows, fits,
     checks and GPU limits (every entry carries a ``dtype`` field); a time budget is split
-    evenly between the dtypes."""
+    evenly between the dtypes.
+
+    Every field is checked when the config is made (:meth:`validate`): a bad value raises
+    :class:`StudyError` naming the field, before any work."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
     resolutions: tuple[int, ...] = DEFAULT_RESOLUTIONS
@@ -69,7 +77,51 @@ class StudyConfig:
     cuda_context_bytes: int = CUDA_CONTEXT_BYTES
     exact_limits: bool = True
     limit_step: int = 32
+    limit_cap: int = LIMIT_CAP
     model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`StudyError` naming the first field with a value the study cannot use."""
+        try:
+            self._validate()
+        except InvalidValueError as exc:
+            raise StudyError(str(exc)) from None
+
+    def _validate(self) -> None:
+        if isinstance(self.models, str) or not all(isinstance(m, str) and m.strip() for m in self.models):
+            raise StudyError(f"models must be a sequence of model names, got {self.models!r}")
+        if not self.models:
+            raise StudyError("no models given")
+        _no_repeats("models", list(self.models))
+        if isinstance(self.resolutions, (str, bytes)) or not len(self.resolutions):
+            raise StudyError("no resolutions given")
+        for r in self.resolutions:
+            check_int("resolutions", r, minimum=1)
+        # A repeated size would count twice in the fits (and with three sizes, leave too few to fit).
+        _no_repeats("resolutions", list(self.resolutions))
+        check_int("target", self.target, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_int("in_channels", self.in_channels, minimum=1)
+        if self.warmup is not None:
+            check_int("warmup", self.warmup, minimum=0)
+        if self.repeats is not None:
+            check_int("repeats", self.repeats, minimum=1)
+        if self.time_budget_s is not None:
+            check_finite("time_budget_s", self.time_budget_s, minimum=0)
+        check_int("cuda_context_bytes", self.cuda_context_bytes, minimum=0)
+        check_int("limit_step", self.limit_step, minimum=1)
+        check_int("limit_cap", self.limit_cap, minimum=self.limit_step)
+        dtypes = self.dtypes
+        bad = [d for d in dtypes if d not in DTYPES]
+        if not dtypes or bad:
+            raise StudyError(f"dtype must be one of {', '.join(DTYPES)}, got {(bad or [self.dtype])[0]!r}")
+        if not self.gpus:
+            raise StudyError("gpus is empty: give at least one GPU")
+        for g in self.gpus:
+            check_int(f"vram_bytes of GPU {g.name!r}", g.vram_bytes, minimum=1)
 
     @property
     def dtypes(self) -> tuple[str, ...]:
@@ -78,14 +130,17 @@ class StudyConfig:
         return tuple(dict.fromkeys(str(d).strip() for d in items if str(d).strip()))
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise StudyError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
-        if dev.type not in ("cpu", "cuda"):
-            raise StudyError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        return dev
+        from visionscale.device import resolve_device
+
+        return resolve_device(self.device)
+
+
+def _no_repeats(name: str, values: list) -> None:
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise StudyError(f"{name} lists {v!r} more than once; give each once")
+        seen.add(v)
 
 
 @dataclass
@@ -114,10 +169,10 @@ def _accepts(fn: Callable, name: str) -> bool:
 
 def _import_object(spec: str) -> Any:
     """``"package.module:attr"`` -> the object (a user's model or model factory)."""
-    from visionscale.registry import ModelImportError, import_object
+    from visionscale.registry import ModelImportError, import_model
 
     try:
-        return import_object(spec)
+        return import_model(spec)
     except ModelImportError as exc:
         raise StudyError(str(exc)) from None
 
@@ -148,8 +203,13 @@ class _Source:
         kw = dict(self.kwargs)
         if _accepts(self.factory, "image_size"):
             kw.setdefault("image_size", resolution)
-        with torch.device(device):
-            model = self.factory(**kw)
+        from visionscale.registry import ModelImportError, build_model
+
+        try:
+            with torch.device(device):
+                model = build_model(self.factory, self.name, **kw)
+        except ModelImportError as exc:
+            raise StudyError(str(exc)) from None
         return model.to(device=device, dtype=dtype).eval()
 
 
@@ -160,19 +220,6 @@ def _validate(model: nn.Module, name: str, resolution: int) -> None:
             check(resolution, resolution)
         except ValueError as exc:
             raise StudyError(f"model {name!r} cannot run at {resolution}x{resolution}: {exc}") from None
-
-
-def _check_resolutions(resolutions) -> tuple[int, ...]:
-    out = []
-    for r in resolutions:
-        if isinstance(r, bool) or not isinstance(r, int):
-            raise StudyError(f"resolutions must be positive integers (pixels), got {r!r}")
-        if r <= 0:
-            raise StudyError(f"resolutions must be positive, got {r}")
-        out.append(r)
-    if not out:
-        raise StudyError("no resolutions given")
-    return tuple(sorted(set(out)))
 
 
 def _nearest_supported(model_at: Callable[[int], nn.Module], name: str, target: int, step: int = 1) -> int | None:
@@ -208,11 +255,13 @@ def _totals(source: _Source, cfg: StudyConfig, resolution: int) -> dict[str, int
 
 
 def exact_limit(
-    source: _Source, cfg: StudyConfig, vram_bytes: int, lo: int, hi: int = 16384,
+    source: _Source, cfg: StudyConfig, vram_bytes: int, lo: int, hi: int | None = None,
     cache: dict[int, int | None] | None = None, guess: float | None = None,
 ) -> int | None:
     """Largest multiple of ``cfg.limit_step`` whose analytic peak (plus the CUDA context)
-    fits into ``vram_bytes``, searched with analytic passes. None if ``lo`` does not fit.
+    fits into ``vram_bytes``, searched with analytic passes up to ``hi`` (default
+    ``cfg.limit_cap``). None if ``lo`` does not fit; the largest multiple of the step <= ``hi``
+    when even that fits, which is then a lower bound (see :func:`is_capped`).
 
     Assumes memory grows with resolution, which holds for every conv/attention model;
     sizes the model rejects count as not fitting. The search interpolates on
@@ -221,6 +270,7 @@ def exact_limit(
     (resolution -> peak bytes) lets the searches for several GPUs share passes.
     """
     step = cfg.limit_step
+    hi = cfg.limit_cap if hi is None else hi
     budget = vram_bytes - cfg.cuda_context_bytes
     cache = {} if cache is None else cache
 
@@ -266,6 +316,11 @@ def exact_limit(
     return lo_k * step
 
 
+def is_capped(cfg: StudyConfig, limit: int | None) -> bool:
+    """Whether a limit from :func:`exact_limit` is the search's cap: the model fits at least there."""
+    return limit is not None and limit >= (cfg.limit_cap // cfg.limit_step) * cfg.limit_step
+
+
 def _environment(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {
         "torch": torch.__version__,
@@ -290,8 +345,6 @@ def _timing_defaults(cfg: StudyConfig, device: torch.device) -> tuple[int, int, 
     warmup = cfg.warmup if cfg.warmup is not None else (100 if cuda else 1)
     repeats = cfg.repeats if cfg.repeats is not None else (1000 if cuda else 3)
     budget = cfg.time_budget_s if cfg.time_budget_s is not None else (None if cuda else 60.0)
-    if warmup < 0 or repeats < 1:
-        raise StudyError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
     return warmup, repeats, budget
 
 
@@ -368,12 +421,8 @@ def run_study(
 
     Args: as :func:`_run_single`.
     """
+    cfg.validate()  # a config changed after it was made
     dtypes = cfg.dtypes
-    if not dtypes:
-        raise StudyError(f"dtype must be one or more of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    bad = [d for d in dtypes if d not in DTYPES]
-    if bad:
-        raise StudyError(f"dtype must be one of {', '.join(DTYPES)}, got {bad[0]!r}")
     if len(dtypes) == 1:
         result = _run_single(replace(cfg, dtype=dtypes[0]), modules, progress)
         result.config["dtypes"] = list(dtypes)
@@ -418,16 +467,8 @@ def _run_single(
     """
     say = progress or (lambda _msg: None)
     modules = modules or {}
-    if cfg.dtype not in DTYPES:
-        raise StudyError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    if cfg.batch_size < 1 or cfg.in_channels < 1:
-        raise StudyError("batch size and input channels must be >= 1")
-    resolutions = _check_resolutions(cfg.resolutions)
-    if not isinstance(cfg.target, int) or cfg.target <= 0:
-        raise StudyError(f"extrapolation target must be a positive integer, got {cfg.target!r}")
+    resolutions = tuple(sorted(cfg.resolutions))
     device = cfg.resolved_device()
-    if not cfg.models:
-        raise StudyError("no models given")
 
     # 1. Everything that can be wrong with the input, before any work.
     sources = {n: _Source(n, modules.get(n), cfg.model_kwargs.get(n, {})) for n in cfg.models}
@@ -572,6 +613,7 @@ def _run_single(
                 say(f"exact GPU limit  {name} on {gpu.name}")
                 found = exact_limit(src, cfg, gpu.vram_bytes, lo=floor, cache=passes, guess=entry["max_resolution"])
                 entry["max_resolution_analytic"] = found
+                entry["capped"] = is_capped(cfg, found)
                 floor = found or floor  # a bigger card holds at least as much
             limits.append(entry)
         points += [dict(model=name, dtype=cfg.dtype, resolution=r, total_peak_bytes=b) for r, b in sorted(passes.items()) if b is not None]

@@ -77,7 +77,7 @@ class BenchConfig:
         if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batches):
             raise RunnerError(f"batch sizes must be positive integers, got {list(self.batches)}")
         if self.run_dir is not None and self.data is None:
-            raise RunnerError("--run needs its data set (--data) for the AUROC per row")
+            raise RunnerError("run_dir (an anomaly run) needs its data set (data) for the AUROC per row")
 
 
 @dataclass
@@ -299,13 +299,18 @@ def render_markdown(result: BenchResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_result(result: BenchResult, out: str | Path) -> list[Path]:
-    """``bench.json`` and ``bench.md`` into folder ``out`` (atomically)."""
-    from visionscale.io.atomic import write_atomic
+def write_result(result: BenchResult, out, overwrite: bool = False) -> list[Path]:
+    """``bench.json`` and ``bench.md`` into folder ``out``, all at once.
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    ``out`` is a folder path or the :class:`~visionscale.io.outputs.OutputDir` made before the
+    benchmark (so a folder holding files visionscale did not write fails first, unless
+    ``overwrite``); an earlier benchmark's files there are replaced.
+    """
+    from visionscale.io.outputs import OutputDir
+
+    target = out if isinstance(out, OutputDir) else OutputDir(out, kind="bench", overwrite=overwrite)
     js = json.dumps(result.to_dict(), indent=1, default=lambda o: None if isinstance(o, float) else str(o))
-    write_atomic(out / "bench.json", js.encode())
-    write_atomic(out / "bench.md", render_markdown(result).encode())
-    return [out / "bench.json", out / "bench.md"]
+    with target as staging:
+        (staging / "bench.json").write_bytes(js.encode())
+        (staging / "bench.md").write_bytes(render_markdown(result).encode())
+    return [target.target / "bench.json", target.target / "bench.md"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from visionscale.errors import VisionscaleError
 
-class RunnerError(ValueError):
+
+class RunnerError(VisionscaleError, ValueError):
     """Bad arguments to a Runner, an export or a benchmark (unknown backend, wrong shape...)."""
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(VisionscaleError, RuntimeError):
     """A requested backend, execution provider or precision cannot run on this machine.
 
     Raised instead of falling back silently: asking for CUDA and getting the CPU is the
@@ -15,5 +17,5 @@ class BackendUnavailableError(RuntimeError):
     """
 
 
-class ExportError(RuntimeError):
+class ExportError(VisionscaleError, RuntimeError):
     """A model cannot be exported (or its export failed); the message says why."""

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from visionscale.io.atomic import atomic_path, write_atomic
+from visionscale.io.outputs import check_output_file
 from visionscale.runtime.errors import BackendUnavailableError, ExportError, RunnerError
 from visionscale.runtime.models import (
     check_exportable,
@@ -41,6 +42,7 @@ from visionscale.runtime.models import (
     export_dynamic_axes,
     freeze_for_export,
     in_channels,
+    model_files,
     resolve_model,
     validate_size,
 )
@@ -225,6 +227,33 @@ def parity_check(reference: nn.Module, run, shapes: list[tuple[int, ...]], preci
     return checks, ok
 
 
+def check_export_outputs(model: Any, out: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
+    """Check, before the (slow) export, that writing ``out`` and its report ``out + ".json"``
+    destroys nothing: neither is a file the export reads (never, even with ``overwrite``), an
+    existing file (unless ``overwrite``) or in a folder that cannot be written.
+
+    Raises:
+        OutputError: Which output, and why (see :func:`visionscale.io.outputs.check_output_file`).
+    """
+    inputs = model_files(model)
+    out = check_output_file(out, inputs=inputs, overwrite=overwrite, what="export output")
+    sidecar = check_output_file(Path(str(out) + ".json"), inputs=inputs, overwrite=overwrite,
+                                what="export report")
+    return out, sidecar
+
+
+@contextlib.contextmanager
+def named_write_errors(path: str | Path):
+    """Give a write error that names no file (a full disk fails ``write()``, not ``open()``)
+    the output's name, so the one-line message says which file could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
 @contextlib.contextmanager
 def _quiet_registration():
     """Silence the exporter's start-up log lines "torchvision is not installed. Skipping
@@ -249,6 +278,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     providers=None,
     model_kwargs: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export ``model`` to ONNX at ``out`` (atomically), then check parity in ONNX Runtime.
 
@@ -262,11 +292,15 @@ def export_onnx(
             and 1, so 2 keeps the batch axis dynamic), 1 for PatchCore.
         dynamic: Offer batch, height and width as dynamic axes; ``False`` exports the example shape.
         providers: Execution providers for the parity run (default CPU).
+        overwrite: Replace an existing ``out`` / ``out + ".json"`` (never a file the export reads).
 
     Raises:
         ExportError: The exporter failed.
         RunnerError: Bad arguments (size the model rejects, unknown model...).
+        OutputError: ``out`` or its report would overwrite an input or an existing file, or
+            cannot be written; checked before any work.
     """
+    out, sidecar = check_export_outputs(model, out, overwrite)
     precision = parse_precision(precision)
     if precision == "bf16":
         raise ExportError("ONNX export in bf16 is not offered: ONNX Runtime has no bf16 kernels for convolutions on "
@@ -290,12 +324,6 @@ def export_onnx(
     if frozen:
         notes.append(frozen)
         dynamic = False
-    out = Path(out)
-    if out.exists() and out.is_dir():
-        raise RunnerError(f"output {out} is a folder; give a file name like {out / (name + '.onnx')}")
-    if not out.parent.exists():
-        raise RunnerError(f"output folder {out.parent} does not exist")
-
     channels = in_channels(net)
     x = _example(batch, channels, h, w)
     with torch.inference_mode():
@@ -318,34 +346,40 @@ def export_onnx(
         text = " ".join(str(exc).strip().splitlines()[:3])
         raise ExportError(f"exporting {name!r} to ONNX failed ({type(exc).__name__}): {text[:600]}") from exc
     dims, dynamic_axes, ranges = _input_ranges(ep)
-    with atomic_path(out) as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The model stays under its temporary name until the parity check ran and the report is
+    # written: a failure on the way (a full disk) leaves neither file.
+    with named_write_errors(out), atomic_path(out) as tmp:
         program.save(str(tmp))
-    seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
 
-    meta: dict[str, Any] = {"outputs": spec.to_dict(), "shape_ranges": ranges}
-    from visionscale.runtime.backends.onnxruntime import OnnxRuntimeBackend
+        meta: dict[str, Any] = {"outputs": spec.to_dict(), "shape_ranges": ranges}
+        from visionscale.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-    for key, (lo, hi) in ranges.items():
-        if hi is not None and key != "batch":
-            notes.append(f"{key} is dynamic only up to {hi} px: the model's code branches on the size at the example "
-                         f"{h}x{w} (e.g. a 1x1 map before global pooling); export at a larger --image-size for a wider range")
-    shapes = [(batch, channels, h, w)]
-    second = _second_shape(net, name, shapes[0], dynamic_axes, ranges)
-    if second is not None:
-        shapes.append(second)
-    try:
-        session = OnnxRuntimeBackend(out, torch.device("cpu"), providers=providers, meta=meta)
-        parity, ok = parity_check(net, session, shapes, precision, spec)
-    except (RunnerError, BackendUnavailableError) as exc:
-        parity, ok = [{"shape": list(shapes[0]), "error": str(exc)}], False
-        notes.append(f"parity check could not run: {exc}")
-    result = ExportResult(
-        path=str(out), sidecar=str(out) + ".json", format="onnx", model=name, precision=precision,
-        input_name=INPUT_NAME, input_shape=dims, dynamic=dynamic_axes, shape_ranges=ranges,
-        outputs=spec.to_dict(), parity=parity, parity_ok=ok, exporter=f"torch.onnx dynamo (torch {torch.__version__})",
-        opset=opset, export_seconds=seconds, notes=notes,
-    )
-    write_atomic(Path(result.sidecar), json.dumps(result.to_dict(), indent=1, default=_json_default).encode())
+        for key, (lo, hi) in ranges.items():
+            if hi is not None and key != "batch":
+                notes.append(f"{key} is dynamic only up to {hi} px: the model's code branches on the size at the "
+                             f"example {h}x{w} (e.g. a 1x1 map before global pooling); export at a larger "
+                             f"--image-size for a wider range")
+        shapes = [(batch, channels, h, w)]
+        second = _second_shape(net, name, shapes[0], dynamic_axes, ranges)
+        if second is not None:
+            shapes.append(second)
+        try:
+            session = OnnxRuntimeBackend(tmp, torch.device("cpu"), providers=providers, meta=meta)
+            parity, ok = parity_check(net, session, shapes, precision, spec)
+        except (RunnerError, BackendUnavailableError) as exc:
+            parity, ok = [{"shape": list(shapes[0]), "error": str(exc)}], False
+            notes.append(f"parity check could not run: {exc}")
+        result = ExportResult(
+            path=str(out), sidecar=str(sidecar), format="onnx", model=name, precision=precision,
+            input_name=INPUT_NAME, input_shape=dims, dynamic=dynamic_axes, shape_ranges=ranges,
+            outputs=spec.to_dict(), parity=parity, parity_ok=ok,
+            exporter=f"torch.onnx dynamo (torch {torch.__version__})", opset=opset, export_seconds=seconds,
+            notes=notes,
+        )
+        with named_write_errors(sidecar):
+            write_atomic(sidecar, json.dumps(result.to_dict(), indent=1, default=_json_default).encode())
     return result
 
 
@@ -358,6 +392,7 @@ def export_tensorrt(
     batch: int | None = None,
     max_batch: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Compile ``model`` with torch-tensorrt and save it as an ExportedProgram (``.ep``) file.
 
@@ -366,7 +401,9 @@ def export_tensorrt(
 
     Raises:
         BackendUnavailableError: No CUDA GPU or no torch_tensorrt (the message says which).
+        OutputError: As for :func:`export_onnx`, before any work.
     """
+    out, sidecar = check_export_outputs(model, out, overwrite)
     from visionscale.runtime.backends.tensorrt import (
         compile_tensorrt,
         import_torch_tensorrt,
@@ -397,25 +434,26 @@ def export_tensorrt(
     t0 = time.perf_counter()
     trt_module = compile_tensorrt(FlatOutputs(target, spec), xe, precision,
                                   dynamic_batch=max_batch if max_batch and max_batch > batch else None)
-    out = Path(out)
-    with atomic_path(out) as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with named_write_errors(out), atomic_path(out) as tmp:  # as for ONNX: both files or neither
         trt.save(trt_module, str(tmp), output_format="exported_program",
                  inputs=trt_inputs(xe, precision), retrace=True)
-    seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
 
-    def run(inp: Tensor):
-        with torch.inference_mode():
-            return spec.unflatten([t.float() for t in trt_module(inp.to(dev, PRECISIONS[precision]))])
+        def run(inp: Tensor):
+            with torch.inference_mode():
+                return spec.unflatten([t.float() for t in trt_module(inp.to(dev, PRECISIONS[precision]))])
 
-    parity, ok = parity_check(lambda inp: net(inp.to(dev)), run, [tuple(x.shape)], precision, spec)
-    result = ExportResult(
-        path=str(out), sidecar=str(out) + ".json", format="tensorrt", model=name, precision=precision,
-        input_name="x", input_shape=list(x.shape), dynamic={"batch": bool(max_batch and max_batch > batch),
-                                                            "height": False, "width": False},
-        shape_ranges={"batch": [1, max_batch or batch]}, outputs=spec.to_dict(), parity=parity, parity_ok=ok,
-        exporter=f"torch_tensorrt {trt.__version__}", opset=None, export_seconds=seconds,
-    )
-    write_atomic(Path(result.sidecar), json.dumps(result.to_dict(), indent=1, default=_json_default).encode())
+        parity, ok = parity_check(lambda inp: net(inp.to(dev)), run, [tuple(x.shape)], precision, spec)
+        result = ExportResult(
+            path=str(out), sidecar=str(sidecar), format="tensorrt", model=name, precision=precision,
+            input_name="x", input_shape=list(x.shape), dynamic={"batch": bool(max_batch and max_batch > batch),
+                                                                "height": False, "width": False},
+            shape_ranges={"batch": [1, max_batch or batch]}, outputs=spec.to_dict(), parity=parity, parity_ok=ok,
+            exporter=f"torch_tensorrt {trt.__version__}", opset=None, export_seconds=seconds,
+        )
+        with named_write_errors(sidecar):
+            write_atomic(sidecar, json.dumps(result.to_dict(), indent=1, default=_json_default).encode())
     return result
 
 

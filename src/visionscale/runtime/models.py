@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +83,19 @@ def freeze_for_export(model: nn.Module, batch: int, height: int, width: int) -> 
 
 def _import_object(spec: str) -> Any:
     """``"package.module:attr"`` -> the object (a user's model or model factory)."""
-    from visionscale.registry import ModelImportError, import_object
+    from visionscale.registry import ModelImportError, import_model
 
     try:
-        return import_object(spec)
+        return import_model(spec)
+    except ModelImportError as exc:
+        raise RunnerError(str(exc)) from None
+
+
+def _build(factory, name: str, kw: dict[str, Any]) -> nn.Module:
+    from visionscale.registry import ModelImportError, build_model
+
+    try:
+        return build_model(factory, name, **kw)
     except ModelImportError as exc:
         raise RunnerError(str(exc)) from None
 
@@ -143,14 +153,9 @@ def resolve_model(spec: nn.Module | str, image_size: tuple[int, int] | None = No
         obj = _import_object(spec)
         if isinstance(obj, nn.Module):
             return spec, obj.eval()
-        if callable(obj):
-            if image_size is not None and _accepts(obj, "image_size"):
-                kw.setdefault("image_size", image_size[0] if image_size[0] == image_size[1] else image_size)
-            model = obj(**kw)
-            if not isinstance(model, nn.Module):
-                raise RunnerError(f"{spec} returned {type(model).__name__}, not an nn.Module")
-            return spec, model.eval()
-        raise RunnerError(f"{spec} is a {type(obj).__name__}, not an nn.Module or a factory")
+        if image_size is not None and _accepts(obj, "image_size"):
+            kw.setdefault("image_size", image_size[0] if image_size[0] == image_size[1] else image_size)
+        return spec, _build(obj, spec, kw).eval()
     from visionscale.registry import UnknownModelError, get_model_factory
 
     try:
@@ -160,9 +165,32 @@ def resolve_model(spec: nn.Module | str, image_size: tuple[int, int] | None = No
     if image_size is not None and _accepts(factory, "image_size"):
         kw.setdefault("image_size", image_size[0] if image_size[0] == image_size[1] else image_size)
     try:
-        return spec, factory(**kw).eval()
-    except TypeError as exc:
+        return spec, _build(factory, spec, kw).eval()
+    except TypeError as exc:  # raised inside the factory
         raise RunnerError(f"cannot build model {spec!r} with {kw}: {exc}") from None
+
+
+# Files a training or anomaly run folder holds that loading it reads.
+RUN_FILES = ("config.json", "calibration.json", "model.safetensors")
+
+
+def model_files(spec: Any) -> list[Path]:
+    """The files :func:`resolve_model` reads for ``spec``: what an export may never overwrite.
+
+    Empty for a module, a registry name or ``package.module:attr``. For a checkpoint file, the
+    file and the ``config.json`` beside it (a classifier's fallback config); for a folder, the
+    run files in it.
+    """
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        return []
+    path = Path(str(spec).strip()).expanduser()
+    if path.is_dir():
+        files = [path / name for name in RUN_FILES]
+    elif path.exists():
+        files = [path, path.parent / "config.json"]
+    else:
+        return []
+    return [f for f in files if f.exists()]
 
 
 def _trained_checkpoint(path: Path) -> tuple[str, nn.Module] | None:

@@ -9,6 +9,8 @@ cast as a whole instead (``model.half()``), the way those runtimes expect them.
 
 from __future__ import annotations
 
+from visionscale.errors import VisionscaleError
+
 import contextlib
 from collections.abc import Iterator
 
@@ -17,7 +19,7 @@ import torch
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class PrecisionError(ValueError):
+class PrecisionError(VisionscaleError, ValueError):
     """A precision that is unknown or cannot run on the chosen device/backend."""
 
 

@@ -21,30 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visionscale.device import resolve_device
 from visionscale.runtime.backends import BACKENDS
 from visionscale.runtime.errors import BackendUnavailableError, RunnerError
 from visionscale.runtime.models import default_image_size, in_channels, resolve_model
 from visionscale.runtime.precision import PrecisionError, check_precision, parse_precision
 
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if isinstance(device, torch.device):
-        dev = device
-    elif device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise RunnerError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError(f"device {device!r} was asked for but no CUDA GPU is available "
-                                      f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
-    if dev.type not in ("cpu", "cuda"):
-        raise RunnerError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
-    return dev
 
 
 def _is_onnx_file(model: Any) -> bool:
