@@ -30,6 +30,7 @@ from visionscale.classify.model import Classifier, ClassifierConfig
 from visionscale.classify.train import TrainConfig, TrainError, train
 from visionscale.cli.classify import app as classify_app
 from visionscale.components import run_components
+from visionscale.errors import OutputExistsError
 from visionscale.registry import create
 
 runner = CliRunner()
@@ -80,8 +81,12 @@ def test_demo_layout_sizes_and_disjoint_regions(demo):
     a = np.asarray(Image.open(demo / "train" / "brick" / "brick_000.png"))
     b = np.asarray(Image.open(demo.parent / "again" / "train" / "brick" / "brick_000.png"))
     assert again["size"] == 32 and np.array_equal(a, b)
-    with pytest.raises(ValueError, match="not an empty folder"):
-        make_demo(demo)
+    mine = demo.parent / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    with pytest.raises(OutputExistsError, match="notes.txt"):  # a folder of the user's is never written into
+        make_demo(mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 def test_make_demo_cli(tmp_path):
@@ -89,8 +94,9 @@ def test_make_demo_cli(tmp_path):
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "d" / "train").rglob("*.png"))) == 9
     assert len(list((tmp_path / "d" / "test").rglob("*.png"))) == 3
+    (tmp_path / "d" / "notes.txt").write_text("x")
     res = cli("make-demo", tmp_path / "d")
-    assert res.exit_code == 2 and res.stderr.startswith("error:") and "not an empty folder" in res.stderr
+    assert res.exit_code == 2 and res.stderr.startswith("error:") and "notes.txt" in res.stderr
     assert not list(tmp_path.glob(".d.*"))  # no temporary folder left behind
 
 
@@ -492,8 +498,8 @@ def test_cli_train_bad_data_writes_nothing(tmp_path, kind, message):
     (["--backbone", "nope"], "unknown model 'nope'"),
     (["--backbone", "efficientad_tiny"], "cannot be a classifier backbone"),
     (["--weights", "IMAGENET1K_V1"], "unknown weights"),
-    (["--rotation", "400"], "rotation must be between 0 and 180"),
-    (["--epochs", "0"], "epochs must be at least 1"),
+    (["--rotation", "400"], "augmentation rotation must be <= 180"),
+    (["--epochs", "0"], "epochs must be >= 1"),
 ])
 def test_cli_train_bad_settings(demo, tmp_path, args, message):
     res = cli("train", demo / "train", "--out", tmp_path / "run", *TOY, *args)

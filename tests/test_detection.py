@@ -381,7 +381,7 @@ def test_cli_make_demo_and_compare(tmp_path):
     res = runner.invoke(app, ["detect", "eval", str(tmp_path / "cmp" / "eapm_seed0" / "model.safetensors"),
                               "--data", str(data), "--json"])
     assert res.exit_code == 0, res.output
-    assert set(json.loads(res.stdout)) == {"AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L"}
+    assert set(json.loads(res.stdout)) == {"AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "skipped_annotations"}
 
 
 def test_cli_plot_eapm(tmp_path):

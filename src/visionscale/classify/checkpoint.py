@@ -15,17 +15,23 @@ from pathlib import Path
 import safetensors
 
 from visionscale.classify.model import Classifier, ClassifierConfig
+from visionscale.errors import InvalidFileError, InvalidValueError, VisionscaleError
 from visionscale.io.weights import load_into, load_state_dict, save_file_atomic
 
-__all__ = ["FORMAT", "CheckpointError", "save_classifier", "load_classifier", "resolve_checkpoint", "read_metadata"]
+__all__ = ["FORMAT", "CheckpointError", "InvalidCheckpointError", "save_classifier", "load_classifier",
+           "resolve_checkpoint", "read_metadata"]
 
 FORMAT = "visionscale.classifier/1"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VisionscaleError, ValueError):
     """A path is not a usable classifier checkpoint."""
+
+
+class InvalidCheckpointError(CheckpointError, InvalidFileError):
+    """A checkpoint's config was edited or damaged; the message names the file and the field."""
 
 
 def save_classifier(model: Classifier, path: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -62,22 +68,35 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load_config(path: str | os.PathLike) -> ClassifierConfig:
-    """The classifier config stored in a checkpoint (header, else ``config.json`` beside it)."""
+    """The classifier config stored in a checkpoint (header, else ``config.json`` beside it).
+
+    Raises:
+        InvalidCheckpointError: The config is not JSON or a field is missing, of the wrong type
+            or out of range (the message names the file and the field).
+    """
     file = resolve_checkpoint(path)
     meta = read_metadata(file)
     raw = meta.get("config")
+    source = file
     if raw is None and (file.parent / CONFIG_FILE).exists():
-        data = json.loads((file.parent / CONFIG_FILE).read_text())
-        raw_dict = data.get("model", data)
+        source = file.parent / CONFIG_FILE
+        try:
+            raw = source.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidCheckpointError(f"cannot read {source}: {exc}") from None
     elif raw is None:
         raise CheckpointError(f"{file} is not a visionscale classifier checkpoint (no config in its header "
                               f"and no {CONFIG_FILE} beside it)")
-    else:
-        raw_dict = json.loads(raw)
     try:
-        return ClassifierConfig.from_dict(raw_dict)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"bad classifier config in {file}: {exc}") from None
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidCheckpointError(f"{source}: the classifier config is not valid JSON ({exc})") from None
+    if source != file and isinstance(data, dict):
+        data = data.get("model", data)  # a run's config.json nests it under "model"
+    try:
+        return ClassifierConfig.from_dict(data)
+    except InvalidValueError as exc:
+        raise InvalidCheckpointError(f"{source}: bad classifier config: {exc}") from None
 
 
 def load_classifier(path: str | os.PathLike, device: str = "cpu") -> Classifier:
@@ -90,8 +109,23 @@ def load_classifier(path: str | os.PathLike, device: str = "cpu") -> Classifier:
 
 
 def is_classifier_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a classifier checkpoint; a damaged one counts (loading it then says
+    which file and field are wrong, instead of "not a checkpoint")."""
     try:
         load_config(path)
+    except InvalidCheckpointError:
+        return _says_classifier(resolve_checkpoint(path))
     except (CheckpointError, OSError, ValueError):
         return False
     return True
+
+
+def _says_classifier(file: Path) -> bool:
+    """The file's header or the run's ``config.json`` names the classifier format."""
+    if read_metadata(file).get("format") == FORMAT:
+        return True
+    try:
+        data = json.loads((file.parent / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith("visionscale.classify.run/")

@@ -9,7 +9,9 @@ Layout (as torchvision's ``ImageFolder`` and Keras' ``flow_from_directory``)::
 Class names are the sub-folder names, sorted; the class index is the position in that
 list. Images are decoded once with :func:`visionscale.io.images.read_image`, resized so
 the shorter side is ``image_size``, centre-cropped to a square and kept in memory as
-uint8 (``3 * image_size**2`` bytes each). A file that cannot be read stops the run
+uint8 (``3 * image_size**2`` bytes each). A large file is first shrunk by a whole factor
+while still 8-bit (``read_image(min_size=...)``), so a 12000 px photo never becomes a
+full-size float array. A file that cannot be read stops the run
 before training starts, with its path in the message.
 
 Augmentation (seed 004: "rotation, zoom, shift, shear, flip") is one random affine
@@ -19,7 +21,6 @@ transform per image, applied to a whole batch at once with ``affine_grid`` /
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from visionscale.errors import VisionscaleError, check_finite
 from visionscale.io.images import IMAGE_SUFFIXES, list_images, read_image
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "ImageFolderSamples",
     "scan_image_folder",
     "split_samples",
+    "load_image",
     "load_images",
     "normalize",
     "AugmentConfig",
@@ -50,7 +53,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DataError(ValueError):
+class DataError(VisionscaleError, ValueError):
     """The data folder does not have the expected layout or content."""
 
 
@@ -181,6 +184,15 @@ def image_to_tensor(rgb: np.ndarray, size: int) -> Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
+def load_image(path: str | os.PathLike, size: int) -> Tensor:
+    """One file as ``(3, size, size)`` uint8 (shorter side to ``size``, centre crop).
+
+    Memory stays bounded by the decoded 8-bit file: ``read_image`` shrinks it by a whole
+    factor to no less than ``size`` on both sides before any RGB or float copy is made.
+    """
+    return image_to_tensor(read_image(path, min_size=(size, size)), size)
+
+
 def load_images(paths: Sequence[Path], size: int, progress: Callable[[int, int], None] | None = None) -> Tensor:
     """Decode, resize and crop every file: ``(N, 3, size, size)`` uint8.
 
@@ -189,7 +201,7 @@ def load_images(paths: Sequence[Path], size: int, progress: Callable[[int, int],
     """
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     for i, p in enumerate(paths):
-        out[i] = image_to_tensor(read_image(p), size)
+        out[i] = load_image(p, size)
         if progress is not None:
             progress(i + 1, len(paths))
     return out
@@ -230,11 +242,9 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         for name, hi in (("rotation", 180.0), ("zoom", 0.95), ("shift", 1.0), ("shear", 80.0)):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and 0.0 <= v <= hi):
-                raise ValueError(f"augmentation {name} must be between 0 and {hi}, got {v}")
+            check_finite(f"augmentation {name}", getattr(self, name), minimum=0.0, maximum=hi)
         if self.fill not in ("border", "reflection", "zeros"):
-            raise ValueError(f"augmentation fill must be border, reflection or zeros, got {self.fill!r}")
+            raise DataError(f"augmentation fill must be border, reflection or zeros, got {self.fill!r}")
 
     @property
     def active(self) -> bool:

@@ -15,17 +15,17 @@ seen in training. Layout::
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from visionscale.io.atomic import publish
+from visionscale.errors import check_int
+from visionscale.io.outputs import OutputDir
 
-__all__ = ["DEMO_CLASSES", "make_demo"]
+__all__ = ["DEMO_CLASSES", "DEMO_KIND", "make_demo"]
 
 DEMO_CLASSES = ("brick", "grass", "gravel")
+DEMO_KIND = "classify-demo"  # manifest kind of the folder
 _TRAIN_ROWS = (0, 384)  # source rows used for training crops
 _TEST_ROWS = (384, 512)
 
@@ -54,32 +54,30 @@ def _crops(src: np.ndarray, rows: tuple[int, int], n: int, size: int, rng: np.ra
 
 
 def make_demo(out_dir: str | os.PathLike, train_per_class: int = 40, test_per_class: int = 15, size: int = 96,
-              seed: int = 0) -> dict:
-    """Write the demo data set to ``out_dir`` (which must not exist or be empty).
+              seed: int = 0, overwrite: bool = False) -> dict:
+    """Write the demo data set to ``out_dir``.
 
-    The folder appears complete or not at all: it is built in a temporary folder beside
-    it and renamed into place.
+    The folder appears complete or not at all (:class:`~visionscale.io.outputs.OutputDir`): a
+    new or empty folder, or an earlier demo (which is replaced), is fine; a folder holding
+    files the demo did not write is refused unless ``overwrite`` (those files then stay).
 
     Returns:
         ``{"train": {class: count}, "test": {class: count}, "size": size, "path": out_dir}``.
 
     Raises:
-        ValueError: Bad counts or size, or ``out_dir`` is a file or a non-empty folder.
+        InvalidValueError: Bad counts, size or seed.
+        OutputError: ``out_dir`` is a file, not writable, or holds files the demo did not write.
     """
     from PIL import Image
 
+    check_int("train_per_class", train_per_class, minimum=2)
+    check_int("test_per_class", test_per_class, minimum=1)
+    check_int("size", size, minimum=16, maximum=512)
+    check_int("seed", seed, minimum=0)
     out = Path(out_dir).expanduser()
-    if train_per_class < 2 or test_per_class < 1:
-        raise ValueError(f"need at least 2 training and 1 test image per class, got {train_per_class} and {test_per_class}")
-    if not 16 <= size <= 512:
-        raise ValueError(f"demo image size must be between 16 and 512 px, got {size}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} already exists and is not an empty folder; choose a new output folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     counts: dict[str, dict[str, int]] = {"train": {}, "test": {}}
-    try:
+    with OutputDir(out, kind=DEMO_KIND, overwrite=overwrite) as tmp:
         for cls in DEMO_CLASSES:
             src = _source(cls)
             for split, rows, n in (("train", _TRAIN_ROWS, train_per_class), ("test", _TEST_ROWS, test_per_class)):
@@ -96,11 +94,4 @@ def make_demo(out_dir: str | os.PathLike, train_per_class: int = 40, test_per_cl
             f"    visionscale classify train {out}/train --backbone resnet18 --image-size {size} --out run\n"
             f"    visionscale classify eval run {out}/test\n"
         )
-        publish(tmp)  # mkdtemp makes it private; the data set is not
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {**counts, "size": size, "path": str(out)}

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from visionscale.classify.convarith import conv_output_size
 from visionscale.components import components_of, run_components
+from visionscale.errors import VisionscaleError
 
 __all__ = [
     "LayerRow",
@@ -53,7 +54,7 @@ __all__ = [
     "valid_layer_names",
 ]
 
-class InspectError(ValueError):
+class InspectError(VisionscaleError, ValueError):
     """Bad input for inspection: unknown layer, channel mismatch, unusable model."""
 
 
@@ -553,27 +554,35 @@ class InspectResult:
 
 
 def inspect_model(model: str, out_dir: str | Path, weights: str | None = None, layer: str | None = None,
-                  image: str | Path | None = None, image_size: int | None = None, max_maps: int = 64) -> InspectResult:
+                  image: str | Path | None = None, image_size: int | None = None, max_maps: int = 64,
+                  overwrite: bool = False) -> InspectResult:
     """Write the layer table, the first layer's filters and one layer's feature maps to ``out_dir``.
 
     Files: ``layers.csv``, ``layers.md``, ``summary.json``, ``filters.png``, ``input.png``
     (the crop the model saw), ``feature_maps_<layer>.png``. Everything is computed before
-    the first file is written, so bad input leaves no partial output.
+    the first file is written, so bad input leaves no partial output; the files appear all
+    at once (:class:`~visionscale.io.outputs.OutputDir`), replacing an earlier inspection's.
 
     Args:
         model: Registry name or classifier checkpoint.
-        out_dir: Output folder (created).
+        out_dir: Output folder (created); one holding files an inspection did not write is
+            refused before any work unless ``overwrite`` (those files then stay).
         weights: Weights name or state-dict file for a registry model.
         layer: Module name for the feature maps (default: the first conv layer).
         image: Image file (default: scikit-image's astronaut photo).
         image_size: Square input side (default: the checkpoint's, else 224).
         max_maps: Most feature-map channels drawn.
+        overwrite: Write into a folder that holds other files.
     """
-    from visionscale.classify.data import image_to_tensor, normalize
-    from visionscale.io.images import read_image
-    from visionscale.io.atomic import write_atomic
-    from visionscale.profiling.report import check_output_dir
+    from visionscale.classify.data import image_to_tensor, load_image, normalize
+    from visionscale.classify.model import MAX_IMAGE_SIZE
+    from visionscale.errors import check_int
+    from visionscale.io.outputs import OutputDir
 
+    check_int("max_maps", max_maps, minimum=1)
+    if image_size is not None:
+        check_int("image_size", image_size, minimum=8, maximum=MAX_IMAGE_SIZE)
+    target = OutputDir(Path(out_dir).expanduser(), kind="inspect", overwrite=overwrite)  # refuses now, not after
     loaded = load_model_for_inspect(model, weights, image_size or 224)
     size = image_size or loaded.image_size or 224
     net = loaded.model
@@ -591,8 +600,8 @@ def inspect_model(model: str, out_dir: str | Path, weights: str | None = None, l
                            f"but images are read as RGB (3 channels)")
     table = layer_table(net, size, name=loaded.label)
     filters_layer, filters_png = filter_grid_png(net, conv=conv)
-    rgb = read_image(image) if image is not None else default_image()
-    crop = image_to_tensor(rgb, size)  # (3, S, S) uint8
+    # (3, S, S) uint8; a large file is shrunk while still 8-bit (bounded memory)
+    crop = load_image(image, size) if image is not None else image_to_tensor(default_image(), size)
     x = normalize(crop[None], loaded.mean, loaded.std)
     feat_layer = layer or filters_layer
     maps = feature_maps(net, x, feat_layer)
@@ -605,7 +614,6 @@ def inspect_model(model: str, out_dir: str | Path, weights: str | None = None, l
                "feature_layer": feat_layer, "feature_shape": list(maps.shape),
                "image": str(image) if image is not None else "skimage.data.astronaut",
                "mean": list(loaded.mean), "std": list(loaded.std)}
-    out = check_output_dir(Path(out_dir).expanduser())
     safe = feat_layer.replace("/", "_")
     outputs = {
         "layers.csv": table.csv_bytes(),
@@ -615,8 +623,8 @@ def inspect_model(model: str, out_dir: str | Path, weights: str | None = None, l
         "input.png": buf.getvalue(),
         f"feature_maps_{safe}.png": feat_png,
     }
-    files = []
-    for fname, data in outputs.items():
-        write_atomic(out / fname, data)
-        files.append(out / fname)
+    with target as tmp:
+        for fname, data in outputs.items():
+            (tmp / fname).write_bytes(data)
+    files = [target.target / fname for fname in outputs]
     return InspectResult(table, filters_layer, feat_layer, tuple(maps.shape), files, loaded.weights)

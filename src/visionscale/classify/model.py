@@ -17,9 +17,25 @@ from dataclasses import asdict, dataclass
 from torch import Tensor, nn
 
 from visionscale.components import Component, State, components_of
+from visionscale.errors import InvalidValueError, check_finite, check_int
 from visionscale.registry import create
 
-__all__ = ["ClassifierConfig", "Classifier", "build_backbone", "first_conv", "count_parameters"]
+__all__ = ["ClassifierConfig", "Classifier", "build_backbone", "first_conv", "count_parameters", "MAX_IMAGE_SIZE"]
+
+# Largest square input side accepted: far above any classifier input, far below what would
+# exhaust memory in the first convolution of a batch.
+MAX_IMAGE_SIZE = 8192
+
+
+def _rgb_triple(name: str, value, positive: bool) -> tuple[float, float, float]:
+    """Three finite numbers (one per RGB channel); ``positive``: each > 0 (a divisor)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        raise InvalidValueError(f"{name} must be 3 numbers (R, G, B), got {value!r}")
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InvalidValueError(f"{name}[{i}] must be a number, got {v!r}")
+        check_finite(f"{name}[{i}]", v, minimum=0.0 if positive else None, min_inclusive=not positive)
+    return tuple(float(v) for v in value)
 
 
 @dataclass(frozen=True)
@@ -44,14 +60,23 @@ class ClassifierConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        # Every field is checked: a config read back from an edited file must not turn into
+        # NaN probabilities (std 0) or a wrong-sized model.
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise InvalidValueError(f"backbone must be a model name, got {self.backbone!r}")
+        if not isinstance(self.classes, (tuple, list)) or not all(isinstance(c, str) and c for c in self.classes):
+            raise InvalidValueError(f"classes must be a list of class names (non-empty strings), got {self.classes!r}")
+        object.__setattr__(self, "classes", tuple(self.classes))
         if len(self.classes) < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {list(self.classes)}")
+            raise InvalidValueError(f"a classifier needs at least 2 classes, got {list(self.classes)}")
         if len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"class names must be unique, got {list(self.classes)}")
-        if self.image_size < 8:
-            raise ValueError(f"image_size must be at least 8 px, got {self.image_size}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise InvalidValueError(f"class names must be unique, got {list(self.classes)}")
+        check_int("image_size", self.image_size, minimum=8, maximum=MAX_IMAGE_SIZE)
+        object.__setattr__(self, "mean", _rgb_triple("mean", self.mean, positive=False))
+        object.__setattr__(self, "std", _rgb_triple("std", self.std, positive=True))
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise InvalidValueError(f"dropout must be a number, got {self.dropout!r}")
+        check_finite("dropout", self.dropout, minimum=0.0, maximum=1.0, max_inclusive=False)
 
     @property
     def num_classes(self) -> int:
@@ -65,12 +90,14 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ClassifierConfig:
+        """The config from its :meth:`to_dict` form; :class:`InvalidValueError` names a bad field."""
+        if not isinstance(d, dict):
+            raise InvalidValueError(f"a classifier config is a JSON object, got {type(d).__name__}")
+        for key in ("backbone", "classes"):
+            if key not in d:
+                raise InvalidValueError(f"{key} is missing")
         known = {"backbone", "classes", "image_size", "mean", "std", "dropout"}
-        kw = {k: v for k, v in d.items() if k in known}
-        for key in ("classes", "mean", "std"):
-            if key in kw:
-                kw[key] = tuple(kw[key])
-        return cls(**kw)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def build_backbone(name: str, weights=None) -> nn.Module:

@@ -53,7 +53,15 @@ from visionscale.classify.data import (
     split_samples,
 )
 from visionscale.classify.metrics import classification_report
-from visionscale.classify.model import Classifier, ClassifierConfig, count_parameters
+from visionscale.classify.model import MAX_IMAGE_SIZE, Classifier, ClassifierConfig, count_parameters
+from visionscale.device import resolve_device
+from visionscale.errors import (
+    InvalidFileError,
+    OutputExistsError,
+    VisionscaleError,
+    check_finite,
+    check_int,
+)
 from visionscale.io.images import collect_images
 from visionscale.io.weights import (
     config_differences,
@@ -64,18 +72,23 @@ from visionscale.io.weights import (
     save_file_atomic,
 )
 from visionscale.io.atomic import write_atomic
+from visionscale.io.outputs import MANIFEST, OutputDir, RunLock, foreign_files, read_manifest
 from visionscale.profiling.report import check_output_dir
 
 __all__ = [
     "TrainConfig", "TrainResult", "TrainError", "train", "evaluate", "evaluate_model", "predict", "write_eval_outputs",
-    "augmentation_preview", "resolve_device",
+    "check_eval_outputs", "augmentation_preview", "resolve_device",
 ]
 
 LAST_FILE = "last.safetensors"
+RUN_KIND = "classify-run"  # manifest kind of a training folder
+EVAL_KIND = "classify-eval"  # manifest kind of an evaluation folder
+RUN_FILES = (MODEL_FILE, LAST_FILE, CONFIG_FILE, "history.json", "history.csv", "metrics_val.json", "curves.png",
+             "confusion_val.png", "augmentations.png")
 Progress = Callable[[str], None]
 
 
-class TrainError(ValueError):
+class TrainError(VisionscaleError, ValueError):
     """Settings or output folder that make a run impossible (nothing is written then)."""
 
 
@@ -134,16 +147,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.finetune_epochs < 0:
-            raise TrainError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("finetune_epochs", self.finetune_epochs, minimum=0)
+        check_int("image_size", self.image_size, minimum=16, maximum=MAX_IMAGE_SIZE)
+        check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)  # numpy and torch seeds
         for name in ("lr", "finetune_lr"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                raise TrainError(f"{name} must be a positive number, got {v}")
-        if self.image_size < 16:
-            raise TrainError(f"image_size must be at least 16 px, got {self.image_size}")
+            check_finite(name, getattr(self, name), minimum=0.0, min_inclusive=False)
+        check_finite("weight_decay", self.weight_decay, minimum=0.0)
+        check_finite("min_delta", self.min_delta, minimum=0.0)
+        check_finite("val_fraction", self.val_fraction, minimum=0.0, maximum=1.0, min_inclusive=False,
+                     max_inclusive=False)
+        check_finite("dropout", self.dropout, minimum=0.0, maximum=1.0, max_inclusive=False)
         if self.finetune_epochs and not self.frozen_first:
             raise TrainError("fine-tuning follows a frozen first phase: pass pretrained weights (or --freeze), "
                              "or set finetune epochs to 0 when training from scratch")
@@ -192,18 +206,6 @@ class TrainResult:
     best_val_loss: float
     val_report: dict
     files: list[Path]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise TrainError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"device {device} requested but CUDA is not available")
-    return dev
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[Tensor]:
@@ -292,6 +294,37 @@ def _load_split(data_dir: Path, val_dir: Path | None, cfg: TrainConfig) -> tuple
     return tr, va, f"seeded split ({cfg.val_fraction:.0%} per class, seed {cfg.seed})"
 
 
+def _check_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an output folder holding files no classifier run wrote (unless ``overwrite``) or,
+    when neither resuming nor overwriting, a run of ours. Writes nothing."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainError(f"output folder {out_dir} exists and is not a folder")
+    foreign = foreign_files(out_dir, RUN_KIND)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputExistsError(f"output folder {out_dir} holds files a visionscale training run did not write "
+                                f"({shown}); choose an empty or new folder, or allow overwriting")
+    if not resume and not overwrite and any((out_dir / n).exists() for n in (LAST_FILE, MODEL_FILE)):
+        raise TrainError(f"{out_dir} already holds a training run: resume it, replace it, "
+                         f"or choose another output folder")
+
+
+def _claim_run_dir(out_dir: Path, resume: bool, overwrite: bool, augment: bool) -> None:
+    """Record in the folder's manifest the files this run writes, before it writes them, so a
+    later run (or a resume) knows them as ours; replacing a run first removes the old one's."""
+    old = read_manifest(out_dir)
+    ours = set(old["files"]) if old and old.get("kind") == RUN_KIND else set()
+    if overwrite and not resume:
+        for rel in sorted(ours):
+            try:
+                (out_dir / rel).unlink()
+            except (FileNotFoundError, IsADirectoryError):
+                pass
+        ours = set()
+    ours |= {f for f in RUN_FILES if augment or f != "augmentations.png"}
+    write_atomic(out_dir / MANIFEST, _json_bytes({"kind": RUN_KIND, "files": sorted(ours)}))
+
+
 def _check_resume(out_dir: Path, cfg: TrainConfig) -> tuple[dict, dict[str, Tensor]]:
     last = out_dir / LAST_FILE
     if not last.exists():
@@ -299,11 +332,22 @@ def _check_resume(out_dir: Path, cfg: TrainConfig) -> tuple[dict, dict[str, Tens
     meta = read_metadata(last)
     if "resume" not in meta:
         raise TrainError(f"{last} is not a visionscale training state")
-    state = json.loads(meta["resume"])
-    saved = TrainConfig.from_dict(state["train_config"])
+    try:
+        state = json.loads(meta["resume"])
+    except ValueError as exc:
+        raise InvalidFileError(f"{last}: the training state is not valid JSON ({exc})") from None
+    fields_ = ("train_config", "classes", "history", "best_val_loss", "best_epoch", "phase", "epoch_in_phase",
+               "bad_epochs")
+    missing = [k for k in fields_ if k not in state] if isinstance(state, dict) else ["all"]
+    if missing:
+        raise InvalidFileError(f"{last}: damaged training state (field {', '.join(missing)} missing)")
+    try:
+        saved = TrainConfig.from_dict(state["train_config"])
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise InvalidFileError(f"{last}: damaged training state (field train_config: {exc})") from None
     diffs = config_differences(saved, cfg, RESUMABLE_CHANGES)
     if diffs:
-        raise TrainError("--resume must use the settings of the interrupted run; differs in " + "; ".join(diffs))
+        raise TrainError("a resumed run must use the settings of the interrupted one; differs in " + "; ".join(diffs))
     return state, safetensors.torch.load_file(str(last))
 
 
@@ -336,13 +380,35 @@ def train(
 
     Raises:
         DataError, ImageReadError, TrainError, CheckpointError: bad input, before any file is written.
+        OutputExistsError: ``out_dir`` holds files no training run wrote (and not ``overwrite``).
+        RunLockedError: another process is training into ``out_dir``.
     """
     say = progress or (lambda msg: None)
     data_dir, out_dir = Path(data_dir).expanduser(), Path(out_dir).expanduser()
     device = resolve_device(cfg.device)
-    if not resume and not overwrite and out_dir.exists() and any((out_dir / n).exists() for n in (LAST_FILE, MODEL_FILE)):
-        raise TrainError(f"{out_dir} already holds a training run: pass --resume to continue it, "
-                         f"--overwrite to replace it, or choose another output folder")
+    _check_run_dir(out_dir, resume, overwrite)  # before the lock file: a refused folder stays as it was
+    # The lock is held while the run writes; a folder that exists is locked at once (a busy
+    # one fails before any image is decoded), a new one only once there is something to write.
+    lock = RunLock(out_dir, what="training run folder")
+    held = False
+
+    def claim() -> None:
+        nonlocal held
+        if not held:
+            lock.acquire()
+            held = True
+            _check_run_dir(out_dir, resume, overwrite)  # again: another process may have written meanwhile
+
+    try:
+        if out_dir.is_dir():
+            claim()
+        return _train(data_dir, out_dir, cfg, device, val_dir, resume, overwrite, claim, say, on_epoch)
+    finally:
+        lock.release()
+
+
+def _train(data_dir: Path, out_dir: Path, cfg: TrainConfig, device: torch.device, val_dir, resume: bool,
+           overwrite: bool, claim: Callable[[], None], say: Progress, on_epoch) -> TrainResult:
     resume_state, resume_tensors = _check_resume(out_dir, cfg) if resume else (None, None)
 
     train_s, val_s, val_source = _load_split(data_dir, Path(val_dir).expanduser() if val_dir else None, cfg)
@@ -362,6 +428,8 @@ def train(
     model = Classifier(model_cfg, weights=cfg.weights if resume_state is None else None)
     model.to(device)
     check_output_dir(out_dir)
+    claim()
+    _claim_run_dir(out_dir, resume, overwrite, cfg.augment.active)
     phases = cfg.phases()
 
     history: list[dict] = []
@@ -518,11 +586,13 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], top_k: int = 3
     Returns:
         One ``{"path", "label", "probability", "top": [[label, probability], ...]}`` per image.
     """
+    check_int("top_k", top_k, minimum=1)
+    check_int("batch_size", batch_size, minimum=1)
     dev = resolve_device(device)
     model = load_classifier(checkpoint, device=str(dev))
     cfg = model.config
     files = _collect_inputs(inputs)
-    k = max(1, min(top_k, cfg.num_classes))
+    k = min(top_k, cfg.num_classes)
     from visionscale.runtime import accelerate
 
     run = accelerate(model, backend, precision, dev, image_size=(cfg.image_size, cfg.image_size))
@@ -553,6 +623,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, batch_size: int = 64,
     """
     from visionscale.runtime import accelerate, runtime_info
 
+    check_int("batch_size", batch_size, minimum=1)
     dev = resolve_device(device)
     model = load_classifier(checkpoint, device=str(dev))
     size = model.config.image_size
@@ -567,6 +638,7 @@ def evaluate_model(model: Classifier, data_dir: str | Path, batch_size: int = 64
                    forward=None) -> dict:
     """:func:`evaluate` for a loaded classifier (on ``device``); ``forward`` runs the network
     when given (a :class:`visionscale.runtime.Runner` around ``model``)."""
+    check_int("batch_size", batch_size, minimum=1)
     cfg = model.config
     samples = scan_image_folder(data_dir, classes=list(cfg.classes), min_classes=1)
     images = load_images(samples.paths, cfg.image_size)
@@ -582,23 +654,29 @@ def evaluate_model(model: Classifier, data_dir: str | Path, batch_size: int = 64
     return report
 
 
-def write_eval_outputs(report: dict, out_dir: str | Path) -> list[Path]:
-    """``metrics.json`` (without per-image rows), ``predictions.csv`` and ``confusion.png``."""
+def check_eval_outputs(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Raise before an evaluation if :func:`write_eval_outputs` would refuse ``out_dir``."""
+    OutputDir(Path(out_dir).expanduser(), kind=EVAL_KIND, overwrite=overwrite)
+
+
+def write_eval_outputs(report: dict, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
+    """``metrics.json`` (without per-image rows), ``predictions.csv`` and ``confusion.png``,
+    written all at once; a folder holding other files is refused unless ``overwrite``."""
     from visionscale.classify.plots import confusion_png
 
-    out = check_output_dir(Path(out_dir).expanduser())
+    target = Path(out_dir).expanduser()
     metrics = {k: v for k, v in report.items() if k != "predictions"}
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["path", "true", "predicted", "probability"], lineterminator="\n")
     w.writeheader()
     w.writerows(report.get("predictions", []))
-    written = []
-    for name, data in (("metrics.json", _json_bytes(metrics)), ("predictions.csv", buf.getvalue().encode()),
-                       ("confusion.png", confusion_png(report["confusion_matrix"], report["classes"],
-                                                       title=f"accuracy {report['accuracy']:.3f} (n={report['n']})"))):
-        write_atomic(out / name, data)
-        written.append(out / name)
-    return written
+    outputs = (("metrics.json", _json_bytes(metrics)), ("predictions.csv", buf.getvalue().encode()),
+               ("confusion.png", confusion_png(report["confusion_matrix"], report["classes"],
+                                               title=f"accuracy {report['accuracy']:.3f} (n={report['n']})")))
+    with OutputDir(target, kind=EVAL_KIND, overwrite=overwrite) as tmp:
+        for name, data in outputs:
+            (tmp / name).write_bytes(data)
+    return [target / name for name, _ in outputs]
 
 
 

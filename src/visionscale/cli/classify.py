@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from visionscale.cli._common import err, fail, out
+from visionscale.cli._common import CLIGroup, err, fail, out
 
 app = typer.Typer(
+    cls=CLIGroup,
     help="Image classifiers on registry backbones: demo data, train (augmentation, transfer learning), predict, eval.",
     no_args_is_help=True,
     add_completion=False,
@@ -48,12 +49,14 @@ def make_demo_cmd(
     test_per_class: int = typer.Option(15, help="Test images per class."),
     size: int = typer.Option(96, help="Side of the square images in px."),
     seed: int = typer.Option(0, help="Random seed of the crops."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that holds other files (those stay)."),
 ) -> None:
     """Write a small texture data set (brick / grass / gravel from scikit-image, CC0), offline."""
     from visionscale.classify.demo import make_demo
 
     try:
-        info = make_demo(out_dir, train_per_class=train_per_class, test_per_class=test_per_class, size=size, seed=seed)
+        info = make_demo(out_dir, train_per_class=train_per_class, test_per_class=test_per_class, size=size, seed=seed,
+                         overwrite=overwrite)
     except _input_errors() as exc:
         fail(str(exc))
     n_train, n_test = sum(info["train"].values()), sum(info["test"].values())
@@ -91,7 +94,7 @@ def train_cmd(
     precise_bn: bool = typer.Option(True, "--precise-bn/--no-precise-bn", help="Re-estimate BatchNorm statistics on the training images before each validation."),
     device: str = typer.Option("auto", help="auto (CUDA if available), cpu or cuda[:N]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run in --out, or write into a folder that holds other files."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
 ) -> None:
     """Train a classifier: frozen pretrained backbone then optional fine-tuning, or from scratch."""
@@ -135,18 +138,24 @@ def predict_cmd(
     checkpoint: Path = typer.Argument(..., help="Training output folder or its model.safetensors."),
     inputs: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
     top_k: int = typer.Option(3, help="Classes listed per image."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
     backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     csv_out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the predictions to this CSV file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     as_json: bool = typer.Option(False, "--json", help="Print predictions as JSON."),
 ) -> None:
     """Predict the class of images with a trained classifier."""
     from visionscale.classify.train import predict
     from visionscale.io.atomic import write_atomic
+    from visionscale.io.outputs import check_output_file
 
     try:
-        preds = predict(checkpoint, inputs, top_k=top_k, device=device, backend=backend, precision=precision)
+        if csv_out is not None:
+            check_output_file(csv_out, inputs=[checkpoint, *inputs], overwrite=overwrite, what="predictions file")
+        preds = predict(checkpoint, inputs, top_k=top_k, batch_size=batch_size, device=device, backend=backend,
+                        precision=precision)
         if csv_out is not None:
             buf = io.StringIO()
             w = csv.writer(buf, lineterminator="\n")
@@ -178,17 +187,22 @@ def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="Training output folder or its model.safetensors."),
     data_dir: Path = typer.Argument(..., help="Labelled folder: one sub-folder per class (names as in training)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write metrics.json, predictions.csv, confusion.png here."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
     backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out folder that holds other files."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """Accuracy, per-class precision/recall and the confusion matrix on a labelled folder."""
-    from visionscale.classify.train import evaluate, write_eval_outputs
+    from visionscale.classify.train import check_eval_outputs, evaluate, write_eval_outputs
 
     try:
-        report = evaluate(checkpoint, data_dir, device=device, backend=backend, precision=precision)
-        written = write_eval_outputs(report, out_dir) if out_dir is not None else []
+        if out_dir is not None:
+            check_eval_outputs(out_dir, overwrite)  # before the evaluation, not after it
+        report = evaluate(checkpoint, data_dir, batch_size=batch_size, device=device, backend=backend,
+                          precision=precision)
+        written = write_eval_outputs(report, out_dir, overwrite) if out_dir is not None else []
     except _input_errors() as exc:
         fail(str(exc))
     if as_json:

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from visionscale.cli._common import err, fail, note_runner, out
+from visionscale.cli._common import CLIGroup, err, fail, note, note_runner, out, warn
 
 app = typer.Typer(
+    cls=CLIGroup,
     help="Object detection with EAPM (example-attribute based prediction modulation) and plain losses.",
     no_args_is_help=True,
     add_completion=False,
@@ -25,15 +26,14 @@ app = typer.Typer(
 
 
 @app.command("plot-eapm")
-def plot_eapm_cmd(out_dir: Path = typer.Option(Path("eapm-figures"), "--out", "-o", help="Output folder.")) -> None:
+def plot_eapm_cmd(
+    out_dir: Path = typer.Option(Path("eapm-figures"), "--out", "-o", help="Output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that holds other files (those stay)."),
+) -> None:
     """Draw the paper's Fig. 3 (focal vs EAPM, mu = 1, 1.5, 2) and Fig. 4 (smooth L1, balanced L1, EAPM theta = 1, 1.5, 2)."""
     from visionscale.detection.plots import plot_eapm
-    from visionscale.profiling.report import OutputError
 
-    try:
-        paths = plot_eapm(out_dir)
-    except OutputError as exc:
-        fail(str(exc))
+    paths = plot_eapm(out_dir, overwrite=overwrite)
     for p in paths:
         out.print(f"wrote {p}", highlight=False)
 
@@ -45,18 +45,15 @@ def make_demo_cmd(
     n_val: int = typer.Option(150, "--val", help="Validation images."),
     size: int = typer.Option(160, help="Image side in pixels."),
     seed: int = typer.Option(0, help="Random seed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that holds other files (those stay)."),
 ) -> None:
     """Generate the offline demo face-detection set (scikit-image faces and non-faces on textures, COCO JSON)."""
     from visionscale.detection.demo import DemoConfig, make_demo
-    from visionscale.profiling.report import OutputError, check_output_dir
 
-    try:
-        cfg = DemoConfig(n_train=n_train, n_val=n_val, size=size, seed=seed)
-        check_output_dir(out_dir)
-    except (ValueError, OutputError) as exc:
-        fail(str(exc))
+    cfg = DemoConfig(n_train=n_train, n_val=n_val, size=size, seed=seed)
     with err.status("rendering") as status:
-        summary = make_demo(out_dir, cfg, progress=lambda d, t: status.update(f"rendering {d}/{t}"))
+        summary = make_demo(out_dir, cfg, progress=lambda d, t: status.update(f"rendering {d}/{t}"),
+                            overwrite=overwrite)
     out.print(f"wrote {summary['train_images']} train images ({summary['train_faces']} faces) and "
               f"{summary['val_images']} val images ({summary['val_faces']} faces) to {out_dir}/", highlight=False)
 
@@ -90,12 +87,17 @@ def _check_data(cfg, strict: bool) -> None:
         if ann is None:
             continue
         ds = load_dataset(ann, images, cfg.data_format, strict=strict)
-        for msg in ds.problems[:20]:
-            err.print(f"[yellow]warning:[/] {msg} (skipped)", highlight=False, soft_wrap=True)
-        if len(ds.problems) > 20:
-            err.print(f"[yellow]warning:[/] ... and {len(ds.problems) - 20} more skipped entries in {ann}", highlight=False)
+        _warn_skipped(ds, ann)
         if len(ds) == 0:
             raise ValueError(f"{ann}: no images")
+
+
+def _warn_skipped(ds, ann, shown: int = 20) -> None:
+    """One warning per ground-truth entry the reader skipped (the first ``shown``), then a count."""
+    for msg in ds.problems[:shown]:
+        warn(f"{msg} (skipped)")
+    if len(ds.problems) > shown:
+        warn(f"... and {len(ds.problems) - shown} more skipped entries in {ann}")
 
 
 def _check_model(name: str) -> None:
@@ -160,7 +162,7 @@ def train_cmd(
     eval_every: int = typer.Option(0, help="Evaluate every N epochs (0: only at the end)."),
     out_dir: Path = typer.Option(Path("detect-run"), "--out", "-o", help="Checkpoints, metrics, curves."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.safetensors."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh even if OUT holds a checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh even if OUT holds a checkpoint or other files."),
     strict: bool = typer.Option(False, "--strict", help="Fail on bad boxes instead of skipping them."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout."),
 ) -> None:
@@ -264,11 +266,17 @@ def eval_cmd(
     backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
     device: str = typer.Option("cpu", help="auto (CUDA if available), cpu or cuda[:N]."),
-    as_json: bool = typer.Option(False, "--json"),
+    strict: bool = typer.Option(False, "--strict", help="Fail on invalid ground-truth boxes instead of skipping them."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics and the number of skipped ground-truth entries as JSON."),
 ) -> None:
-    """Evaluate a trained detector with COCO metrics, with any backend and precision."""
+    """Evaluate a trained detector with COCO metrics, with any backend and precision.
+
+    Ground-truth entries that cannot be used (a box with NaN or no area, an annotation of an
+    unknown image or category) are skipped with a warning each, as in training, and counted in
+    the result; with --strict the first one is an error."""
     from visionscale.detection.data import AnnotationError, ImageCache
     from visionscale.detection.train import TrainError, evaluate, load_dataset, load_model
+    from visionscale.errors import check_int
     from visionscale.runtime import BackendUnavailableError, ExportError, accelerate, resolve_device
 
     try:
@@ -276,18 +284,20 @@ def eval_cmd(
             ann, data_format = data / "val.json", "coco"
         if ann is None:
             raise ValueError("give --data DIR or --ann FILE")
-        if batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        check_int("batch_size", batch_size, minimum=1)
+        dev = resolve_device(device)
         model, meta = load_model(checkpoint)
         size = int(meta["config"]["image_size"])
-        ds = load_dataset(ann, images, data_format)
-        dev = resolve_device(device)
+        ds = load_dataset(ann, images, data_format, strict=strict)
+        _warn_skipped(ds, ann)
         forward = accelerate(model.to(dev), backend, precision, dev, image_size=(size, size))
         note_runner(forward)
         metrics = evaluate(model, ImageCache(ds, size), batch_size, forward=forward)
     except (ValueError, AnnotationError, TrainError, BackendUnavailableError, ExportError) as exc:
         fail(str(exc))
     if as_json:
-        sys.stdout.write(json.dumps(metrics) + "\n")
+        sys.stdout.write(json.dumps({**metrics, "skipped_annotations": len(ds.problems)}) + "\n")
         return
     out.print("  ".join(f"{k} {'–' if v is None else f'{v:.1f}'}" for k, v in metrics.items()), highlight=False)
+    if ds.problems:
+        note(f"{len(ds.problems)} invalid ground-truth entries in {ann} were skipped (see the warnings above)")

@@ -3,30 +3,65 @@
 Format: Lin et al., "Microsoft COCO: Common Objects in Context", ECCV 2014; the fields used
 are those of ``instances_*.json``: ``images`` (id, file_name, width, height),
 ``annotations`` (id, image_id, category_id, bbox = [x, y, w, h], iscrowd),
-``categories`` (id, name). Boxes with zero or negative size are skipped and reported with
-the file and the annotation id (``strict=True`` raises instead).
+``categories`` (id, name). Boxes with zero or negative size, NaN or inf, and annotations of
+unknown images or categories are skipped and reported with the file and the annotation id
+(``strict=True`` raises instead).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
-from visionscale.detection.data import AnnotationError, DetectionDataset, ImageRecord, image_size_of
+from visionscale.detection.data import MAX_SIDE, AnnotationError, DetectionDataset, ImageRecord, image_size_of
 
 __all__ = ["load_coco", "dump_coco"]
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _show(value, limit: int = 60) -> str:
+    """``repr`` of a value from the file, shortened: messages stay one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _int64(value) -> int | None:
+    """``value`` if it is an integer (not a bool) that fits in int64, else None."""
+    if isinstance(value, bool) or not isinstance(value, int) or not _INT64[0] <= value <= _INT64[1]:
+        return None
+    return value
+
+
 def _num(value, what: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise AnnotationError(f"{where}: {what} must be a number, got {value!r}")
-    return float(value)
+        raise AnnotationError(f"{where}: {what} must be a number, got {_show(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range: as unusable as inf
+        return math.inf
+
+
+def _side(value, what: str, where: str) -> int:
+    """An image width or height: a whole number of pixels in 1..MAX_SIDE."""
+    v = _num(value, what, where)
+    if not (math.isfinite(v) and v == int(v) and 1 <= v <= MAX_SIDE):
+        raise AnnotationError(f"{where}: {what} must be a whole number of pixels in 1..{MAX_SIDE}, got {_show(value)}")
+    return int(v)
 
 
 def load_coco(ann_file: str | Path, images_dir: str | Path | None = None, strict: bool = False) -> DetectionDataset:
     """Read a COCO detection JSON.
+
+    Any JSON gives either a dataset or :class:`AnnotationError` naming the file and the entry:
+    a malformed structure (an image without an integer ``id`` or a ``file_name``, a ``bbox``
+    that is not four numbers, duplicate ids) is an error; an annotation that is well-formed
+    but unusable (unknown ``image_id`` or ``category_id``, a box with NaN/inf, zero or
+    negative size or outside the image, ``iscrowd`` other than 0/1) is skipped and listed.
 
     Args:
         ann_file: The JSON file.
@@ -45,6 +80,8 @@ def load_coco(ann_file: str | Path, images_dir: str | Path | None = None, strict
         raise AnnotationError(f"annotation file not found: {ann_file}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AnnotationError(f"{ann_file}: not a readable JSON file ({exc})") from None
+    except RecursionError:
+        raise AnnotationError(f"{ann_file}: JSON nested too deeply to be a COCO file") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise AnnotationError(f"{ann_file}: not a COCO detection file (no 'images' list)")
     anns = data.get("annotations", [])
@@ -54,78 +91,91 @@ def load_coco(ann_file: str | Path, images_dir: str | Path | None = None, strict
     if not cats:
         raise AnnotationError(f"{ann_file}: no categories")
 
-    try:
-        cats = sorted(cats, key=lambda c: int(c["id"]))
-        cat_index = {int(c["id"]): i for i, c in enumerate(cats)}
-        names = [str(c.get("name", c["id"])) for c in cats]
-    except (KeyError, TypeError, ValueError):
-        raise AnnotationError(f"{ann_file}: every category needs an integer 'id'") from None
+    cat_names: dict[int, str] = {}
+    for k, c in enumerate(cats):
+        cid = _int64(c.get("id")) if isinstance(c, dict) else None
+        if cid is None:
+            raise AnnotationError(f"{ann_file}: categories[{k}]: every category needs an integer 'id'")
+        if cid in cat_names:
+            raise AnnotationError(f"{ann_file}: categories[{k}]: duplicate category id {cid}")
+        name = c.get("name", str(cid))
+        if not isinstance(name, str):
+            raise AnnotationError(f"{ann_file}: categories[{k}]: name must be a string, got {_show(name)}")
+        cat_names[cid] = name
+    cat_ids = sorted(cat_names)
+    cat_index = {cid: i for i, cid in enumerate(cat_ids)}
+    names = [cat_names[cid] for cid in cat_ids]
 
     problems: list[str] = []
+
+    def skip(msg: str) -> None:
+        if strict:
+            raise AnnotationError(msg)
+        problems.append(msg)
+
     images: dict[int, dict] = {}
     for k, img in enumerate(data["images"]):
         where = f"{ann_file}: images[{k}]"
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
             raise AnnotationError(f"{where}: needs 'id' and 'file_name'")
-        iid = int(img["id"])
+        iid = _int64(img["id"])
+        if iid is None:
+            raise AnnotationError(f"{where}: id must be an integer, got {_show(img['id'])}")
         if iid in images:
             raise AnnotationError(f"{where}: duplicate image id {iid}")
-        path = images_dir / str(img["file_name"])
+        name = img["file_name"]
+        if not isinstance(name, str) or not name or "\0" in name:
+            raise AnnotationError(f"{where}: file_name must be a non-empty path, got {_show(name)}")
+        path = images_dir / name
         if "width" in img and "height" in img:
-            w, h = int(_num(img["width"], "width", where)), int(_num(img["height"], "height", where))
+            w, h = _side(img["width"], "width", where), _side(img["height"], "height", where)
         else:
             try:
                 w, h = image_size_of(path)
             except OSError:
                 raise AnnotationError(f"{where}: no width/height and cannot read {path}") from None
-        if w <= 0 or h <= 0:
-            raise AnnotationError(f"{where}: image {iid} has size {w}x{h}")
         images[iid] = {"path": path, "w": w, "h": h, "boxes": [], "labels": [], "ignore": [], "ids": []}
 
     for k, ann in enumerate(anns):
         if not isinstance(ann, dict):
             raise AnnotationError(f"{ann_file}: annotations[{k}] is not an object")
-        aid = ann.get("id", f"#{k}")
-        where = f"{ann_file}: annotation id {aid}"
-        iid = ann.get("image_id")
-        if not isinstance(iid, int) or iid not in images:
-            msg = f"{where}: unknown image_id {iid!r}"
-            if strict:
-                raise AnnotationError(msg)
-            problems.append(msg)
+        aid = _int64(ann.get("id"))
+        where = f"{ann_file}: annotation id {aid if aid is not None else f'#{k}'}"
+        iid = _int64(ann.get("image_id"))
+        if iid is None or iid not in images:
+            skip(f"{where}: unknown image_id {_show(ann.get('image_id'))}")
             continue
         img = images[iid]
-        where = f"{where} (image {iid} '{img['path'].name}')"
-        cid = ann.get("category_id")
-        if not isinstance(cid, int) or cid not in cat_index:
-            msg = f"{where}: unknown category_id {cid!r}"
-            if strict:
-                raise AnnotationError(msg)
-            problems.append(msg)
+        where = f"{where} (image {iid} {_show(img['path'].name)})"
+        cid = _int64(ann.get("category_id"))
+        if cid is None or cid not in cat_index:
+            skip(f"{where}: unknown category_id {_show(ann.get('category_id'))}")
             continue
         bbox = ann.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-            raise AnnotationError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
+            raise AnnotationError(f"{where}: bbox must be [x, y, w, h], got {_show(bbox)}")
         x, y, w, h = (_num(v, "bbox value", where) for v in bbox)
-        if not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0:
-            msg = f"{where}: box has zero or negative size (bbox [x, y, w, h] = {list(bbox)})"
-            if strict:
-                raise AnnotationError(msg)
-            problems.append(msg)
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            skip(f"{where}: box is not finite (bbox [x, y, w, h] = {_show(list(bbox))})")
+            continue
+        if w <= 0 or h <= 0:
+            skip(f"{where}: box has zero or negative size (bbox [x, y, w, h] = {_show(list(bbox))})")
+            continue
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1):  # true and false compare equal to 1 and 0
+            skip(f"{where}: iscrowd must be 0 or 1, got {_show(crowd)}")
             continue
         # clip to the image; a box entirely outside is as useless as an empty one
-        x1, y1 = max(x, 0.0), max(y, 0.0)
-        x2, y2 = min(x + w, img["w"]), min(y + h, img["h"])
-        if x2 <= x1 or y2 <= y1:
-            msg = f"{where}: box {list(bbox)} lies outside the {img['w']}x{img['h']} image"
-            if strict:
-                raise AnnotationError(msg)
-            problems.append(msg)
+        W, H = img["w"], img["h"]  # noqa: N806
+        box = np.array([min(max(x, 0.0), W), min(max(y, 0.0), H), min(max(x + w, 0.0), W), min(max(y + h, 0.0), H)],
+                       dtype=np.float32)
+        if box[2] <= box[0] or box[3] <= box[1]:  # in float32, as stored: a 1e-9 px box is empty too
+            skip(f"{where}: box {_show(list(bbox))} lies outside the {img['w']}x{img['h']} image or is too thin")
             continue
-        img["boxes"].append([x1, y1, x2, y2])
+        img["boxes"].append(box.tolist())
         img["labels"].append(cat_index[cid])
-        img["ignore"].append(bool(ann.get("iscrowd", 0)))
-        img["ids"].append(int(aid) if isinstance(aid, int) else -1)
+        img["ignore"].append(bool(crowd))
+        img["ids"].append(aid if aid is not None else -1)
 
     records = [
         ImageRecord(
@@ -136,7 +186,7 @@ def load_coco(ann_file: str | Path, images_dir: str | Path | None = None, strict
         )
         for iid, v in images.items()
     ]
-    return DetectionDataset(records, names, [int(c["id"]) for c in cats], problems, str(ann_file))
+    return DetectionDataset(records, names, cat_ids, problems, str(ann_file))
 
 
 def dump_coco(dataset: DetectionDataset, images_dir: str | Path | None = None) -> dict:

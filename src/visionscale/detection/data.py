@@ -14,10 +14,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from visionscale.errors import VisionscaleError
+
 __all__ = ["AnnotationError", "ImageRecord", "DetectionDataset", "ImageCache", "read_rgb", "image_size_of", "to_coco_gt"]
 
 
-class AnnotationError(ValueError):
+# Largest image side (px) an annotation may state or imply; beyond it the file is wrong.
+MAX_SIDE = 1 << 20
+
+
+class AnnotationError(VisionscaleError, ValueError):
     """An annotation file cannot be used; the message names the file and the entry."""
 
 
@@ -77,24 +83,37 @@ class DetectionDataset:
                                 list(self.problems), self.source)
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """(H, W, 3) uint8; uses visionscale.io.images when available (EXIF, odd modes)."""
-    try:
-        from visionscale.io.images import read_image
-    except ImportError:  # pragma: no cover - the io helper ships with the package
-        from PIL import Image
+def read_rgb(path: str | Path, min_size: tuple[int, int] | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 via :func:`visionscale.io.images.read_image` (EXIF, odd modes); with
+    ``min_size`` a large file is shrunk by a whole factor, still 8-bit, to no less than it."""
+    from visionscale.io.images import read_image
 
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    return read_image(path)
+    return read_image(path, min_size=min_size)
 
 
 def image_size_of(path: str | Path) -> tuple[int, int]:
-    """(width, height) from the file header without decoding the pixels."""
+    """(width, height) from the file header without decoding the pixels.
+
+    Raises:
+        OSError: The file is missing, not a regular file (a pipe would block), or not an image.
+    """
+    import stat
+    import warnings
+
     from PIL import Image
 
-    with Image.open(path) as img:
-        return img.size
+    p = Path(path)
+    try:
+        if not stat.S_ISREG(p.stat().st_mode):
+            raise OSError(f"{p} is not a regular file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(p) as img:
+                return img.size
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a NUL in the name, a bomb, a broken header...
+        raise OSError(f"cannot read the size of {p}: {exc}") from None
 
 
 class ImageCache:
@@ -107,6 +126,8 @@ class ImageCache:
     def __init__(self, dataset: DetectionDataset, size: int) -> None:
         from PIL import Image
 
+        from visionscale.io.images import read_image_and_size
+
         self.dataset, self.size = dataset, size
         n = len(dataset)
         self.images = torch.empty((n, 3, size, size), dtype=torch.uint8)  # (N, 3, S, S)
@@ -115,11 +136,12 @@ class ImageCache:
         self.ignore: list[Tensor] = []
         self.scale = torch.empty((n, 2))  # (sx, sy) pixels of the original per resized pixel
         for i, rec in enumerate(dataset.records):
-            arr = read_rgb(rec.path)
-            h, w = arr.shape[:2]
+            # Shrunk while still 8-bit when the file is large: memory stays bounded by the
+            # decoded file, not a full-size RGB copy (the size check uses the file's own size).
+            arr, (h, w) = read_image_and_size(rec.path, min_size=(size, size))
             if (w, h) != (rec.width, rec.height):
                 raise AnnotationError(f"{rec.path}: image is {w}x{h} but the annotations say {rec.width}x{rec.height}")
-            if (w, h) != (size, size):
+            if arr.shape[:2] != (size, size):
                 arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR))
             self.images[i] = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
             sx, sy = size / w, size / h

@@ -14,7 +14,6 @@ Layout written by :func:`make_demo`: ``OUT/images/*.png``, ``OUT/train.json``,
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -22,7 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DemoConfig", "make_demo"]
+from visionscale.errors import InvalidValueError, check_finite, check_int
+
+__all__ = ["DemoConfig", "DEMO_KIND", "make_demo"]
+
+DEMO_KIND = "detect-demo"  # manifest kind of the folder
+MAX_DEMO_SIZE = 2048
 
 # Astronaut's face in skimage.data.astronaut() (512x512), x1, y1, x2, y2: forehead to chin.
 _ASTRONAUT_FACE = (168, 58, 276, 184)
@@ -52,14 +56,19 @@ class DemoConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.n_train < 1 or self.n_val < 1:
-            raise ValueError(f"need at least one train and one val image, got {self.n_train} and {self.n_val}")
-        if self.size < 32:
-            raise ValueError(f"size must be at least 32 px, got {self.size}")
-        if not 0 <= self.faces[0] <= self.faces[1] or not 0 <= self.distractors[0] <= self.distractors[1]:
-            raise ValueError("faces and distractors must be (min, max) with 0 <= min <= max")
-        if not 4 <= self.min_side < self.max_frac * self.size:
-            raise ValueError(f"min_side must be >= 4 px and below max_frac * size, got {self.min_side}")
+        check_int("n_train", self.n_train, minimum=1, maximum=1_000_000)
+        check_int("n_val", self.n_val, minimum=1, maximum=1_000_000)
+        check_int("size", self.size, minimum=32, maximum=MAX_DEMO_SIZE)
+        check_int("seed", self.seed, minimum=0)
+        for name in ("faces", "distractors"):
+            lo_hi = getattr(self, name)
+            if (len(lo_hi) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in lo_hi)
+                    or not 0 <= lo_hi[0] <= lo_hi[1] <= 100):
+                raise InvalidValueError(f"{name} must be (min, max) with 0 <= min <= max <= 100, got {lo_hi!r}")
+        check_finite("max_frac", self.max_frac, minimum=0.0, maximum=1.0, min_inclusive=False)
+        check_int("min_side", self.min_side, minimum=4)
+        if not self.min_side < self.max_frac * self.size:
+            raise InvalidValueError(f"min_side must be below max_frac * size, got {self.min_side}")
 
 
 def _sources():
@@ -160,23 +169,35 @@ def _render(cfg: DemoConfig, faces, others, backgrounds, rng) -> tuple[np.ndarra
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), labels
 
 
-def make_demo(out_dir: str | Path, config: DemoConfig | None = None, progress=None) -> dict:
+def make_demo(out_dir: str | Path, config: DemoConfig | None = None, progress=None, overwrite: bool = False) -> dict:
     """Write the demo set to ``out_dir`` and return a summary.
 
+    The folder appears complete or not at all (:class:`~visionscale.io.outputs.OutputDir`): a
+    new or empty folder, or an earlier demo (which is replaced), is fine; a folder holding
+    files the demo did not write is refused before any work unless ``overwrite`` (those files
+    then stay).
+
     Args:
-        out_dir: Created if needed; existing demo files in it are overwritten.
+        out_dir: The folder.
         config: Sizes and seed.
         progress: Optional callable ``(done, total)``.
+        overwrite: Write into a folder that holds other files.
 
     Returns:
         ``{"train": path, "val": path, "images": n, "faces": n, ...}``.
     """
-    from PIL import Image
-
-    from visionscale.io.atomic import write_atomic
+    from visionscale.io.outputs import OutputDir
 
     cfg = config or DemoConfig()
     out = Path(out_dir)
+    with OutputDir(out, kind=DEMO_KIND, overwrite=overwrite) as tmp:
+        summary = _write_demo(tmp, cfg, progress)
+    return {k: (str(out / Path(v).name) if k in ("train", "val") else v) for k, v in summary.items()}
+
+
+def _write_demo(out: Path, cfg: DemoConfig, progress) -> dict:
+    from PIL import Image
+
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     train_faces, val_faces, others, backgrounds = _sources()
@@ -187,9 +208,7 @@ def make_demo(out_dir: str | Path, config: DemoConfig | None = None, progress=No
         for i in range(n):
             img, boxes = _render(cfg, faces, others, backgrounds, rng)
             name = f"{split}_{i:05d}.png"
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="PNG")
-            write_atomic(out / "images" / name, buf.getvalue())
+            Image.fromarray(img).save(out / "images" / name, format="PNG")
             images.append({"id": i + 1, "file_name": f"images/{name}", "width": cfg.size, "height": cfg.size})
             for x, y, w, h in boxes:
                 anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "bbox": [x, y, w, h],
@@ -199,7 +218,7 @@ def make_demo(out_dir: str | Path, config: DemoConfig | None = None, progress=No
                 progress(done, total)
         doc = {"info": {"description": f"visionscale demo faces ({split})", "config": asdict(cfg)},
                "images": images, "annotations": anns, "categories": [{"id": 1, "name": "face"}]}
-        write_atomic(out / f"{split}.json", json.dumps(doc).encode())
+        (out / f"{split}.json").write_text(json.dumps(doc))
         summary[split] = str(out / f"{split}.json")
         summary[f"{split}_images"] = n
         summary[f"{split}_faces"] = len(anns)

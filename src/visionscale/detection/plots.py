@@ -93,34 +93,43 @@ def _draw(ax, x, curves, xlabel, ylabel, title):
     ax.legend(fontsize=8)
 
 
-def plot_eapm(out_dir: str | Path) -> list[Path]:
-    """Write Fig. 3, Fig. 4 and the backward-mode comparison as PNGs; return their paths."""
+def plot_eapm(out_dir: str | Path, overwrite: bool = False) -> list[Path]:
+    """Write Fig. 3, Fig. 4 and the backward-mode comparison as PNGs; return their paths.
+
+    The files appear together (:class:`~visionscale.io.outputs.OutputDir`); a folder holding
+    files this command did not write is refused unless ``overwrite`` (those files then stay).
+    """
+    from visionscale.io.outputs import OutputDir
+
+    target = OutputDir(Path(out_dir), kind="eapm-figures", overwrite=overwrite)
+    pngs = _eapm_pngs()
+    with target as tmp:
+        for name, data in pngs.items():
+            (tmp / name).write_bytes(data)
+    return [Path(out_dir) / name for name in pngs]
+
+
+def _eapm_pngs() -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from visionscale.io.atomic import write_atomic
-    from visionscale.profiling.report import check_output_dir
-
-    out = check_output_dir(Path(out_dir))
     e = np.linspace(0.001, 0.999, 999)
     d = np.linspace(0.0, 1.5, 751)
-    paths = []
+    pngs = {}
 
     fig, ax = plt.subplots(figsize=(5, 3.8))
     _draw(ax, e, focal_gradients(e), "prediction error |p − p*|", "|∂L/∂x|",
           "Fig. 3: gradient of EAPM with focal loss")
-    write_atomic(out / FIG3, _png(fig))
+    pngs[FIG3] = _png(fig)
     plt.close(fig)
-    paths.append(out / FIG3)
 
     fig, ax = plt.subplots(figsize=(5, 3.8))
     _draw(ax, d, regression_gradients(d), "regression error |t − t*|   (|t| + |t*| = 1.5)", "|∂L/∂t|",
           "Fig. 4: gradient of EAPM with balanced L1 loss (α = 0.5, γ = 1.5)")
-    write_atomic(out / FIG4, _png(fig))
+    pngs[FIG4] = _png(fig)
     plt.close(fig)
-    paths.append(out / FIG4)
 
     # Why mf_grad="paper" is the default: the three ways of backpropagating through MF.
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -142,10 +151,9 @@ def plot_eapm(out_dir: str | Path) -> list[Path]:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    write_atomic(out / MODES, _png(fig))
+    pngs[MODES] = _png(fig)
     plt.close(fig)
-    paths.append(out / MODES)
-    return paths
+    return pngs
 
 
 def _smooth(y: np.ndarray, n: int) -> np.ndarray:

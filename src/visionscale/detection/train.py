@@ -28,6 +28,16 @@ from torch import Tensor, nn
 from visionscale.detection import boxes as box_ops
 from visionscale.detection.data import AnnotationError, DetectionDataset, ImageCache, to_coco_gt
 from visionscale.detection.losses import balanced_l1_loss, eapm_balanced_l1_loss, eapm_focal_loss, sigmoid_focal_loss
+from visionscale.errors import (
+    InvalidFileError,
+    InvalidValueError,
+    OutputExistsError,
+    RunLockedError,
+    VisionscaleError,
+    check_finite,
+    check_int,
+)
+from visionscale.io.outputs import RunLock
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "train", "evaluate", "compare", "load_dataset",
            "load_model", "METRICS", "format_table", "LOSSES"]
@@ -35,10 +45,14 @@ __all__ = ["TrainConfig", "TrainError", "TrainResult", "train", "evaluate", "com
 LOSSES = ("focal+balanced_l1", "eapm")
 METRICS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 CHECKPOINT, WEIGHTS = "last.safetensors", "model.safetensors"
+RUN_KIND = "detect-run"  # manifest kind of a training folder
+RUN_FILES = (CHECKPOINT, WEIGHTS, "history.json", "metrics.json", "loss_curves.png")
+COMPARE_KIND, COMPARE_FILES = "detect-compare", ("compare.json", "compare.md")
+MAX_IMAGE_SIZE = 8192
 Progress = Callable[[dict[str, Any]], None]
 
 
-class TrainError(RuntimeError):
+class TrainError(VisionscaleError, RuntimeError):
     """Training cannot start or continue; the message says why."""
 
 
@@ -97,26 +111,29 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+            raise InvalidValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.data_format not in ("coco", "widerface"):
-            raise ValueError(f"data_format must be 'coco' or 'widerface', got {self.data_format!r}")
+            raise InvalidValueError(f"data_format must be 'coco' or 'widerface', got {self.data_format!r}")
         if self.mf_grad not in ("paper", "constant", "full"):
-            raise ValueError(f"mf_grad must be 'paper', 'constant' or 'full', got {self.mf_grad!r}")
+            raise InvalidValueError(f"mf_grad must be 'paper', 'constant' or 'full', got {self.mf_grad!r}")
         if self.eapm_xy not in ("plain", "gos"):
-            raise ValueError(f"eapm_xy must be 'plain' or 'gos', got {self.eapm_xy!r}")
-        for name in ("mu", "theta"):
-            v = getattr(self, name)
-            if not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be >= 0, got {v}")
-        for name in ("epochs", "batch_size", "image_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.image_size < 32:
-            raise ValueError(f"image_size must be at least 32 px (the coarsest level has stride 32), got {self.image_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.neg_iou <= self.pos_iou <= 1:
-            raise ValueError(f"need 0 <= neg_iou <= pos_iou <= 1, got {self.neg_iou}, {self.pos_iou}")
+            raise InvalidValueError(f"eapm_xy must be 'plain' or 'gos', got {self.eapm_xy!r}")
+        for name in ("mu", "theta", "focal_gamma", "weight_decay"):
+            check_finite(name, getattr(self, name), minimum=0.0)
+        check_finite("focal_alpha", self.focal_alpha, minimum=0.0, maximum=1.0)
+        for name in ("bl1_alpha", "bl1_gamma", "bl1_beta", "lr"):
+            check_finite(name, getattr(self, name), minimum=0.0, min_inclusive=False)
+        for name in ("pos_iou", "neg_iou"):
+            check_finite(name, getattr(self, name), minimum=0.0, maximum=1.0)
+        for name in ("epochs", "batch_size"):
+            check_int(name, getattr(self, name), minimum=1)
+        # The coarsest level has stride 32; the cap keeps a typo from allocating terabytes.
+        check_int("image_size", self.image_size, minimum=32, maximum=MAX_IMAGE_SIZE)
+        check_int("warmup_steps", self.warmup_steps, minimum=0)
+        check_int("eval_every", self.eval_every, minimum=0)
+        check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)  # torch generator seeds
+        if not self.neg_iou <= self.pos_iou:
+            raise InvalidValueError(f"need 0 <= neg_iou <= pos_iou <= 1, got {self.neg_iou}, {self.pos_iou}")
 
     def label(self) -> str:
         if self.loss == "eapm":
@@ -255,11 +272,47 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     return tensors, meta
 
 
+def _checkpoint_fields(path: Path, meta) -> tuple[str, int, list[str], list[int]]:
+    """(model name, image size, class names, category ids) of a checkpoint's metadata, each
+    checked: an edited file fails here with its name and the field, not deep inside torch."""
+    def bad(field: str, why: str) -> InvalidFileError:
+        return InvalidFileError(f"{path}: field {field} {why}")
+
+    cfg = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(cfg, dict):
+        raise bad("config", "is missing or not an object")
+    name = cfg.get("model")
+    if not isinstance(name, str) or not name:
+        raise bad("config.model", f"must be a detector name, got {name!r}")
+    size = cfg.get("image_size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= MAX_IMAGE_SIZE:
+        raise bad("config.image_size", f"must be an integer in 32..{MAX_IMAGE_SIZE}, got {size!r}")
+    names, ids = meta.get("class_names"), meta.get("category_ids")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise bad("class_names", f"must be a non-empty list of strings, got {names!r}")
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise bad("category_ids", f"must be a list of integers, got {ids!r}")
+    if len(ids) != len(names):
+        raise bad("class_names", f"has {len(names)} entries but category_ids {len(ids)}")
+    return name, size, names, ids
+
+
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the detector saved in ``model.safetensors`` / ``last.safetensors``."""
+    """Rebuild the detector saved in ``model.safetensors`` / ``last.safetensors``.
+
+    Raises:
+        TrainError: not a detection checkpoint. InvalidFileError: an edited or damaged one.
+    """
+    path = Path(path)
     tensors, meta = read_checkpoint(path)
-    model = build_model(meta["config"]["model"], len(meta["class_names"]))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    name, _, names, _ = _checkpoint_fields(path, meta)
+    model = build_model(name, len(names))
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidFileError(f"{path}: the weights do not fit a {name} with {len(names)} classes "
+                               f"(field class_names; {first})") from None
     return model.eval(), meta
 
 
@@ -273,6 +326,7 @@ def predict(model: nn.Module, cache: ImageCache, batch_size: int = 32,
     e.g. a :class:`visionscale.runtime.Runner` around it for another backend or precision).
     ``model`` still provides the anchors for decoding.
     """
+    check_int("batch_size", batch_size, minimum=1)
     model.eval()
     size = cache.size
     anchors = model.anchors(size, size, device="cpu")
@@ -359,17 +413,72 @@ def train(
         overwrite: Allow starting afresh in a folder that holds a checkpoint.
         data: Pre-loaded (train, val) caches (``compare`` shares them between runs).
         stop_after: Stop after this many epochs in total (simulates an interruption).
+
+    Raises:
+        OutputExistsError: ``out_dir`` holds files no detector run wrote (and not ``overwrite``).
+        RunLockedError: another process is training into ``out_dir``.
     """
-    from visionscale.io.atomic import write_atomic
     from visionscale.profiling.report import check_output_dir
 
-    out = check_output_dir(Path(cfg.out_dir))
+    out = Path(cfg.out_dir)
+    _check_run_dir(out, resume, overwrite)  # before the lock file: a refused folder stays as it was
+    created = not out.exists()
+    check_output_dir(out)
+    lock = RunLock(out, what="training run folder")
+    try:
+        with lock:
+            _check_run_dir(out, resume, overwrite)  # again: another process may have written meanwhile
+            return _train(cfg, out, progress, resume, overwrite, data, stop_after)
+    except RunLockedError:
+        raise  # the folder and its lock file are the other process's
+    except BaseException:
+        if created and list(out.iterdir()) == [lock.file]:  # a new folder, failed before writing anything
+            lock.file.unlink()
+            out.rmdir()
+        raise
+
+
+def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder holding files no detector run wrote (unless ``overwrite``), a missing
+    checkpoint to resume, or (neither resuming nor overwriting) a checkpoint of ours."""
+    from visionscale.io.outputs import foreign_files
+
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"output folder {out} exists and is not a folder")
+    foreign = foreign_files(out, RUN_KIND)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputExistsError(f"output folder {out} holds files a visionscale training run did not write "
+                                f"({shown}); choose an empty or new folder, or allow overwriting")
     ckpt = out / CHECKPOINT
     if resume and not ckpt.exists():
-        raise TrainError(f"--resume: no checkpoint {ckpt}")
+        raise TrainError(f"nothing to resume: no checkpoint {ckpt}")
     if not resume and ckpt.exists() and not overwrite:
         raise TrainError(f"{out} already holds a checkpoint; resume it, overwrite it, or pick another output folder")
 
+
+def _claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Record the files this run writes in the folder's manifest before writing them (so a
+    rerun or resume knows them as ours); replacing a run first removes the old one's files."""
+    from visionscale.io.atomic import write_atomic
+    from visionscale.io.outputs import MANIFEST, read_manifest
+
+    old = read_manifest(out)
+    ours = set(old["files"]) if old and old.get("kind") == RUN_KIND else set()
+    if overwrite and not resume:
+        for rel in sorted(ours):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                (out / rel).unlink()
+        ours = set()
+    files = sorted(ours | set(RUN_FILES))
+    write_atomic(out / MANIFEST, json.dumps({"kind": RUN_KIND, "files": files}, indent=1).encode())
+
+
+def _train(cfg: TrainConfig, out: Path, progress: Progress | None, resume: bool, overwrite: bool,
+           data: tuple[ImageCache, ImageCache | None] | None, stop_after: int | None) -> TrainResult:
+    from visionscale.io.atomic import write_atomic
+
+    ckpt = out / CHECKPOINT
     if data is None:
         train_ds = load_dataset(cfg.train_ann, cfg.train_images, cfg.data_format)
         val_ds = load_dataset(cfg.val_ann, cfg.val_images, cfg.data_format) if cfg.val_ann else None
@@ -380,6 +489,7 @@ def train(
     if train_cache.size != cfg.image_size:
         raise TrainError(f"pre-loaded images are {train_cache.size} px, config says {cfg.image_size}")
     class_names = train_cache.dataset.class_names
+    _claim_run_dir(out, resume, overwrite)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, len(class_names))
@@ -390,13 +500,20 @@ def train(
     start_epoch, elapsed = 0, 0.0
     if resume:
         tensors, meta = read_checkpoint(ckpt)
-        if meta.get("config", {}) and _comparable(TrainConfig(**meta["config"])) != _comparable(cfg):
-            old = _comparable(TrainConfig(**meta["config"]))
+        try:
+            saved = TrainConfig(**meta["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidFileError(f"{ckpt}: field config is damaged ({exc})") from None
+        if _comparable(saved) != _comparable(cfg):
+            old = _comparable(saved)
             diff = {k: (old[k], v) for k, v in _comparable(cfg).items() if old.get(k) != v}
             raise TrainError(f"cannot resume {ckpt}: the settings differ (checkpoint, now): {diff}")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        opt.load_state_dict(_optim_state(tensors, meta["optimizer"]))
-        start_epoch, history, elapsed = meta["epoch"], meta["history"], meta.get("seconds", 0.0)
+        try:
+            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            opt.load_state_dict(_optim_state(tensors, meta["optimizer"]))
+            start_epoch, history, elapsed = int(meta["epoch"]), meta["history"], float(meta.get("seconds", 0.0))
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise InvalidFileError(f"{ckpt}: damaged training state ({type(exc).__name__}: {exc})") from None
 
     anchors = model.anchors(cfg.image_size, cfg.image_size)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -473,9 +590,12 @@ def compare(
     where each row is one setting with metrics averaged over the seeds.
     """
     if not seeds:
-        raise ValueError("need at least one seed")
+        raise InvalidValueError("need at least one seed")
+    for seed in seeds:
+        check_int("seed", seed, minimum=0, maximum=2**32 - 1)
     if cfg.val_ann is None:
         raise TrainError("compare needs validation annotations")
+    _claim_compare_dir(Path(cfg.out_dir), overwrite)
     train_ds = load_dataset(cfg.train_ann, cfg.train_images, cfg.data_format)
     val_ds = load_dataset(cfg.val_ann, cfg.val_images, cfg.data_format)
     data = (ImageCache(train_ds, cfg.image_size), ImageCache(val_ds, cfg.image_size))
@@ -501,6 +621,26 @@ def compare(
                      "seconds": round(sum(r["seconds"] for r in mine), 1),
                      "cpu_seconds": round(sum(r["cpu_seconds"] for r in mine), 1)})
     return {"rows": rows, "runs": runs, "config": {k: v for k, v in asdict(cfg).items() if k != "seed"}}
+
+
+def _claim_compare_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a comparison folder with files neither a comparison nor one of its runs wrote
+    (unless ``overwrite``), then record ``compare.json`` / ``compare.md`` as ours. Each run
+    folder inside is checked by :func:`train` itself."""
+    from visionscale.io.atomic import write_atomic
+    from visionscale.io.outputs import MANIFEST, foreign_files, read_manifest
+
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"output folder {out} exists and is not a folder")
+    runs = {p.name for p in out.iterdir() if p.is_dir() and (read_manifest(p) or {}).get("kind") == RUN_KIND} \
+        if out.is_dir() else set()
+    foreign = [f for f in foreign_files(out, COMPARE_KIND) if f.split("/", 1)[0] not in runs or "/" not in f]
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputExistsError(f"output folder {out} holds files a visionscale comparison did not write "
+                                f"({shown}); choose an empty or new folder, or allow overwriting")
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / MANIFEST, json.dumps({"kind": COMPARE_KIND, "files": list(COMPARE_FILES)}).encode())
 
 
 def format_table(result: dict, per_seed: bool = True) -> str:

@@ -9,16 +9,18 @@ Format (Yang et al., "WIDER FACE: A Face Detection Benchmark", CVPR 2016; the re
 
 An image with no face has the count 0 followed by one all-zero line. Faces flagged
 ``invalid`` become ignore regions. Faces with zero or negative size (the train split has
-some) are skipped and reported with the file, its line number and the face's index.
+some) or NaN/inf values are skipped and reported with the file, its line number and the
+face's index.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
-from visionscale.detection.data import AnnotationError, DetectionDataset, ImageRecord, image_size_of
+from visionscale.detection.data import MAX_SIDE, AnnotationError, DetectionDataset, ImageRecord, image_size_of
 
 __all__ = ["load_widerface"]
 
@@ -79,6 +81,13 @@ def load_widerface(gt_file: str | Path, images_dir: str | Path, strict: bool = F
             if len(vals) < 4:
                 raise AnnotationError(f"{gt_file}:{line_no}: '{name}' face {k}: need at least x1 y1 w h")
             x, y, w, h = vals[:4]
+            if not all(math.isfinite(v) for v in (x, y, w, h, x + w, y + h)):
+                msg = (f"{gt_file}:{line_no}: image '{name}' face {k}: box is not finite "
+                       f"(x1={x:g}, y1={y:g}, w={w:g}, h={h:g})")
+                if strict:
+                    raise AnnotationError(msg)
+                problems.append(msg)
+                continue
             if w <= 0 or h <= 0:
                 msg = (f"{gt_file}:{line_no}: image '{name}' face {k}: box has zero or negative size "
                        f"(x1={x:g}, y1={y:g}, w={w:g}, h={h:g})")
@@ -103,8 +112,8 @@ def load_widerface(gt_file: str | Path, images_dir: str | Path, strict: bool = F
                 continue
         else:
             ext = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-            width = int(np.ceil(ext[:, 2].max())) if len(ext) else 1
-            height = int(np.ceil(ext[:, 3].max())) if len(ext) else 1
+            width = int(np.clip(np.ceil(ext[:, 2].max()), 1, MAX_SIDE)) if len(ext) else 1
+            height = int(np.clip(np.ceil(ext[:, 3].max()), 1, MAX_SIDE)) if len(ext) else 1
         arr = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         arr[:, [0, 2]] = arr[:, [0, 2]].clip(0, width)
         arr[:, [1, 3]] = arr[:, [1, 3]].clip(0, height)
