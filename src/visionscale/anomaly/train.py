@@ -45,7 +45,6 @@ from __future__ import annotations
 
 from visionscale.errors import InvalidFileError, OutputExistsError, VisionscaleError, check_finite, check_int
 
-import contextlib
 import hashlib
 import json
 import os

@@ -57,7 +57,6 @@ from visionscale.classify.model import MAX_IMAGE_SIZE, Classifier, ClassifierCon
 from visionscale.device import resolve_device
 from visionscale.errors import (
     InvalidFileError,
-    OutputExistsError,
     VisionscaleError,
     check_finite,
     check_int,
@@ -72,7 +71,7 @@ from visionscale.io.weights import (
     save_file_atomic,
 )
 from visionscale.io.atomic import write_atomic
-from visionscale.io.outputs import MANIFEST, OutputDir, RunLock, foreign_files, read_manifest
+from visionscale.io.outputs import OutputDir, RunLock, record_files, refuse_foreign
 from visionscale.profiling.report import check_output_dir
 
 __all__ = [
@@ -299,11 +298,7 @@ def _check_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     when neither resuming nor overwriting, a run of ours. Writes nothing."""
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainError(f"output folder {out_dir} exists and is not a folder")
-    foreign = foreign_files(out_dir, RUN_KIND)
-    if foreign and not overwrite:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise OutputExistsError(f"output folder {out_dir} holds files a visionscale training run did not write "
-                                f"({shown}); choose an empty or new folder, or allow overwriting")
+    refuse_foreign(out_dir, RUN_KIND, overwrite=overwrite, writer="a visionscale training run")
     if not resume and not overwrite and any((out_dir / n).exists() for n in (LAST_FILE, MODEL_FILE)):
         raise TrainError(f"{out_dir} already holds a training run: resume it, replace it, "
                          f"or choose another output folder")
@@ -312,17 +307,8 @@ def _check_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
 def _claim_run_dir(out_dir: Path, resume: bool, overwrite: bool, augment: bool) -> None:
     """Record in the folder's manifest the files this run writes, before it writes them, so a
     later run (or a resume) knows them as ours; replacing a run first removes the old one's."""
-    old = read_manifest(out_dir)
-    ours = set(old["files"]) if old and old.get("kind") == RUN_KIND else set()
-    if overwrite and not resume:
-        for rel in sorted(ours):
-            try:
-                (out_dir / rel).unlink()
-            except (FileNotFoundError, IsADirectoryError):
-                pass
-        ours = set()
-    ours |= {f for f in RUN_FILES if augment or f != "augmentations.png"}
-    write_atomic(out_dir / MANIFEST, _json_bytes({"kind": RUN_KIND, "files": sorted(ours)}))
+    record_files(out_dir, RUN_KIND, [f for f in RUN_FILES if augment or f != "augmentations.png"],
+                 replace=overwrite and not resume)
 
 
 def _check_resume(out_dir: Path, cfg: TrainConfig) -> tuple[dict, dict[str, Tensor]]:

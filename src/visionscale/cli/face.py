@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from visionscale.cli._common import CLIGroup, err, fail, note, note_runner, out, warn
+from visionscale.cli._common import CLIGroup, err, fail, note_runner, out
 
 app = typer.Typer(
     cls=CLIGroup,

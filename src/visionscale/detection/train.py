@@ -441,15 +441,11 @@ def train(
 def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse a folder holding files no detector run wrote (unless ``overwrite``), a missing
     checkpoint to resume, or (neither resuming nor overwriting) a checkpoint of ours."""
-    from visionscale.io.outputs import foreign_files
+    from visionscale.io.outputs import refuse_foreign
 
     if out.exists() and not out.is_dir():
         raise TrainError(f"output folder {out} exists and is not a folder")
-    foreign = foreign_files(out, RUN_KIND)
-    if foreign and not overwrite:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise OutputExistsError(f"output folder {out} holds files a visionscale training run did not write "
-                                f"({shown}); choose an empty or new folder, or allow overwriting")
+    refuse_foreign(out, RUN_KIND, overwrite=overwrite, writer="a visionscale training run")
     ckpt = out / CHECKPOINT
     if resume and not ckpt.exists():
         raise TrainError(f"nothing to resume: no checkpoint {ckpt}")
@@ -460,18 +456,9 @@ def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
 def _claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Record the files this run writes in the folder's manifest before writing them (so a
     rerun or resume knows them as ours); replacing a run first removes the old one's files."""
-    from visionscale.io.atomic import write_atomic
-    from visionscale.io.outputs import MANIFEST, read_manifest
+    from visionscale.io.outputs import record_files
 
-    old = read_manifest(out)
-    ours = set(old["files"]) if old and old.get("kind") == RUN_KIND else set()
-    if overwrite and not resume:
-        for rel in sorted(ours):
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                (out / rel).unlink()
-        ours = set()
-    files = sorted(ours | set(RUN_FILES))
-    write_atomic(out / MANIFEST, json.dumps({"kind": RUN_KIND, "files": files}, indent=1).encode())
+    record_files(out, RUN_KIND, RUN_FILES, replace=overwrite and not resume)
 
 
 def _train(cfg: TrainConfig, out: Path, progress: Progress | None, resume: bool, overwrite: bool,

@@ -30,7 +30,7 @@ from visionscale.errors import OutputError, OutputExistsError, RunLockedError, S
 from visionscale.io.atomic import publish, write_atomic
 
 __all__ = ["check_output_file", "check_writable_dir", "OutputDir", "RunLock", "MANIFEST",
-           "foreign_files", "read_manifest", "is_our_scratch"]
+           "foreign_files", "read_manifest", "is_our_scratch", "refuse_foreign", "record_files"]
 
 MANIFEST = ".visionscale-output.json"
 LOCK = ".lock"
@@ -121,6 +121,35 @@ def foreign_files(folder: str | os.PathLike, kind: str) -> list[str]:
     return [f for f in _listing(folder) if f not in ours and not is_our_scratch(Path(f).name)]
 
 
+def refuse_foreign(folder: str | os.PathLike, kind: str, *, overwrite: bool = False,
+                   writer: str = "visionscale") -> None:
+    """Raise :class:`OutputExistsError` if ``folder`` holds files no ``kind`` output wrote, unless
+    ``overwrite``; ``writer`` names who would have written them in the message."""
+    foreign = foreign_files(folder, kind)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputExistsError(f"output folder {folder} holds files {writer} did not write "
+                                f"({shown}); choose an empty or new folder, or allow overwriting")
+
+
+def record_files(folder: str | os.PathLike, kind: str, files, *, replace: bool = False) -> None:
+    """Add ``files`` (relative paths) to ``folder``'s manifest for ``kind``, *before* writing them,
+    so a rerun or a resume knows them as ours. ``replace`` first deletes the files an earlier
+    ``kind`` output listed (replacing a run) and starts a new list."""
+    folder = Path(folder)
+    old = read_manifest(folder)
+    ours = set(old["files"]) if old and old.get("kind") == kind else set()
+    if replace:
+        for rel in sorted(ours):
+            try:
+                (folder / rel).unlink()
+            except (FileNotFoundError, IsADirectoryError):
+                pass
+        ours = set()
+    manifest = {"kind": kind, "files": sorted(ours | set(files))}
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
 class OutputDir:
     """Write a folder of results all at once, or not at all.
 
@@ -143,11 +172,7 @@ class OutputDir:
         if self.target.exists() and not self.target.is_dir():
             raise OutputError(f"output folder {self.target} exists and is not a folder")
         check_writable_dir(self.target)
-        foreign = foreign_files(self.target, kind)
-        if foreign and not overwrite:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise OutputExistsError(f"output folder {self.target} holds files visionscale did not write "
-                                    f"({shown}); choose an empty or new folder, or allow overwriting")
+        refuse_foreign(self.target, kind, overwrite=overwrite)
         self.path: Path | None = None
 
     def __enter__(self) -> Path:
