@@ -10,7 +10,18 @@ from __future__ import annotations
 
 
 class VisionscaleError(Exception):
-    """Base class of the errors visionscale raises for bad input, files or environments."""
+    """Base class of the errors visionscale raises for bad input, files or environments.
+
+    ``fields`` names the settings (config fields, function arguments) the message is about, so a
+    front end can name its own spelling of them (the CLI adds its flags) without parsing the text.
+    """
+
+    fields: tuple[str, ...] = ()
+
+    def about(self, *fields: str) -> VisionscaleError:
+        """Set :attr:`fields` and return the error: ``raise DataError("...").about("skip_bad")``."""
+        self.fields = tuple(fields)
+        return self
 
 
 class DeviceError(VisionscaleError, ValueError):

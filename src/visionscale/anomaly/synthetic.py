@@ -27,10 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from visionscale.errors import check_int
+from visionscale.errors import InvalidValueError, OutputExistsError, check_int
 from visionscale.io.atomic import publish, write_atomic
 
-__all__ = ["TEXTURES", "DEFECTS", "make_demo", "make_category"]
+
+class DemoExistsError(OutputExistsError, FileExistsError):
+    """A demo category folder exists already (and may not be replaced)."""
+
+
+__all__ = ["TEXTURES", "DEFECTS", "DemoExistsError", "make_demo", "make_category"]
 
 # Category -> (scikit-image function, RGB tint applied to the grey texture).
 TEXTURES: dict[str, tuple[str, tuple[float, float, float]]] = {
@@ -184,14 +189,14 @@ def make_category(
         Counts per split, for the manifest.
     """
     if texture not in TEXTURES:
-        raise ValueError(f"unknown texture {texture!r}; choose from {', '.join(TEXTURES)}")
+        raise InvalidValueError(f"unknown texture {texture!r}; choose from {', '.join(TEXTURES)}")
     unknown = [d for d in defects if d not in _PAINTERS]
     if unknown:
-        raise ValueError(f"unknown defect types {unknown}; choose from {', '.join(DEFECTS)}")
+        raise InvalidValueError(f"unknown defect types {unknown}; choose from {', '.join(DEFECTS)}")
     if size < 32:
-        raise ValueError(f"size must be >= 32 px (smaller parts cannot show a defect), got {size}")
+        raise InvalidValueError(f"size must be >= 32 px (smaller parts cannot show a defect), got {size}")
     if num_train < 1:
-        raise ValueError(f"need at least one training image, got {num_train}")
+        raise InvalidValueError(f"need at least one training image, got {num_train}")
     idx = list(TEXTURES).index(texture)
     rng = np.random.default_rng([seed, idx])
     tex = _texture(texture)
@@ -246,16 +251,16 @@ def make_demo(
     check_int("num_test_defect", num_test_defect, minimum=0)
     cats = list(dict.fromkeys(categories))
     if not cats:
-        raise ValueError("no categories given")
+        raise InvalidValueError("no categories given")
     unknown = [c for c in cats if c not in TEXTURES]
     if unknown:
-        raise ValueError(f"unknown categories {unknown}; choose from {', '.join(TEXTURES)}")
+        raise InvalidValueError(f"unknown categories {unknown}; choose from {', '.join(TEXTURES)}")
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
+        raise OutputExistsError(f"{out} exists and is not a folder")
     if not overwrite:
         existing = [str(out / c) for c in cats if (out / c).exists()]
         if existing:
-            raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+            raise DemoExistsError(f"{', '.join(existing)} already exist(s); overwrite is not set")
     out.mkdir(parents=True, exist_ok=True)
     written, counts = [], {}
     for cat in cats:

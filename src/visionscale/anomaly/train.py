@@ -47,6 +47,7 @@ from visionscale.errors import InvalidFileError, OutputExistsError, VisionscaleE
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import random
@@ -124,6 +125,21 @@ MAX_IMAGE_SIDE = 16384  # px: a larger model input is a typo, not a plan
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
+
+_logger = logging.getLogger(__name__)
+
+
+def _say(log: Log | None) -> Log:
+    """Where one-line messages go: the caller's ``log`` callback, else this module's logger at INFO."""
+    return log or _logger.info
+
+
+def _warn(say: Log, message: str) -> None:
+    """A warning: logged at WARNING, unless the caller collects every message through its own ``log``."""
+    if say == _logger.info:
+        _logger.warning(message)
+    else:
+        say(message)
 
 
 class FitError(VisionscaleError, RuntimeError):
@@ -569,7 +585,7 @@ def fit_patchcore(
     cfg = config or FitConfig()
     if cfg.method != "patchcore":
         raise FitError(f"fit_patchcore fits PatchCore, not {cfg.model}: call visionscale.anomaly.train.fit")
-    say = log or (lambda msg: None)
+    say = _say(log)
     tick = progress or (lambda stage, done, total: None)
     run = Path(out).expanduser()
     ds = load_dataset(data, category, seed=cfg.seed)
@@ -602,7 +618,7 @@ def fit_patchcore(
     if state.get("complete"):
         return _finished(run, state, say)
     if cfg.weights is None:
-        say(RANDOM_WEIGHTS_WARNING)
+        _warn(say, RANDOM_WEIGHTS_WARNING)
     # Built before config.json is written: weights that fail to load leave no run behind
     # that a corrected command would then refuse as "a different fit".
     model = build_model(cfg.model, cfg.image_size, cfg.coreset_ratio, cfg.weights, cfg.seed).eval()
@@ -1117,13 +1133,13 @@ def _distill_extractor(cfg: FitConfig, out_channels: int, say: Log):
             if not cfg.allow_random_weights:
                 raise FitError(f"{cfg.model} distils from {arch}, which has no published weights: pass --weights FILE "
                                f"or --allow-random-weights")
-            say(random_note)
+            _warn(say, random_note)
         backbone = getattr(resnet, arch)(weights=weights, progress=False, num_classes=0)
     except WeightsUnavailableError as exc:
         if not cfg.allow_random_weights:
             raise FitError(f"teacher distillation needs ImageNet {arch} weights: {exc}\nor pass "
                            f"--allow-random-weights to distil from a RANDOM {arch} (meaningless teacher)") from None
-        say(random_note)
+        _warn(say, random_note)
         backbone = getattr(resnet, arch)(weights=None, num_classes=0)
     except FileNotFoundError as exc:
         raise FitError(f"--weights: {exc}") from None
@@ -1181,7 +1197,7 @@ def fit_efficientad(
     from visionscale.anomaly import efficientad_train as E
 
     cfg = config
-    say = log or (lambda msg: None)
+    say = _say(log)
     tick = progress or (lambda stage, done, total: None)
     run = Path(out).expanduser()
     ds = load_dataset(data, category, seed=cfg.seed)
@@ -1219,7 +1235,7 @@ def fit_efficientad(
         return _finished(run, state, say)
     random_teacher = cfg.teacher is None and not cfg.distill_teacher
     if random_teacher:
-        say(RANDOM_TEACHER_WARNING)
+        _warn(say, RANDOM_TEACHER_WARNING)
     _write_json(run / "config.json", {**record["fit"], "method": "efficientad", "pdn_padding": model.config.padding,
                                       "random_weights": "teacher" if random_teacher else None,
                                       "train": asdict(tcfg), "data": record["data"]})
@@ -1368,7 +1384,7 @@ def fit_ddad_run(
         raise FitError(f"--model {config.model} is not implemented yet: its trainer "
                        f"(visionscale.anomaly.ddad_train) is not installed; available now: "
                        f"{', '.join(PATCHCORE_MODELS + EFFICIENTAD_MODELS)}") from None
-    say = log or (lambda msg: None)
+    say = _say(log)
     tick = progress or (lambda stage, done, total: None)
     defaults = D.DDADTrainConfig()
     overrides = {"seed": config.seed}
@@ -1413,7 +1429,7 @@ def fit_ddad_run(
     if state.get("complete"):
         return _finished(run, state, say)
     if cfg.weights is None:
-        say(RANDOM_WEIGHTS_WARNING)
+        _warn(say, RANDOM_WEIGHTS_WARNING)
     _write_json(run / "config.json", {**record["fit"], "method": "ddad",
                                       "random_weights": "backbone" if cfg.weights is None else None,
                                       "train": asdict(dcfg) if hasattr(dcfg, "__dataclass_fields__") else {},

@@ -9,10 +9,19 @@ brackets. Colour comes only from ``style=`` arguments and :class:`rich.text.Text
 from text. :class:`CLIGroup` is the error boundary of every command: a
 :class:`~visionscale.errors.VisionscaleError` or a failed file write (permission denied,
 read-only or full file system, a file where a folder should be) becomes one line and exit 2.
+Anything else is a bug: :class:`CLIApp` (the root app) prints its traceback and then one line
+asking to report it, and exits 1.
+
+Library code reports progress and caveats through :mod:`logging` (``logging.getLogger(__name__)``
+under ``visionscale``); :func:`install_log_handler` renders those records on ``err`` as
+``note: ...`` (INFO) and ``warning: ...`` (WARNING and above), by level, never by their text.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+import traceback
 from typing import NoReturn
 
 import typer
@@ -43,6 +52,44 @@ def note(message: str) -> None:
     err.print(_line("note:", "", message), highlight=False, soft_wrap=True)
 
 
+class ConsoleLogHandler(logging.Handler):
+    """Renders ``visionscale`` log records on ``err``: INFO as a note, WARNING and above as a warning."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string in a log call must not end the command
+            self.handleError(record)
+            return
+        (warn if record.levelno >= logging.WARNING else note)(message)
+
+
+# -v / -q on the root app: DEBUG, INFO (default) or WARNING and above only.
+_LEVEL = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}
+_level = logging.INFO
+
+
+def set_verbosity(verbose: bool = False, quiet: bool = False) -> None:
+    global _level
+    _level = _LEVEL["verbose" if verbose else "quiet" if quiet else "normal"]
+    install_log_handler()
+
+
+def install_log_handler() -> None:
+    """Route the ``visionscale`` loggers to ``err`` (once per process; the level is re-applied)."""
+    logger = logging.getLogger("visionscale")
+    if not any(isinstance(h, ConsoleLogHandler) for h in logger.handlers):
+        logger.addHandler(ConsoleLogHandler())
+    logger.setLevel(_level)
+
+
+def bug_line(exc: BaseException) -> str:
+    from visionscale import __version__
+
+    return (f"this is a bug in visionscale {__version__} ({type(exc).__name__}), not a problem with your input; "
+            f"please report it with the traceback above")
+
+
 # errno values that mean "this output cannot be written here", not a bug.
 _WRITE_ERRNOS = {"EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENOTDIR", "EISDIR", "EEXIST",
                  "ENAMETOOLONG", "EFBIG", "ENOENT", "ELOOP", "EMLINK", "ETXTBSY"}
@@ -61,16 +108,27 @@ def describe_os_error(exc: OSError) -> str | None:
     return f"cannot access {where}: {exc.strerror or exc}"
 
 
+def _flags_for(group, ctx, fields: tuple[str, ...]) -> str:
+    """`` (--flag, ...)`` for the settings an error is about that the invoked command has as options."""
+    cmd = group.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+    if cmd is None or not fields:
+        return ""
+    opts = {p.name: p.opts[0] for p in cmd.params if getattr(p, "opts", None) and p.opts[0].startswith("--")}
+    flags = [opts[f] for f in fields if f in opts]
+    return f" ({', '.join(flags)})" if flags else ""
+
+
 class CLIGroup(TyperGroup):
     """Typer group whose ``invoke`` turns expected failures into one-line errors (exit 2)."""
 
     def invoke(self, ctx):  # noqa: D401 - click API
         from visionscale.errors import VisionscaleError
 
+        install_log_handler()
         try:
             return super().invoke(ctx)
         except VisionscaleError as exc:
-            fail(str(exc))
+            fail(str(exc) + _flags_for(self, ctx, exc.fields))
         except MemoryError:
             fail("out of memory (host RAM); use smaller images or batches")
         except OSError as exc:
@@ -84,6 +142,22 @@ class CLIGroup(TyperGroup):
                 first = str(exc).split("\n")[0]
                 fail(f"out of GPU memory: {first}; use a smaller image size, batch or another device")
             raise
+
+
+class CLIApp(typer.Typer):
+    """The root typer app. Expected failures never get here (:class:`CLIGroup` turned them into
+    exit 2); an exception that does is a bug: its traceback, then a line asking to report it, exit 1.
+
+    Only calling the app (the ``visionscale`` script) goes through here; a test's
+    ``CliRunner().invoke(app)`` sees the exception itself."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the last boundary: everything left is a bug
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+            err.print(_line("bug:", "bold red", bug_line(exc)), highlight=False, soft_wrap=True)
+            raise SystemExit(1) from None
 
 
 def split_csv(text: str) -> list[str]:

@@ -15,8 +15,8 @@ from typing import Optional
 
 import typer
 
-from visionscale.cli import _common
-from visionscale.cli._common import CLIGroup, err, fail, note_runner, out, split_csv
+from visionscale.cli._common import CLIGroup, err, fail, note, note_runner, out, split_csv, warn
+from visionscale.cli._options import Backend, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_PRECISION, Device, Precision
 from visionscale.io.outputs import OutputDir
 
 app = typer.Typer(
@@ -28,24 +28,15 @@ app = typer.Typer(
 )
 
 
-
-
-def note(message: str) -> None:
-    if message.startswith("running on") and "RANDOM" in message:
-        _common.warn(message)
-    else:
-        _common.note(message)
-
-
 def warn_if_random(run) -> None:
     what = run.config.get("random_weights", "legacy")
     if what == "legacy":  # runs written before the field existed: PatchCore, random iff no --weights
         what = "backbone" if run.config.get("weights") is None else None
     if what == "teacher":
-        note("running on a RANDOM EfficientAD teacher: this run was fitted without --teacher or --distill-teacher; "
+        warn("running on a RANDOM EfficientAD teacher: this run was fitted without --teacher or --distill-teacher; "
              "refit with --teacher FILE (a pretrained PDN) for meaningful anomaly scores")
     elif what:
-        note(f"running on RANDOM {what} weights: this run was fitted without --weights; refit with "
+        warn(f"running on RANDOM {what} weights: this run was fitted without --weights; refit with "
              f"--weights FILE (an ImageNet state dict of the backbone) for meaningful anomaly scores")
 
 
@@ -101,13 +92,13 @@ def make_demo_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing category folders."),
 ) -> None:
     """Build MVTec-layout demo categories from scikit-image's textures, with exact defect masks."""
-    from visionscale.anomaly.synthetic import make_demo
+    from visionscale.anomaly.synthetic import DemoExistsError, make_demo
 
     try:
         written = make_demo(out_dir, seed=seed, size=size, categories=split_csv(categories), num_train=train,
                             num_test_good=test_good, num_test_defect=test_defect, overwrite=overwrite)
-    except (ValueError, FileExistsError, OSError) as exc:
-        fail(str(exc))
+    except DemoExistsError as exc:
+        fail(f"{exc}: pass --overwrite to replace them")
     for p in written:
         out.print(f"wrote {p}", highlight=False)
 
@@ -132,7 +123,7 @@ def fit_cmd(
     checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="EfficientAD / DDAD: steps between checkpoints (resume after an interruption)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and list them, instead of stopping."),
     seed: int = typer.Option(0, help="Seeds random weights, projection, coreset start, data order and hold-outs."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    device: Device = DEFAULT_DEVICE,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Fit into a folder that holds other files (a run's file names there are replaced) or a different fit (started over)."),
 ) -> None:
@@ -141,19 +132,20 @@ def fit_cmd(
     The run folder is locked while fitting: a second `ad fit` into it stops at once.
     """
     from visionscale.anomaly import train as T
-    from visionscale.anomaly.data import DataError
-    from visionscale.errors import VisionscaleError
 
+    # Library errors (FitError, DataError, ...) are VisionscaleErrors: CLIGroup prints them.
     try:
-        cfg = T.FitConfig(model=model, image_size=parse_image_size(image_size), coreset_ratio=coreset_ratio,
-                          batch_size=batch_size, weights=weights, seed=seed, device=device, skip_bad=skip_bad,
-                          steps=steps, teacher=teacher, distill_teacher=distill_teacher,
-                          imagenet=str(imagenet) if imagenet is not None else None, distill_steps=distill_steps,
-                          allow_random_weights=allow_random_weights, checkpoint_every=checkpoint_every)
-        with _progress() as progress:
-            result = T.fit(data, run_dir, cfg, category=category, progress=progress, log=note, overwrite=overwrite)
-    except (VisionscaleError, T.FitError, DataError, ValueError, OSError) as exc:
+        size = parse_image_size(image_size)
+    except ValueError as exc:
         fail(str(exc))
+    cfg = T.FitConfig(model=model, image_size=size, coreset_ratio=coreset_ratio,
+                      batch_size=batch_size, weights=weights, seed=seed, device=device, skip_bad=skip_bad,
+                      steps=steps, teacher=teacher, distill_teacher=distill_teacher,
+                      imagenet=str(imagenet) if imagenet is not None else None, distill_steps=distill_steps,
+                      allow_random_weights=allow_random_weights, checkpoint_every=checkpoint_every)
+    try:
+        with _progress() as progress:
+            result = T.fit(data, run_dir, cfg, category=category, progress=progress, overwrite=overwrite)
     except KeyboardInterrupt:
         fail(f"interrupted; finished batches and checkpoints are kept in {run_dir}: run the same command again "
              f"to resume", 130)
@@ -209,29 +201,25 @@ def predict_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out folder that holds other files (same names are replaced)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and list them."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
-    backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
+    device: Device = DEFAULT_DEVICE,
+    backend: Backend = DEFAULT_BACKEND,
+    precision: Precision = DEFAULT_PRECISION,
 ) -> None:
     """Score images: anomalous or normal, a score, and a heatmap overlay each."""
-    from visionscale.anomaly.data import DataError
-    from visionscale.anomaly.predict import RunError, load_run, predict, records_csv
-    from visionscale.errors import VisionscaleError
+    from visionscale.anomaly.predict import load_run, predict, records_csv
 
     if as_json and as_csv:
         fail("--json and --csv exclude each other")
     dest = out_dir or run_dir / "predictions"
-    try:
-        OutputDir(dest, kind="ad-predict", overwrite=overwrite)  # refuse a bad --out before loading anything
-        run = load_run(run_dir, device, backend=backend, precision=precision)
-        warn_if_random(run)
-        note_runner(run.model)
-        with _progress() as progress:
-            records, log = predict(run, images, dest, batch_size=batch_size,
-                                   skip_bad=skip_bad, overlays=heatmaps, progress=progress, threshold=threshold,
-                                   overwrite=overwrite)
-    except (VisionscaleError, RunError, DataError, FileNotFoundError, ValueError, OSError) as exc:
-        fail(str(exc))
+    # RunError, DataError, OutputError...: VisionscaleErrors, printed by CLIGroup.
+    OutputDir(dest, kind="ad-predict", overwrite=overwrite)  # refuse a bad --out before loading anything
+    run = load_run(run_dir, device, backend=backend, precision=precision)
+    warn_if_random(run)
+    note_runner(run.model)
+    with _progress() as progress:
+        records, log = predict(run, images, dest, batch_size=batch_size,
+                               skip_bad=skip_bad, overlays=heatmaps, progress=progress, threshold=threshold,
+                               overwrite=overwrite)
     for n in (log.size_note(run.image_size), log.bad_note()):
         if n:
             note(n)
@@ -264,26 +252,22 @@ def eval_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out folder that holds other files (same names are replaced)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and list them."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
-    backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
+    device: Device = DEFAULT_DEVICE,
+    backend: Backend = DEFAULT_BACKEND,
+    precision: Precision = DEFAULT_PRECISION,
 ) -> None:
     """Evaluate a fitted run on a test set: image/pixel AUROC, AUPRO@0.3, F1; ROC and PRO PNGs."""
-    from visionscale.anomaly.data import DataError
-    from visionscale.anomaly.predict import RunError, evaluate, load_run
-    from visionscale.errors import VisionscaleError
+    from visionscale.anomaly.predict import evaluate, load_run
 
     dest = out_dir or run_dir / "eval"
-    try:
-        OutputDir(dest, kind="ad-eval", overwrite=overwrite)  # refuse a bad --out before loading anything
-        run = load_run(run_dir, device, backend=backend, precision=precision)
-        warn_if_random(run)
-        note_runner(run.model)
-        with _progress() as progress:
-            res = evaluate(run, data, category, dest, batch_size=batch_size, skip_bad=skip_bad, plots=plots,
-                           progress=progress, overwrite=overwrite)
-    except (VisionscaleError, RunError, DataError, FileNotFoundError, ValueError, OSError) as exc:
-        fail(str(exc))
+    # RunError, DataError, OutputError...: VisionscaleErrors, printed by CLIGroup.
+    OutputDir(dest, kind="ad-eval", overwrite=overwrite)  # refuse a bad --out before loading anything
+    run = load_run(run_dir, device, backend=backend, precision=precision)
+    warn_if_random(run)
+    note_runner(run.model)
+    with _progress() as progress:
+        res = evaluate(run, data, category, dest, batch_size=batch_size, skip_bad=skip_bad, plots=plots,
+                       progress=progress, overwrite=overwrite)
     for n in res.metrics.notes:
         note(n)
     if as_json:

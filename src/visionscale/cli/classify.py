@@ -16,6 +16,7 @@ from typing import Optional
 
 import typer
 from visionscale.cli._common import CLIGroup, err, fail, out
+from visionscale.cli._options import Backend, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_PRECISION, Device, Precision
 
 app = typer.Typer(
     cls=CLIGroup,
@@ -92,7 +93,7 @@ def train_cmd(
     vflip: bool = typer.Option(False, "--vflip/--no-vflip", help="Augmentation: random top-bottom mirror."),
     fill: str = typer.Option("border", help="Augmentation: border, reflection or zeros outside the image."),
     precise_bn: bool = typer.Option(True, "--precise-bn/--no-precise-bn", help="Re-estimate BatchNorm statistics on the training images before each validation."),
-    device: str = typer.Option("auto", help="auto (CUDA if available), cpu or cuda[:N]."),
+    device: Device = DEFAULT_DEVICE,
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run in --out, or write into a folder that holds other files."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
@@ -139,9 +140,9 @@ def predict_cmd(
     inputs: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
     top_k: int = typer.Option(3, help="Classes listed per image."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
-    backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    backend: Backend = DEFAULT_BACKEND,
+    precision: Precision = DEFAULT_PRECISION,
+    device: Device = DEFAULT_DEVICE,
     csv_out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the predictions to this CSV file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     as_json: bool = typer.Option(False, "--json", help="Print predictions as JSON."),
@@ -188,9 +189,9 @@ def eval_cmd(
     data_dir: Path = typer.Argument(..., help="Labelled folder: one sub-folder per class (names as in training)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write metrics.json, predictions.csv, confusion.png here."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
-    backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    backend: Backend = DEFAULT_BACKEND,
+    precision: Precision = DEFAULT_PRECISION,
+    device: Device = DEFAULT_DEVICE,
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out folder that holds other files."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:

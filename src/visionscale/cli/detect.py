@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from visionscale.cli._common import CLIGroup, err, fail, note, note_runner, out, warn
+from visionscale.cli._options import Backend, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_PRECISION, Device, Precision
 
 app = typer.Typer(
     cls=CLIGroup,
@@ -263,9 +264,9 @@ def eval_cmd(
     images: Optional[Path] = typer.Option(None, help="Image folder."),
     data_format: str = typer.Option("coco", "--format", help="coco or widerface."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
-    backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
-    device: str = typer.Option("cpu", help="auto (CUDA if available), cpu or cuda[:N]."),
+    backend: Backend = DEFAULT_BACKEND,
+    precision: Precision = DEFAULT_PRECISION,
+    device: Device = DEFAULT_DEVICE,
     strict: bool = typer.Option(False, "--strict", help="Fail on invalid ground-truth boxes instead of skipping them."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics and the number of skipped ground-truth entries as JSON."),
 ) -> None:

@@ -18,6 +18,7 @@ from typing import Optional
 import typer
 
 from visionscale.cli._common import CLIGroup, err, fail, note_runner, out
+from visionscale.cli._options import Backend, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_PRECISION, Device, Precision
 
 app = typer.Typer(
     cls=CLIGroup,
@@ -81,9 +82,9 @@ def detect_cmd(
     blending: str = typer.Option("weighted", "--blending", help="weighted (MediaPipe's weighted NMS) or nms."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per network call."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also read images in subfolders."),
-    backend: str = typer.Option("eager", help="eager, compile, onnxruntime or tensorrt (see `visionscale bench`)."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
-    device: str = typer.Option("cpu", help="auto, cpu, cuda or cuda:N."),
+    backend: Backend = DEFAULT_BACKEND,
+    precision: Precision = DEFAULT_PRECISION,
+    device: Device = DEFAULT_DEVICE,
 ) -> None:
     """Find faces; print boxes and the six keypoints per face, optionally write annotated images."""
     from visionscale.cli.face_recognition import literal_progress

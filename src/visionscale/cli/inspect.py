@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from visionscale.cli._common import describe_os_error, fail, out
+from visionscale.cli._common import fail, out
+from visionscale.errors import VisionscaleError
 
 
 def inspect_cmd(
@@ -29,20 +30,16 @@ def inspect_cmd(
 ) -> None:
     """Per-layer table (type, output shape, parameters, activation bytes, receptive field), the first layer's filters and one layer's feature maps as PNG grids."""
     from visionscale.classify.inspect import inspect_model
-    from visionscale.io.weights import StateDictMismatchError, WeightsUnavailableError
-    from visionscale.registry import UnknownModelError
 
     if size is not None and size < 8:
         fail(f"--size must be at least 8 px, got {size}")
     if max_maps < 1:
         fail(f"--max-maps must be at least 1, got {max_maps}")
-    try:
+    try:  # InspectError, UnknownModelError, weight-file errors (caught here too for apps without CLIGroup)
         result = inspect_model(model, out_dir, weights=weights, layer=layer, image=image, image_size=size,
                                max_maps=max_maps, overwrite=overwrite)
-    except (ValueError, UnknownModelError, StateDictMismatchError, WeightsUnavailableError) as exc:
+    except VisionscaleError as exc:
         fail(str(exc))
-    except OSError as exc:  # an output error names its file; a bare one (a full disk) gets a line too
-        fail(str(exc) if exc.errno is None else (describe_os_error(exc) or str(exc)))
     if as_json:
         sys.stdout.write((out_dir / "summary.json").read_text())
         return

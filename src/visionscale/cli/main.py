@@ -11,15 +11,25 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from visionscale.cli._common import CLIGroup, err, fail, out, split_csv
+from visionscale.cli._common import CLIApp, CLIGroup, err, fail, out, split_csv, set_verbosity, warn
+from visionscale.cli._options import DEFAULT_DEVICE, DEFAULT_PRECISION, Device, Precisions
 
-app = typer.Typer(
+app = CLIApp(
     cls=CLIGroup,
     help="How memory and latency of vision models grow with image resolution, and what fits on your GPU.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show debug messages."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Show warnings and errors only, no notes."),
+) -> None:
+    """How memory and latency of vision models grow with image resolution, and what fits on your GPU."""
+    set_verbosity(verbose=verbose, quiet=quiet)
 
 
 def parse_resolutions(text: str) -> tuple[int, ...]:
@@ -51,8 +61,9 @@ def scale_cmd(
     models: str = typer.Option("patchcore,efficientad_m,ddad", "--models", "-m", help="Comma-separated model names (see `visionscale models`), or your own as 'package.module:attr' (an nn.Module or a function returning one; it may take image_size)."),
     resolutions: str = typer.Option("256,512,1024", "--resolutions", "-r", help="Comma-separated square sizes in px."),
     target: int = typer.Option(3000, help="Extrapolate the fits to this side length (px)."),
-    dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16 (parameters and activations), or a comma list for a precision axis, e.g. fp32,fp16,bf16: rows, fits and GPU limits per dtype."),
-    device: str = typer.Option("auto", help="auto (CUDA if available), cpu or cuda[:N]."),
+    precision: Precisions = DEFAULT_PRECISION,
+    dtype: Optional[str] = typer.Option(None, "--dtype", hidden=True, help="Deprecated name of --precision."),
+    device: Device = DEFAULT_DEVICE,
     batch_size: int = typer.Option(1, help="Images per forward pass (the seed uses 1)."),
     timing: bool = typer.Option(True, "--timing/--no-timing", help="Measure runtime (analytic memory is always computed)."),
     warmup: Optional[int] = typer.Option(None, help="Warm-up runs per resolution [default: 100 on CUDA, 1 on CPU]."),
@@ -68,11 +79,20 @@ def scale_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that holds files visionscale did not write (files of the same name are replaced)."),
     as_json: bool = typer.Option(False, "--json", help="Print results.json to stdout."),
 ) -> None:
-    """Run the resolution-scalability study (defaults: seed 000's study)."""
+    """Run the resolution-scalability study (defaults: seed 000's study).
+
+    --precision stores parameters and activations in that precision; a comma list
+    (fp32,fp16,bf16) is a precision axis: rows, fits and GPU limits per precision.
+    """
     from visionscale.profiling.gpus import GPUS, parse_gpu, parse_size
     from visionscale.profiling.report import output_dir, write_outputs
     from visionscale.profiling.sweep import StudyConfig, run_study
 
+    if dtype is not None:
+        if precision != DEFAULT_PRECISION and precision != dtype:
+            fail("--dtype is the old name of --precision: give one of them")
+        warn("--dtype is deprecated and will be removed; use --precision")
+        precision = dtype
     # Bad input (a StudyError, UnknownModelError, DeviceError, OutputError...: all
     # VisionscaleErrors) becomes one line in CLIGroup; only the parsers' ValueErrors are ours.
     try:
@@ -85,7 +105,7 @@ def scale_cmd(
     except ValueError as exc:
         fail(str(exc))
     cfg = StudyConfig(
-        models=tuple(split_csv(models)), resolutions=res, target=target, dtype=dtype, device=device,
+        models=tuple(split_csv(models)), resolutions=res, target=target, dtype=precision, device=device,
         batch_size=batch_size, timing=timing, warmup=warmup, repeats=repeats, time_budget_s=time_budget,
         gpus=cards, cuda_context_bytes=context_bytes, exact_limits=exact_limits, limit_cap=limit_cap,
     )

@@ -14,6 +14,8 @@ from typing import Optional
 import typer
 
 from visionscale.cli._common import err, fail, out, split_csv
+from visionscale.cli._options import DEFAULT_DEVICE, DEFAULT_PRECISION, Backends, Device, Precision, Precisions
+from visionscale.errors import VisionscaleError
 
 
 def _image_size(values: Optional[tuple[int, int]]) -> tuple[int, int] | None:
@@ -42,7 +44,7 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 def export_cmd(
     model: str = typer.Argument(..., help="Registry name (visionscale models), 'package.module:attr', a classifier / detector / face-embedder checkpoint or an anomaly run folder."),
     format: str = typer.Option("onnx", "--format", "-f", help="onnx or tensorrt (TensorRT needs a CUDA GPU and torch-tensorrt)."),
-    precision: str = typer.Option("fp32", help="fp32 or fp16 (ONNX); fp32, fp16 or bf16 (TensorRT)."),
+    precision: Precision = DEFAULT_PRECISION,
     out_file: Path = typer.Option(..., "--out", "-o", help="Output file (.onnx, or .ep for TensorRT); metadata and parity go to FILE.json."),
     image_size: Optional[tuple[int, int]] = typer.Option(None, "--image-size", help="Example input H W [default: the model's own, else 256].", show_default=False),
     batch: Optional[int] = typer.Option(None, help="Example batch [default: 2 so the batch axis stays dynamic; 1 for PatchCore]."),
@@ -52,20 +54,21 @@ def export_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file and its FILE.json (never the model being exported)."),
 ) -> None:
     """Export a model to ONNX or TensorRT; a parity check against eager FP32 follows every export."""
-    from visionscale.runtime.errors import BackendUnavailableError, ExportError, RunnerError
     from visionscale.runtime.export import export_model
-    from visionscale.runtime.precision import PrecisionError
 
     try:
         size = _image_size(image_size)
         if batch is not None and batch < 1:
             raise ValueError(f"--batch must be >= 1, got {batch}")
-        kw = dict(precision=precision, image_size=size, batch=batch, overwrite=overwrite)
-        if format == "onnx":
-            kw.update(dynamic=not static, opset=opset)
+    except ValueError as exc:
+        fail(str(exc))
+    kw = dict(precision=precision, image_size=size, batch=batch, overwrite=overwrite)
+    if format == "onnx":
+        kw.update(dynamic=not static, opset=opset)
+    try:  # RunnerError, PrecisionError, ExportError... (caught here too for apps without CLIGroup)
         with err.status(f"exporting {model} to {format}"):
             result = export_model(model, out_file, format=format, **kw)
-    except (ValueError, RunnerError, PrecisionError, ExportError, BackendUnavailableError) as exc:
+    except VisionscaleError as exc:
         fail(str(exc))
     if as_json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=1, default=lambda o: None) + "\n")
@@ -87,11 +90,12 @@ def export_cmd(
 
 def bench_cmd(
     model: str = typer.Argument(..., help="Registry name, 'package.module:attr', a classifier / detector / face-embedder checkpoint or an anomaly run folder."),
-    backend: str = typer.Option("eager,onnxruntime", "--backend", "-b", help="Comma list of eager, compile, onnxruntime, tensorrt."),
-    precision: str = typer.Option("fp32", "--precision", "-p", help="Comma list of fp32, fp16, bf16."),
+    # bench compares: by default the eager baseline against ONNX Runtime, not a single backend.
+    backend: Backends = "eager,onnxruntime",
+    precision: Precisions = DEFAULT_PRECISION,
     batch: str = typer.Option("1", "--batch", help="Comma list of batch sizes."),
     image_size: Optional[tuple[int, int]] = typer.Option(None, "--image-size", help="Input H W [default: the model's own, else 256].", show_default=False),
-    device: str = typer.Option("auto", help="auto (CUDA if available), cpu or cuda[:N]."),
+    device: Device = DEFAULT_DEVICE,
     providers: Optional[str] = typer.Option(None, help="ONNX Runtime providers, comma list (cpu, cuda, tensorrt) [default: from --device]."),
     warmup: Optional[int] = typer.Option(None, help="Warm-up calls per row [default: 20 on CUDA, 2 on CPU]."),
     repeats: Optional[int] = typer.Option(None, help="Timed calls per row [default: 100 on CUDA, 10 on CPU]."),
@@ -105,23 +109,25 @@ def bench_cmd(
     """Latency, throughput and accuracy deltas per backend x precision x batch, against eager FP32."""
     from visionscale.io.outputs import OutputDir
     from visionscale.runtime.bench import BenchConfig, bench, render_markdown, write_result
-    from visionscale.runtime.errors import BackendUnavailableError, RunnerError
-    from visionscale.runtime.precision import PrecisionError
 
     try:
+        batches, size = _ints(batch, "batch size"), _image_size(image_size)
+    except ValueError as exc:
+        fail(str(exc))
+    try:  # RunnerError, PrecisionError, OutputError... (caught here too for apps without CLIGroup)
         cfg = BenchConfig(
             model=str(run) if run is not None else model, backends=tuple(split_csv(backend)),
-            precisions=tuple(split_csv(precision)), batches=_ints(batch, "batch size"), image_size=_image_size(image_size),
+            precisions=tuple(split_csv(precision)), batches=batches, image_size=size,
             device=device, warmup=warmup, repeats=repeats,
             providers=tuple(split_csv(providers)) if providers else None, channels_last=channels_last,
             run_dir=str(run) if run is not None else None, data=str(data) if data is not None else None,
         )
         cfg.validate()
-        # checked before the benchmark runs (an OutputError reaches the CLI's error boundary)
+        # checked before the benchmark runs
         target = OutputDir(out_dir, kind="bench", overwrite=overwrite) if out_dir is not None else None
         with err.status("starting") as status:
             result = bench(cfg, progress=lambda m: status.update(m))
-    except (ValueError, RunnerError, PrecisionError, BackendUnavailableError) as exc:
+    except VisionscaleError as exc:
         fail(str(exc))
     if target is not None:
         write_result(result, target)

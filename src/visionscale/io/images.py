@@ -45,6 +45,14 @@ class ImageReadError(VisionscaleError, ValueError):
     """An image file is missing, truncated or not decodable; the message names the path."""
 
 
+class InputNotFoundError(VisionscaleError, FileNotFoundError):
+    """An input image or folder does not exist, or a folder holds no images."""
+
+
+class NotAFolderError(VisionscaleError, NotADirectoryError):
+    """A folder of images was expected and a file was given."""
+
+
 def read_image(path: str | os.PathLike, background: tuple[int, int, int] = (255, 255, 255), *,
                min_size: tuple[int, int] | None = None, max_side: int | None = None) -> np.ndarray:
     """Read an image file as RGB.
@@ -250,14 +258,14 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
     fail in :func:`read_image`.
 
     Raises:
-        FileNotFoundError: ``folder`` does not exist.
-        NotADirectoryError: ``folder`` is a file.
+        InputNotFoundError: ``folder`` does not exist (a ``FileNotFoundError``).
+        NotAFolderError: ``folder`` is a file (a ``NotADirectoryError``).
     """
     root = Path(folder).expanduser()
     if not root.exists():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise InputNotFoundError(f"image folder not found: {root}")
     if not root.is_dir():
-        raise NotADirectoryError(f"expected a folder of images, got a file: {root}")
+        raise NotAFolderError(f"expected a folder of images, got a file: {root}")
     walk = root.rglob("*") if recursive else root.iterdir()
     found = []
     for p in walk:
@@ -274,7 +282,7 @@ def collect_images(items: Sequence[str | os.PathLike], recursive: bool = False) 
     its images (sorted; with ``recursive``, those of its subfolders too).
 
     Raises:
-        FileNotFoundError: a path does not exist ("input not found"), a folder holds no
+        InputNotFoundError: (a ``FileNotFoundError``) a path does not exist ("input not found"), a folder holds no
             images, or nothing was given.
     """
     files: list[Path] = []
@@ -283,12 +291,12 @@ def collect_images(items: Sequence[str | os.PathLike], recursive: bool = False) 
         if p.is_dir():
             found = list_images(p, recursive=recursive)
             if not found:
-                raise FileNotFoundError(f"no images in folder {p}")
+                raise InputNotFoundError(f"no images in folder {p}")
             files += found
         elif p.exists():
             files.append(p)
         else:
-            raise FileNotFoundError(f"input not found: {p}")
+            raise InputNotFoundError(f"input not found: {p}")
     if not files:
-        raise FileNotFoundError("no input images given")
+        raise InputNotFoundError("no input images given")
     return files

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from visionscale.components import Component, State
+from visionscale.errors import InvalidValueError
 from visionscale.io.weights import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIX,
@@ -356,7 +357,7 @@ def get_weights_spec(arch: str, name: str = "DEFAULT") -> WeightsSpec:
     key = DEFAULT_WEIGHTS.get(arch) if name == "DEFAULT" else name
     if key not in table:
         known = ", ".join(["DEFAULT", *table]) if table else "none"
-        raise ValueError(f"{arch} has no published weights named {name!r} (known: {known})")
+        raise InvalidValueError(f"{arch} has no published weights named {name!r} (known: {known})").about("weights")
     return table[key]
 
 
@@ -376,10 +377,10 @@ def _resolve_weights(arch: str, weights: WeightsArg) -> tuple[WeightsSpec | None
     if looks_like_path or not isinstance(weights, str):
         return None, p  # load_state_dict raises FileNotFoundError if it is missing
     names = ", ".join(["DEFAULT", *RESNET_WEIGHTS.get(arch, {})]) if arch in RESNET_WEIGHTS else "none published"
-    raise ValueError(
+    raise InvalidValueError(
         f"unknown weights {text!r} for {arch}: pass None (random init), a weights name ({names}) "
         f"or a path to a .pth/.pt/.bin/.safetensors file"
-    )
+    ).about("weights")
 
 
 def _build(arch: str, weights: WeightsArg, progress: bool, fixed: dict, kwargs: dict) -> ResNet:

@@ -28,8 +28,10 @@ from visionscale.profiling.gpus import CUDA_CONTEXT_BYTES, GPU, GPUS, SENSORS_MP
 from visionscale.profiling.memory import MemoryEstimate, estimate_model, model_totals
 from visionscale.profiling.timing import TimingStats, is_oom, measure_cuda_memory, time_component
 from visionscale.registry import get_model_factory
+from visionscale.runtime.precision import PRECISIONS, PrecisionError, parse_precisions, torch_dtype
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The runtime's precision table (one table for the whole package); the old name stays for imports.
+DTYPES = PRECISIONS
 
 # The seed's study: PatchCore-10, EfficientAD-M and DDAD-10 at 256/512/1024 px.
 DEFAULT_MODELS = ("patchcore", "efficientad_m", "ddad")
@@ -54,7 +56,9 @@ class StudyConfig:
     """What to measure. ``None`` for warmup/repeats/time_budget_s means the device default:
     the seed's 100 / 1000 and no budget on CUDA; 1 / 3 and 60 s on the CPU.
 
-    ``dtype`` is one of ``fp32``, ``fp16``, ``bf16`` or several, comma-separated
+    ``dtype`` is the study's precision (the CLI's ``--precision``; the field keeps its name so
+    results.json stays as it was): one of ``fp32``, ``fp16``, ``bf16`` (or an alias such as
+    ``half``, see :mod:`visionscale.runtime.precision`) or several, comma-separated
     (``"fp32,bf16"``) or as a tuple: the precision axis. Each dtype gets its own rows, fits,
     checks and GPU limits (every entry carries a ``dtype`` field); a time budget is split
     evenly between the dtypes.
@@ -114,10 +118,10 @@ class StudyConfig:
         check_int("cuda_context_bytes", self.cuda_context_bytes, minimum=0)
         check_int("limit_step", self.limit_step, minimum=1)
         check_int("limit_cap", self.limit_cap, minimum=self.limit_step)
-        dtypes = self.dtypes
-        bad = [d for d in dtypes if d not in DTYPES]
-        if not dtypes or bad:
-            raise StudyError(f"dtype must be one of {', '.join(DTYPES)}, got {(bad or [self.dtype])[0]!r}")
+        try:
+            self.dtypes
+        except PrecisionError as exc:
+            raise StudyError(str(exc)) from None
         if not self.gpus:
             raise StudyError("gpus is empty: give at least one GPU")
         for g in self.gpus:
@@ -125,9 +129,8 @@ class StudyConfig:
 
     @property
     def dtypes(self) -> tuple[str, ...]:
-        """The dtypes of the study, in the order given, without repeats."""
-        items = self.dtype.split(",") if isinstance(self.dtype, str) else list(self.dtype)
-        return tuple(dict.fromkeys(str(d).strip() for d in items if str(d).strip()))
+        """The dtypes of the study as canonical precision names, in the order given, without repeats."""
+        return parse_precisions(self.dtype, field="dtype")
 
     def resolved_device(self) -> torch.device:
         from visionscale.device import resolve_device
@@ -239,7 +242,7 @@ def _meta_input(cfg: StudyConfig, resolution: int, dtype: torch.dtype) -> torch.
 
 def analytic(source: _Source, cfg: StudyConfig, resolution: int) -> tuple[dict[str, MemoryEstimate], list[Component]]:
     """Per-component analytic memory of a model at one square resolution."""
-    dtype = DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     model = source.build(resolution, "meta", dtype)
     parts = components_of(model)
     return estimate_model(parts, _meta_input(cfg, resolution, dtype)), parts
@@ -278,7 +281,7 @@ def exact_limit(
         r = k * step
         if r not in cache:
             try:
-                _validate(source.build(r, "meta", DTYPES[cfg.dtype]), source.name, r)
+                _validate(source.build(r, "meta", torch_dtype(cfg.dtype)), source.name, r)
                 cache[r] = _totals(source, cfg, r)["total_peak_bytes"]
             except (StudyError, ValueError, RuntimeError):
                 cache[r] = None
@@ -356,7 +359,7 @@ def _measure(
 
     Returns per-component measurement fields and the seconds one full pass took.
     """
-    dtype = DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     model = source.build(resolution, device, dtype)
     parts = components_of(model)
     image = torch.randn(cfg.batch_size, cfg.in_channels, resolution, resolution, device=device, dtype=dtype)
@@ -472,7 +475,7 @@ def _run_single(
 
     # 1. Everything that can be wrong with the input, before any work.
     sources = {n: _Source(n, modules.get(n), cfg.model_kwargs.get(n, {})) for n in cfg.models}
-    dtype = DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     for name, src in sources.items():
         for r in resolutions:
             _validate(src.build(r, "meta", dtype), name, r)

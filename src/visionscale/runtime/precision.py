@@ -1,4 +1,9 @@
-"""Precision helpers: names, autocast contexts and what this machine supports.
+"""Precision helpers: the one precision vocabulary, autocast contexts and what this machine supports.
+
+:data:`PRECISIONS` is the only table of precision names in visionscale: the Runner, export,
+bench and the resolution study (whose config field is still called ``dtype``) all read it
+through :func:`parse_precision`, :func:`parse_precisions`, :func:`torch_dtype` and
+:func:`bytes_per_element`.
 
 The Runner's ``precision`` is *mixed* precision by autocast for the PyTorch backends
 (``eager``, ``compile``): weights stay fp32 and each op runs in the precision autocast picks
@@ -12,24 +17,48 @@ from __future__ import annotations
 from visionscale.errors import VisionscaleError
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Other spellings people (and torch) use for the same three precisions.
+ALIASES: dict[str, str] = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
+                           "bfloat16": "bf16"}
 
 
 class PrecisionError(VisionscaleError, ValueError):
     """A precision that is unknown or cannot run on the chosen device/backend."""
 
 
-def parse_precision(name: str) -> str:
+def parse_precision(name: str, *, field: str = "precision") -> str:
+    """The canonical name (``fp32``, ``fp16``, ``bf16``) of a precision or one of its aliases.
+
+    ``field`` names the setting in the error message (the study calls it ``dtype``)."""
     key = str(name).strip().lower()
-    aliases = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
-    key = aliases.get(key, key)
+    key = ALIASES.get(key, key)
     if key not in PRECISIONS:
-        raise PrecisionError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+        raise PrecisionError(f"{field} must be one of {', '.join(PRECISIONS)}, got {name!r}")
     return key
+
+
+def parse_precisions(names: str | Sequence[str], *, field: str = "precision") -> tuple[str, ...]:
+    """A comma list (``"fp32,bf16"``) or sequence of precisions: canonical names, in order, no repeats."""
+    items = names.split(",") if isinstance(names, str) else list(names)
+    parsed = tuple(dict.fromkeys(parse_precision(p, field=field) for p in items if str(p).strip()))
+    if not parsed:
+        raise PrecisionError(f"{field} must be one of {', '.join(PRECISIONS)}, got {names!r}")
+    return parsed
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a precision name or alias (``"half"`` -> ``torch.float16``)."""
+    return PRECISIONS[parse_precision(name)]
+
+
+def bytes_per_element(name: str) -> int:
+    """Bytes one value takes in this precision (4 for fp32, 2 for fp16 and bf16)."""
+    return torch.empty((), dtype=torch_dtype(name)).element_size()
 
 
 def cpu_capability() -> str:
