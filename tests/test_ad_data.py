@@ -136,7 +136,7 @@ def test_mvtec_root_category_and_single_category(tmp_path):
 def test_several_categories_need_category(tmp_path):
     _mvtec(tmp_path / "a")
     _mvtec(tmp_path / "b")
-    with pytest.raises(D.DataError, match=r"2 MVTec categories \(a, b\): pass --category"):
+    with pytest.raises(D.DataError, match=r"2 MVTec categories \(a, b\): choose a category"):
         D.load_dataset(tmp_path)
     with pytest.raises(D.DataError, match=r"category 'c' not found .*found: a, b"):
         D.load_dataset(tmp_path, "c")
@@ -199,7 +199,7 @@ def test_corrupt_image_stops_by_default_and_is_listed_with_skip_bad(tmp_path):
     samples = [D.Sample(_png(tmp_path / f"{i}.png"), 0) for i in range(5)]
     bad = tmp_path / "2.png"
     bad.write_bytes(bad.read_bytes()[:60])  # truncated PNG
-    with pytest.raises(D.DataError, match=r"2\.png.*--skip-bad"):
+    with pytest.raises(D.DataError, match=r"2\.png.*skip_bad"):
         list(D.iter_batches(samples, 32, 2))
     log = D.ReadLog()
     batches = list(D.iter_batches(samples, 32, 2, skip_bad=True, log=log))

@@ -320,7 +320,7 @@ def test_bad_training_inputs(demo, tmp_path, monkeypatch):
     victim = data / "train" / "good" / "003.png"
     victim.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     cfg = T.FitConfig(**{**TINY, "steps": 2, "holdout_fraction": 0.2, "seed": 1})
-    with pytest.raises(DataError, match=r"003\.png.*--skip-bad"):
+    with pytest.raises(DataError, match=r"003\.png.*skip_bad"):
         T.fit(data, tmp_path / "r1", cfg)
     res = T.fit(data, tmp_path / "r2", T.FitConfig(**{**cfg.__dict__, "skip_bad": True}))
     assert [p for p, _ in res.state["bad_images"]] == [str(victim)]

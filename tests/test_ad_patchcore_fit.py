@@ -360,7 +360,7 @@ def test_bad_inputs_during_fit(demo, tmp_path):
     shutil.copytree(demo, data)
     victim = data / "train" / "good" / "004.png"
     victim.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    with pytest.raises(DataError, match=r"004\.png.*--skip-bad"):
+    with pytest.raises(DataError, match=r"004\.png.*skip_bad"):
         T.fit_patchcore(data, tmp_path / "r1", T.FitConfig(**TINY))
     res = T.fit_patchcore(data, tmp_path / "r2", T.FitConfig(**TINY, skip_bad=True))
     assert [p for p, _ in res.state["bad_images"]] == [str(victim)]

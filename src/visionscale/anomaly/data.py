@@ -71,7 +71,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Images are shrunk in PIL only while they stay at least this many times the model size, so
 # the final antialiased resize still does the real filtering.
 READ_MARGIN = 4
-SKIP_HINT = "pass --skip-bad (skip_bad=True) to continue without it; unreadable files are then listed at the end"
+SKIP_HINT = "set skip_bad to continue without it; unreadable files are then listed at the end"
 
 
 class DataError(VisionscaleError, ValueError):
@@ -200,7 +200,8 @@ def load_dataset(
             ds = _load_mvtec(root / cats[0], require_train)
             ds.notes.insert(0, f"using category {cats[0]!r}, the only one in {root}")
         elif cats:
-            raise DataError(f"{root} holds {len(cats)} MVTec categories ({', '.join(cats)}): pass --category")
+            raise DataError(f"{root} holds {len(cats)} MVTec categories ({', '.join(cats)}): choose a category").about(
+                "category")
         else:
             raise DataError(
                 f"no anomaly-detection data found in {root}: expected the MVTec AD layout "
@@ -415,7 +416,7 @@ def iter_batches(
             mask = load_mask(s.mask, hw) if (with_masks and s.mask is not None) else None
         except ImageReadError as exc:
             if not skip_bad:
-                raise DataError(f"{exc}; {SKIP_HINT}") from None
+                raise DataError(f"{exc}; {SKIP_HINT}").about("skip_bad") from None
             log.bad.append((s.path if str(s.path) in str(exc) else s.mask, _short_reason(exc)))
             continue
         log.sizes[file_size] += 1

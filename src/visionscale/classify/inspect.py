@@ -500,7 +500,7 @@ def load_model_for_inspect(model: str, weights: str | None = None, image_size: i
         if not p.exists():
             raise InspectError(f"checkpoint not found: {p}")
         if weights is not None:
-            raise InspectError("--weights is for registry models; a classifier checkpoint carries its own weights")
+            raise InspectError("weights are for registry models; a classifier checkpoint carries its own").about("weights")
         if not is_classifier_checkpoint(p):
             raise InspectError(f"{p} is not a classifier checkpoint (a `visionscale classify train` folder or its "
                                f"model.safetensors); registry models are named, see `visionscale models`")
@@ -519,7 +519,8 @@ def load_model_for_inspect(model: str, weights: str | None = None, image_size: i
         try:
             net = create(model, image_size=image_size, weights=weights)
         except TypeError:
-            raise InspectError(f"model {model!r} does not take named weights; pass a state-dict file to --weights") from None
+            raise InspectError(f"model {model!r} does not take named weights; give a state-dict file as weights").about(
+                "weights") from None
         desc = f"pretrained weights {weights}"
     else:
         net = create(model, image_size=image_size)

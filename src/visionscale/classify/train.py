@@ -158,7 +158,7 @@ class TrainConfig:
                      max_inclusive=False)
         check_finite("dropout", self.dropout, minimum=0.0, maximum=1.0, max_inclusive=False)
         if self.finetune_epochs and not self.frozen_first:
-            raise TrainError("fine-tuning follows a frozen first phase: pass pretrained weights (or --freeze), "
+            raise TrainError("fine-tuning follows a frozen first phase: pass pretrained weights (or set freeze), "
                              "or set finetune epochs to 0 when training from scratch")
 
     @property

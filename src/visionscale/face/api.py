@@ -135,7 +135,7 @@ class FaceRecognizer:
             try:
                 from visionscale.face.detector import FaceDetector
             except ImportError as exc:
-                raise ImportError(f"face detection is unavailable ({exc}); pass detector=None (CLI: --no-detect) "
+                raise ImportError(f"face detection is unavailable ({exc}); pass detector=None "
                                   f"to embed images that are face crops already") from None
             self._detector = FaceDetector(model="front", weights=None, device=self.device)
         return self._detector
