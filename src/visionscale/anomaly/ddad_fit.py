@@ -38,16 +38,8 @@ from visionscale.io.weights import WeightsUnavailableError
 __all__ = ["fit_ddad_run"]
 
 
-def fit_ddad_run(
-    data: str | os.PathLike,
-    out: str | os.PathLike,
-    config: FitConfig,
-    *,
-    category: str | None = None,
-    progress: Progress | None = None,
-    log: Log | None = None,
-    overwrite: bool = False,
-) -> FitResult:
+def fit_ddad_run(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig, *, category: str | None = None,
+                 progress: Progress | None = None, log: Log | None = None, overwrite: bool = False) -> FitResult:
     """Train DDAD through :mod:`visionscale.anomaly.ddad_train` and write a run folder.
 
     (Named ``fit_ddad_run``: ``ddad_train.fit_ddad`` is the trainer this calls.)
@@ -125,7 +117,8 @@ def _model(cfg: FitConfig):
     try:
         model.validate_input_size(*cfg.image_size)
     except ValueError as exc:
-        raise FitError(f"--image-size {cfg.image_size[1]}x{cfg.image_size[0]} does not fit {cfg.model}: {exc}") from None
+        raise FitError(f"--image-size {cfg.image_size[1]}x{cfg.image_size[0]} does not fit {cfg.model}: "
+                       f"{exc}") from None
     return model
 
 

@@ -27,16 +27,8 @@ from visionscale.io.weights import WeightsUnavailableError
 __all__ = ["fit_efficientad"]
 
 
-def fit_efficientad(
-    data: str | os.PathLike,
-    out: str | os.PathLike,
-    config: FitConfig,
-    *,
-    category: str | None = None,
-    progress: Progress | None = None,
-    log: Log | None = None,
-    overwrite: bool = False,
-) -> FitResult:
+def fit_efficientad(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig, *, category: str | None = None,
+                    progress: Progress | None = None, log: Log | None = None, overwrite: bool = False) -> FitResult:
     """Train EfficientAD (paper Algorithm 1) on the training images under ``data``; write a run folder.
 
     Stages: ``teacher`` (load ``--teacher``, distil, or random), ``teacher statistics``
@@ -189,8 +181,9 @@ def _train(model, usable: list[Sample], generic: _GenericImages | None, tcfg, de
     def penalty(step: int) -> torch.Tensor:
         return generic.penalty_batch(step, tcfg.batch_size, tcfg.penalty_grayscale)
 
-    return E.train_efficientad(model, train_batch, tcfg, run.path / "checkpoints", penalty_batch=penalty if generic is not None else None,
-                               progress=run.tick, log=run.say, device=device)
+    return E.train_efficientad(model, train_batch, tcfg, run.path / "checkpoints",
+                               penalty_batch=penalty if generic is not None else None, progress=run.tick, log=run.say,
+                               device=device)
 
 
 def _map_normalisation(model, val_samples: list[Sample], tcfg, cfg: FitConfig, device: torch.device,

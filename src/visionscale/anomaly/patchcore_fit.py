@@ -65,17 +65,9 @@ from visionscale.device import resolve_device
 __all__ = ["fit_patchcore", "fit_memory_estimate"]
 
 
-def fit_patchcore(
-    data: str | os.PathLike,
-    out: str | os.PathLike,
-    config: FitConfig | None = None,
-    *,
-    category: str | None = None,
-    progress: Progress | None = None,
-    log: Log | None = None,
-    keep_cache: bool = False,
-    overwrite: bool = False,
-) -> FitResult:
+def fit_patchcore(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig | None = None, *,
+                  category: str | None = None, progress: Progress | None = None, log: Log | None = None,
+                  keep_cache: bool = False, overwrite: bool = False) -> FitResult:
     """Fit PatchCore on the normal training images under ``data`` and write a run folder to ``out``.
 
     Args:
