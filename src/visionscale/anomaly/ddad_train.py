@@ -38,6 +38,10 @@ interrupted run resumes to exactly the weights of an uninterrupted one. The chec
 (``ddad_train.safetensors``, written atomically) holds the U-Net, the feature extractor,
 the frozen reference (during adaptation), the optimiser state, the loss history and the
 position (stage, epoch, batch).
+
+One module, over 600 lines, on purpose: the two stages share one checkpoint, one resume
+position and one seeding scheme, and are read against the official code together. The run
+folder around the trainer (data, thresholds, files) is :mod:`visionscale.anomaly.ddad_fit`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Millisecond-Level Latencies", WACV 2024, arXiv:2303.14535 (Algorithm 1; appendix
 pretraining). The endorsed reimplementation https://github.com/nelson1425/EfficientAD
 (``efficientad.py``, ``pretraining.py``) was read as a second source for details the paper
 leaves open (marked "ref." below). This module holds the training pieces only; the run
-folder (data split, calibration, files) is :mod:`visionscale.anomaly.train`.
+folder (data split, calibration, files) is :mod:`visionscale.anomaly.efficientad_fit`.
 
 Training (Algorithm 1), per step with a training batch ``x`` (ImageNet-normalised):
 
@@ -47,6 +47,9 @@ Deviations from the reference code, on purpose:
   original PIL image; torchvision's uint8 rounding is not reproduced.
 * Quantiles use linear interpolation as ``torch.quantile`` does, but through ``kthvalue``,
   so tensors above torch.quantile's 16M-element limit work (large batches, big images).
+
+One module, just over 600 lines, on purpose: Algorithm 1, the teacher pretraining and the map
+normalisation share the losses, the seeding and the checkpoint format described above.
 """
 
 from __future__ import annotations
