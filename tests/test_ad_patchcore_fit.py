@@ -430,3 +430,22 @@ def test_predict_through_onnx_runtime_and_bf16_matches_eager(fitted, demo, tmp_p
         assert a["score"] == pytest.approx(b["score"], rel=0.05, abs=0.05)
     with pytest.raises(RunError, match="backend"):
         load_run(fitted.run, "cpu", backend="tensorflow")
+
+
+def test_moved_names_still_resolve_from_train_with_a_warning():
+    from visionscale.anomaly import runs
+
+    with pytest.warns(DeprecationWarning, match="moved to visionscale.anomaly.runs.build_run_model"):
+        assert T.build_run_model is runs.build_run_model
+    with pytest.raises(AttributeError):
+        T.no_such_name  # noqa: B018
+
+
+def test_predict_does_not_import_fitting():
+    import subprocess
+    import sys
+
+    code = ("import sys, visionscale.anomaly.predict; "
+            "print(sorted(m for m in sys.modules if m.endswith(('.train', '_fit', '.run', '.calibration'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "anomaly" not in out, out
