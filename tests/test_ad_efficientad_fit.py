@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from visionscale.anomaly import efficientad_train as E
 from visionscale.anomaly import train as T
+from visionscale.anomaly.runs import SignedInput, imagenet_to_signed
 from visionscale.anomaly.data import DataError, iter_batches, load_dataset
 from visionscale.anomaly.efficientad import efficientad_tiny
 from visionscale.anomaly.predict import evaluate, load_run, predict
@@ -384,10 +385,10 @@ def test_ddad_dispatch_writes_a_run_that_predicts(demo, tmp_path, monkeypatch):
     assert cfg["method"] == "ddad" and cfg["batch_size"] == 4 and cfg["steps"] == 3
     assert res.metrics["image_auroc"] is not None and res.state["stages"]["model"]["final_loss"] == 0.5
     run = load_run(res.run, "cpu")
-    assert isinstance(run.model, T.SignedInput)
+    assert isinstance(run.model, SignedInput)
     records, _ = predict(run, [demo / "test" / "hole"], None, overlays=False)
     assert len(records) == 1 and records[0]["label"] in ("anomalous", "normal")
     # The wrapper feeds DDAD [-1, 1] images: ImageNet-normalised mid-gray is 0 there.
     gray = (torch.full((1, 3, 2, 2), 0.5) - torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)) / \
         torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
-    torch.testing.assert_close(T.imagenet_to_signed(gray), torch.zeros(1, 3, 2, 2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(imagenet_to_signed(gray), torch.zeros(1, 3, 2, 2), atol=1e-6, rtol=0)

@@ -11,6 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from visionscale.anomaly import coreset as C
+from visionscale.anomaly import patchcore_fit
 from visionscale.anomaly import train as T
 from visionscale.anomaly.data import DataError
 from visionscale.anomaly.predict import RunError, evaluate, load_run, predict
@@ -340,7 +341,7 @@ def test_out_of_memory_names_the_knobs(demo, tmp_path, monkeypatch):
     def oom(*args, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(T, "greedy_kcenter", oom)
+    monkeypatch.setattr(patchcore_fit, "greedy_kcenter", oom)
     with pytest.raises(T.FitError, match=r"out of memory during coreset.*--coreset-ratio \(now 0.1\).*--image-size"):
         T.fit_patchcore(demo, tmp_path / "a", T.FitConfig(**TINY))
     monkeypatch.undo()
@@ -401,12 +402,12 @@ def test_predict_bad_images_and_broken_runs(fitted, tmp_path):
 
 
 def test_fit_memory_estimate_grows_linearly():
-    a = T.fit_memory_estimate(100, (256, 256), 1024, 0.1)
-    b = T.fit_memory_estimate(200, (256, 256), 1024, 0.1)
+    a = patchcore_fit.fit_memory_estimate(100, (256, 256), 1024, 0.1)
+    b = patchcore_fit.fit_memory_estimate(200, (256, 256), 1024, 0.1)
     assert a["patch_rows"] == 100 * 32 * 32
     assert b["coreset_ram_bytes"] == 2 * a["coreset_ram_bytes"] == 2 * 100 * 1024 * 131 * 4
     assert a["features_on_disk_bytes"] == 100 * 1024 * (1024 + 128) * 4
-    assert T.fit_memory_estimate(100, (512, 512), 1024, 0.1)["patch_rows"] == 4 * a["patch_rows"]
+    assert patchcore_fit.fit_memory_estimate(100, (512, 512), 1024, 0.1)["patch_rows"] == 4 * a["patch_rows"]
 
 
 def test_predict_through_onnx_runtime_and_bf16_matches_eager(fitted, demo, tmp_path):
@@ -429,3 +430,22 @@ def test_predict_through_onnx_runtime_and_bf16_matches_eager(fitted, demo, tmp_p
         assert a["score"] == pytest.approx(b["score"], rel=0.05, abs=0.05)
     with pytest.raises(RunError, match="backend"):
         load_run(fitted.run, "cpu", backend="tensorflow")
+
+
+def test_moved_names_still_resolve_from_train_with_a_warning():
+    from visionscale.anomaly import runs
+
+    with pytest.warns(DeprecationWarning, match="moved to visionscale.anomaly.runs.build_run_model"):
+        assert T.build_run_model is runs.build_run_model
+    with pytest.raises(AttributeError):
+        T.no_such_name  # noqa: B018
+
+
+def test_predict_does_not_import_fitting():
+    import subprocess
+    import sys
+
+    code = ("import sys, visionscale.anomaly.predict; "
+            "print(sorted(m for m in sys.modules if m.endswith(('.train', '_fit', '.run', '.calibration'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "anomaly" not in out, out

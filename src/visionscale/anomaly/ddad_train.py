@@ -38,6 +38,10 @@ interrupted run resumes to exactly the weights of an uninterrupted one. The chec
 (``ddad_train.safetensors``, written atomically) holds the U-Net, the feature extractor,
 the frozen reference (during adaptation), the optimiser state, the loss history and the
 position (stage, epoch, batch).
+
+One module, over 600 lines, on purpose: the two stages share one checkpoint, one resume
+position and one seeding scheme, and are read against the official code together. The run
+folder around the trainer (data, thresholds, files) is :mod:`visionscale.anomaly.ddad_fit`.
 """
 
 from __future__ import annotations
@@ -462,6 +466,29 @@ def _global_rng(seed: int, device: torch.device):
         yield
 
 
+def _optimise_only(model: nn.Module, part: nn.Module, saved: dict[str, Tensor], optimizer, **hyper):
+    """Freeze ``model`` except ``part``; ``optimizer(part's parameters, **hyper)``, its state from ``saved``."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in part.parameters():
+        p.requires_grad_(True)
+    opt = optimizer(part.parameters(), **hyper)
+    _load_optimizer(opt, saved)
+    return opt
+
+
+def _descend(opt: torch.optim.Optimizer, loss: Tensor, stage: str, st: _State, lr_name: str, lr: float) -> float:
+    """One optimiser step on ``loss`` (refused when it is not finite); advances ``st.step``."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise _diverged(stage, st.step + 1, st.epoch, value, lr_name, lr)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    st.step += 1
+    return value
+
+
 def _diverged(stage: str, step: int, epoch: int, value: float, lr_name: str, lr: float) -> DDADTrainError:
     return DDADTrainError(
         f"DDAD {stage} diverged: the loss is {value} at step {step} (epoch {epoch}); lower the learning rate "
@@ -603,12 +630,7 @@ def _train_ddpm(model: DDAD, images: _Images, cfg: DDADTrainConfig, st: _State, 
         raise _too_few(n_images, cfg.batch_size, "batch_size", 0)
     total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
     unet = model.unet
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in unet.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    _load_optimizer(opt, saved)
+    opt = _optimise_only(model, unet, saved, torch.optim.Adam, lr=cfg.lr, weight_decay=cfg.weight_decay)
     device = images.device
     say(f"DDPM training of the U-Net: {total} steps of {cfg.batch_size} images ({per_epoch} per epoch, "
         f"{n_images} images), Adam lr {cfg.lr:g}" + (f", from step {st.step}" if st.step else ""))
@@ -621,13 +643,7 @@ def _train_ddpm(model: DDAD, images: _Images, cfg: DDADTrainConfig, st: _State, 
         noise = torch.randn(x0.shape, generator=gen, device=device)
         with _global_rng(_step_seed(cfg.seed, s, _STREAM_DDPM + 10), device):
             loss = ddpm_loss(unet, x0, t, noise, model.alphas_cumprod)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise _diverged("DDPM training", s + 1, st.epoch, value, "lr", cfg.lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        st.step += 1
+        value = _descend(opt, loss, "DDPM training", st, "lr", cfg.lr)
         st.loss.append(value)
         tick("ddpm", st.step, total)
         if st.step % cfg.checkpoint_every == 0 and st.step < total:
@@ -656,12 +672,7 @@ def _train_da(model: DDAD, images: _Images, cfg: DDADTrainConfig, st: _State, sa
     if ref_state:
         reference.load_state_dict(ref_state)
     reference.eval().requires_grad_(False)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in backbone.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(backbone.parameters(), lr=cfg.da_lr, weight_decay=cfg.da_weight_decay)
-    _load_optimizer(opt, saved)
+    opt = _optimise_only(model, backbone, saved, torch.optim.AdamW, lr=cfg.da_lr, weight_decay=cfg.da_weight_decay)
     device = images.device
     say(f"domain adaptation of the feature extractor: {total} steps of {cfg.da_batch_size} images "
         f"(w_DA {cfg.w_da:g}, lambda {cfg.da_lambda:g}), AdamW lr {cfg.da_lr:g}"
@@ -687,13 +698,7 @@ def _train_da(model: DDAD, images: _Images, cfg: DDADTrainConfig, st: _State, sa
                 r_tgt = reference.features(norm(target), cfg.da_layers)
                 r_rec = reference.features(norm(x0), cfg.da_layers)
             loss = domain_adaptation_loss(f_rec, f_tgt, r_tgt, r_rec, cfg.da_lambda)["loss"]
-        value = loss.item()
-        if not math.isfinite(value):
-            raise _diverged("domain adaptation", s + 1, st.epoch, value, "da_lr", cfg.da_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        st.step += 1
+        value = _descend(opt, loss, "domain adaptation", st, "da_lr", cfg.da_lr)
         st.da_loss.append(value)
         tick("domain_adaptation", st.step, total)
         if st.step % cfg.checkpoint_every == 0 and st.step < total:

@@ -5,7 +5,7 @@ Millisecond-Level Latencies", WACV 2024, arXiv:2303.14535 (Algorithm 1; appendix
 pretraining). The endorsed reimplementation https://github.com/nelson1425/EfficientAD
 (``efficientad.py``, ``pretraining.py``) was read as a second source for details the paper
 leaves open (marked "ref." below). This module holds the training pieces only; the run
-folder (data split, calibration, files) is :mod:`visionscale.anomaly.train`.
+folder (data split, calibration, files) is :mod:`visionscale.anomaly.efficientad_fit`.
 
 Training (Algorithm 1), per step with a training batch ``x`` (ImageNet-normalised):
 
@@ -47,6 +47,9 @@ Deviations from the reference code, on purpose:
   original PIL image; torchvision's uint8 rounding is not reproduced.
 * Quantiles use linear interpolation as ``torch.quantile`` does, but through ``kthvalue``,
   so tensors above torch.quantile's 16M-element limit work (large batches, big images).
+
+One module, just over 600 lines, on purpose: Algorithm 1, the teacher pretraining and the map
+normalisation share the losses, the seeding and the checkpoint format described above.
 """
 
 from __future__ import annotations
@@ -492,21 +495,35 @@ def train_efficientad(
         loss_ae = torch.mean((ta - ae) ** 2)
         loss_stae = torch.mean((ae - sa) ** 2)
         loss = loss_hard + loss_pen + loss_ae + loss_stae
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _descend(opt, loss)
         for k, v in zip(keys, (loss, loss_hard, loss_pen, loss_ae, loss_stae)):
             history[k].append(float(v.detach()))
         done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if _checkpoint_due(done, cfg.checkpoint_every, cfg.steps):
             checkpoint(done)
             say(f"step {done}/{cfg.steps}: loss {history['loss'][-1]:.4f} (hard {history['loss_hard'][-1]:.4f}, "
                 f"ae {history['loss_ae'][-1]:.4f}, st-ae {history['loss_stae'][-1]:.4f}); checkpoint saved")
         tick("train", done, cfg.steps)
     model.eval()
-    history["seconds"] = secs0 + time.perf_counter() - t0
-    history["resumed_from"] = start
+    return _with_timing(history, secs0 + time.perf_counter() - t0, start)
+
+
+def _descend(opt: torch.optim.Optimizer, loss: Tensor) -> None:
+    """One optimiser step on ``loss``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _with_timing(history: dict, seconds: float, resumed_from: int) -> dict:
+    history["seconds"] = seconds  # this run's and the earlier runs' it resumed
+    history["resumed_from"] = resumed_from
     return history
+
+
+def _checkpoint_due(done: int, every: int, total: int) -> bool:
+    """A checkpoint after every ``every`` steps and after the last one."""
+    return done % every == 0 or done == total
 
 
 def distill_teacher(
@@ -587,12 +604,10 @@ def distill_teacher(
         if target.shape[-2:] != pred.shape[-2:]:  # unpadded PDN or odd sizes: align the grids
             target = F.interpolate(target, size=pred.shape[-2:], mode="bilinear", align_corners=False)
         loss = torch.mean((target - pred) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _descend(opt, loss)
         history["loss"].append(float(loss.detach()))
         done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == cfg.distill_steps:
+        if _checkpoint_due(done, cfg.checkpoint_every, cfg.distill_steps):
             _save({"identity": identity, "step": done, "teacher": teacher.state_dict(), "optimizer": opt.state_dict(),
                    "mean": mean.cpu(), "std": std.cpu(), "history": history,
                    "seconds": secs0 + time.perf_counter() - t0}, path)
@@ -600,6 +615,4 @@ def distill_teacher(
                 f"checkpoint saved")
         tick("distill", done, cfg.distill_steps)
     teacher.eval()
-    history["seconds"] = secs0 + time.perf_counter() - t0
-    history["resumed_from"] = start
-    return history
+    return _with_timing(history, secs0 + time.perf_counter() - t0, start)

@@ -1,7 +1,8 @@
 """Use a fitted run folder: load it, score images (labels, heatmaps), evaluate on a data set.
 
 A run folder is what :func:`visionscale.anomaly.train.fit` writes for any method (PatchCore,
-EfficientAD, DDAD; see there); everything needed to predict is inside it: ``config.json``
+EfficientAD, DDAD; see :mod:`visionscale.anomaly.run`), loaded by :func:`~visionscale.anomaly.runs.load_run`
+(re-exported here); everything needed to predict is inside it: ``config.json``
 (model, method and input size), ``model.safetensors`` (the whole model: backbone + memory
 bank, or teacher + student + autoencoder with their normalisation, or U-Net + feature
 extractor) and ``calibration.json`` (thresholds and score normalisation).
@@ -15,20 +16,16 @@ above it). They are drawn over the image shrunk to at most :data:`HEATMAP_MAX_SI
 pixels on its longer side, so what is written (and the memory drawing it takes) does not grow
 with the input: a 12000 x 12000 photo gets a 1024 x 1024 heatmap.
 
-Every file of a run is checked when it is loaded: a ``config.json`` or ``calibration.json``
-that was edited into the wrong type, lost a field or holds NaN raises
-:class:`~visionscale.errors.InvalidFileError` naming the file and the field, instead of
-predictions that quietly call everything normal.
+Every file of a run is checked when it is loaded (see :mod:`visionscale.anomaly.runs`).
 """
 
 from __future__ import annotations
 
-from visionscale.errors import InvalidFileError, InvalidValueError, VisionscaleError, check_finite, check_int
+from visionscale.errors import check_finite, check_int
 
 import csv
 import io
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +44,7 @@ from visionscale.anomaly.data import (
     iter_batches,
     load_dataset,
 )
+from visionscale.anomaly.runs import LoadedRun, RunError, load_run, validate_run_files
 from visionscale.anomaly.metrics import (
     ImageMetrics,
     evaluate_scores,
@@ -56,7 +54,6 @@ from visionscale.anomaly.metrics import (
 from visionscale.io.atomic import write_atomic
 from visionscale.io.images import collect_images, read_image
 from visionscale.io.outputs import OutputDir
-from visionscale.io.weights import load_state_dict
 
 __all__ = [
     "HEATMAP_MAX_SIDE",
@@ -77,143 +74,6 @@ __all__ = [
 Progress = Callable[[str, int, int], None]
 
 HEATMAP_MAX_SIDE = 1024  # px, the longer side of a heatmap overlay at most
-
-
-class RunError(VisionscaleError, RuntimeError):
-    """A run folder is missing, incomplete or inconsistent; the message says which file."""
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise RunError(f"{path.parent} is not a complete run folder: {path.name} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise RunError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise InvalidFileError(f"invalid run file {path}: not valid JSON ({exc}); {_EDITED}") from None
-    if not isinstance(data, dict):
-        raise InvalidFileError(f"invalid run file {path}: expected a JSON object, got {type(data).__name__}; "
-                               f"{_EDITED}")
-    return data
-
-
-_EDITED = "the file was edited or is corrupt: restore it or fit the run again"
-
-
-def _field_error(path: Path, message: str) -> InvalidFileError:
-    return InvalidFileError(f"invalid run file {path}: {message}; {_EDITED}")
-
-
-def _number(path: Path, data: dict, key: str, *, required: bool = True, positive: bool = False) -> None:
-    if key not in data:
-        if required:
-            raise _field_error(path, f"{key} is missing")
-        return
-    value = data[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _field_error(path, f"{key} must be a number, got {value!r}")
-    try:
-        check_finite(key, value, minimum=0.0 if positive else None, min_inclusive=False)
-    except InvalidValueError as exc:
-        raise _field_error(path, str(exc)) from None
-
-
-def validate_run_files(run: Path, config: dict, calibration: dict) -> None:
-    """Raise :class:`InvalidFileError` naming the file and field that cannot be used as saved."""
-    from visionscale.anomaly.train import FIT_MODELS, method_of
-
-    cfg_path, cal_path = run / "config.json", run / "calibration.json"
-    model = config.get("model")
-    if not isinstance(model, str) or model not in FIT_MODELS:
-        raise _field_error(cfg_path, f"model must be one of {', '.join(FIT_MODELS)}, got {model!r}")
-    method = config.get("method", method_of(model))
-    if method != method_of(model):
-        raise _field_error(cfg_path, f"method {method!r} does not match model {model!r}")
-    size = config.get("image_size")
-    if (not isinstance(size, list) or len(size) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
-        raise _field_error(cfg_path, f"image_size must be [height, width] in pixels, got {size!r}")
-    if method == "patchcore":
-        ratio = config.get("coreset_ratio")
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (
-                math.isfinite(ratio) and 0 < ratio <= 1):
-            raise _field_error(cfg_path, f"coreset_ratio must be a number in (0, 1], got {ratio!r}")
-    seed = config.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise _field_error(cfg_path, f"seed must be an integer >= 0, got {seed!r}")
-    if not isinstance(config.get("pdn_padding", True), bool):
-        raise _field_error(cfg_path, f"pdn_padding must be true or false, got {config['pdn_padding']!r}")
-    for key in ("image_threshold", "pixel_threshold"):
-        _number(cal_path, calibration, key)
-    for key in ("image_span", "pixel_span"):
-        _number(cal_path, calibration, key, positive=True)
-    for key in ("image_min", "image_max", "pixel_min", "pixel_max"):  # informative; finite if there
-        _number(cal_path, calibration, key, required=False)
-
-
-@dataclass
-class LoadedRun:
-    """A fitted model with its thresholds, ready to score images."""
-
-    path: Path
-    config: dict
-    calibration: dict
-    model: torch.nn.Module  # or a visionscale.runtime.Runner (load_run with a backend / precision)
-    device: torch.device
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        h, w = self.config["image_size"]
-        return int(h), int(w)
-
-
-def load_run(run: str | os.PathLike, device: str | torch.device = "auto", *, backend: str = "eager",
-             precision: str = "fp32") -> LoadedRun:
-    """Load ``config.json``, ``model.safetensors`` and ``calibration.json`` of a run folder.
-
-    With another ``backend`` (``compile``, ``onnxruntime``, ``tensorrt``) or ``precision``
-    (``fp16``, ``bf16``) than eager fp32, ``model`` is a :class:`visionscale.runtime.Runner`
-    around the fitted model (its ``info`` says what actually runs); scoring is unchanged.
-
-    Raises:
-        RunError: The folder or one of its files is missing or unreadable.
-        InvalidFileError: ``config.json`` or ``calibration.json`` was edited into something
-            unusable (wrong type, a missing or non-finite field); the message names both.
-    """
-    from visionscale.anomaly.train import (
-        build_run_model,  # the builders live with fitting
-    )
-
-    path = Path(run).expanduser()
-    if not path.is_dir():
-        raise RunError(f"run folder not found: {path}")
-    config = _read_json(path / "config.json")
-    calibration = _read_json(path / "calibration.json")
-    validate_run_files(path, config, calibration)
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise RunError(f"{path} is not a complete run folder: model.safetensors is missing (did fitting finish?)")
-    dev = resolve_device(device)
-    try:
-        model = build_run_model(config, load_state_dict(weights), str(weights))
-    except (ValueError, RuntimeError, KeyError) as exc:
-        raise RunError(f"cannot load {weights}: {exc}") from None
-    model.eval().to(dev)
-    if backend != "eager" or precision != "fp32":
-        model = _runner(model, config, backend, precision, dev)
-    return LoadedRun(path, config, calibration, model, dev)
-
-
-def _runner(model: torch.nn.Module, config: dict, backend: str, precision: str, device: torch.device):
-    from visionscale.runtime import accelerate
-    from visionscale.runtime.errors import BackendUnavailableError, ExportError, RunnerError
-
-    h, w = config["image_size"]
-    try:
-        return accelerate(model, backend, precision, device, image_size=(int(h), int(w)))
-    except (BackendUnavailableError, ExportError, RunnerError) as exc:
-        raise RunError(f"backend {backend!r} / {precision}: {exc}") from None
 
 
 @dataclass
