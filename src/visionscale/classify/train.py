@@ -72,7 +72,7 @@ from visionscale.io.weights import (
 )
 from visionscale.io.atomic import write_atomic
 from visionscale.io.outputs import OutputDir, RunLock, record_files, refuse_foreign
-from visionscale.profiling.report import check_output_dir
+from visionscale.io.outputs import ensure_output_dir as check_output_dir
 
 __all__ = [
     "TrainConfig", "TrainResult", "TrainError", "train", "evaluate", "evaluate_model", "predict", "write_eval_outputs",

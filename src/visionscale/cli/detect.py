@@ -222,7 +222,8 @@ def compare_cmd(
     from visionscale.detection.data import AnnotationError
     from visionscale.detection.train import TrainError, compare, format_table
     from visionscale.io.atomic import write_atomic
-    from visionscale.profiling.report import OutputError, check_output_dir
+    from visionscale.errors import OutputError
+    from visionscale.io.outputs import ensure_output_dir as check_output_dir
 
     try:
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())

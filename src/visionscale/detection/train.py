@@ -418,7 +418,7 @@ def train(
         OutputExistsError: ``out_dir`` holds files no detector run wrote (and not ``overwrite``).
         RunLockedError: another process is training into ``out_dir``.
     """
-    from visionscale.profiling.report import check_output_dir
+    from visionscale.io.outputs import ensure_output_dir as check_output_dir
 
     out = Path(cfg.out_dir)
     _check_run_dir(out, resume, overwrite)  # before the lock file: a refused folder stays as it was

@@ -29,7 +29,7 @@ from pathlib import Path
 from visionscale.errors import OutputError, OutputExistsError, RunLockedError, SameAsInputError
 from visionscale.io.atomic import publish, write_atomic
 
-__all__ = ["check_output_file", "check_writable_dir", "OutputDir", "RunLock", "MANIFEST",
+__all__ = ["check_output_file", "check_writable_dir", "ensure_output_dir", "OutputDir", "RunLock", "MANIFEST",
            "foreign_files", "read_manifest", "is_our_scratch", "refuse_foreign", "record_files"]
 
 MANIFEST = ".visionscale-output.json"
@@ -69,6 +69,25 @@ def check_writable_dir(folder: str | os.PathLike, *, what: str = "output folder"
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(f"{what} {folder}: {probe} is not writable (permission denied or read-only)")
     return folder
+
+
+def ensure_output_dir(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` if needed and prove it is writable (a probe file), before work.
+
+    For commands that write single files into a folder one by one (training runs); a folder of
+    results written at the end uses :class:`OutputDir` instead.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output path {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
+    return path
 
 
 def check_output_file(path: str | os.PathLike, *, inputs=(), overwrite: bool = False,

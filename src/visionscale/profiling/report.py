@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from visionscale.errors import OutputError  # re-exported: other commands catch it from here
 from visionscale.io.figures import figure_png
-from visionscale.io.outputs import OutputDir, read_manifest
+from visionscale.io.outputs import OutputDir, ensure_output_dir, read_manifest
 from visionscale.profiling.sweep import StudyResult
 
 MiB = 1024**2
@@ -31,21 +30,9 @@ __all__ = ["OutputError", "check_output_dir", "output_dir", "write_outputs", "re
 
 
 def check_output_dir(path: Path) -> Path:
-    """Create ``path`` if needed and prove it is writable, before any work starts.
-
-    For commands that write single files into a folder; the study itself uses :func:`output_dir`.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"output path {path} exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise OutputError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
-    return path
+    """Create ``path`` if needed and prove it is writable (kept for callers of this old place:
+    :func:`visionscale.io.outputs.ensure_output_dir`)."""
+    return ensure_output_dir(path)
 
 
 # What a study writes (before outputs had a manifest): a folder holding only these is an
