@@ -19,7 +19,7 @@ import time
 
 
 from benchlib import machine, update_section
-from visionscale.profiling.sweep import DEFAULT_MODELS, StudyConfig, _Source, analytic
+from visionscale.study.sweep import DEFAULT_MODELS, StudyConfig, _Source, analytic
 
 
 

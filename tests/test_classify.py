@@ -304,7 +304,7 @@ def test_precise_bn_sets_exact_training_set_statistics():
 def test_model_module_is_pure():
     code = ("import sys, visionscale.classify.model; "
             "bad = [m for m in sys.modules if m.startswith(('typer', 'matplotlib', 'rich', 'visionscale.cli', "
-            "'visionscale.classify.train', 'visionscale.profiling', 'PIL'))]; print(bad); assert not bad")
+            "'visionscale.classify.train', 'visionscale.study', 'PIL'))]; print(bad); assert not bad")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 

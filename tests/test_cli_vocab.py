@@ -52,7 +52,7 @@ def test_every_command_shares_one_default_for_device_backend_and_precision():
 
 
 def test_one_precision_table():
-    from visionscale.profiling import sweep
+    from visionscale.study import sweep
 
     assert sweep.DTYPES is PRECISIONS
     assert [parse_precision(n) for n in ("FP16", "half", "float32", "bfloat16")] == ["fp16", "fp16", "fp32", "bf16"]

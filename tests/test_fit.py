@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from visionscale.profiling.fit import fit_quadratic
+from visionscale.study.fit import fit_quadratic
 
 
 def test_recovers_known_polynomial_exactly():

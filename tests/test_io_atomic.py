@@ -6,7 +6,7 @@ import torch
 
 from visionscale.io.atomic import atomic_path, write_atomic
 from visionscale.io.weights import save_file_atomic
-from visionscale.profiling.report import OutputError, check_output_dir
+from visionscale.study.report import OutputError, check_output_dir
 
 
 def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):

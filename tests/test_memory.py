@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from visionscale.components import Component, components_of
-from visionscale.profiling.memory import estimate_component, estimate_model, model_totals
+from visionscale.study.memory import estimate_component, estimate_model, model_totals
 
 
 def _meta(*shape, dtype=torch.float32):

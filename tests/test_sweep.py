@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from visionscale.io.outputs import MANIFEST
-from visionscale.profiling import GPU, StudyConfig, StudyError, run_study, write_outputs
-from visionscale.profiling.gpus import parse_gpu, parse_size
+from visionscale.study import GPU, StudyConfig, StudyError, run_study, write_outputs
+from visionscale.study.gpus import parse_gpu, parse_size
 from visionscale.registry import UnknownModelError
 
 

@@ -213,7 +213,7 @@ def test_scale_bad_numbers_are_one_line_before_any_work(tmp_path, calls, args, f
 ])
 def test_study_config_checks_its_fields(field, value, fragment):
     from visionscale.errors import VisionscaleError
-    from visionscale.profiling import StudyConfig, StudyError
+    from visionscale.study import StudyConfig, StudyError
 
     with pytest.raises(StudyError, match=fragment) as info:
         StudyConfig(**{field: value})

@@ -163,7 +163,7 @@ def test_every_library_error_has_the_one_root():
     import visionscale.classify.train, visionscale.detection.data, visionscale.detection.train  # noqa: E401,F401
     import visionscale.face.api, visionscale.face.embedder, visionscale.face.gallery, visionscale.face.lfw  # noqa: E401,F401
     import visionscale.face.tflite_import, visionscale.face.train, visionscale.io.images, visionscale.io.weights  # noqa: E401,F401
-    import visionscale.profiling.report, visionscale.profiling.sweep, visionscale.registry, visionscale.runtime  # noqa: E401,F401
+    import visionscale.study.report, visionscale.study.sweep, visionscale.registry, visionscale.runtime  # noqa: E401,F401
     import visionscale.anomaly.ddad_train  # noqa: F401
 
     def walk(cls):

@@ -5,7 +5,7 @@ parameters), the first layer's filters as little images, and one layer's feature
 for an input image. This module does the same for every model in the registry:
 
 * the layer table comes from the profiler's analytic pass on the ``meta`` device
-  (:func:`visionscale.profiling.memory.estimate_model`: one record per executed leaf
+  (:func:`visionscale.study.memory.estimate_model`: one record per executed leaf
   module with its output shape and bytes), extended with parameter counts, the
   convolution arithmetic of each sliding-window layer and its receptive field
   (:mod:`visionscale.classify.convarith`);
@@ -205,7 +205,7 @@ def layer_table(model: nn.Module, image_size: int | tuple[int, int] = 224, in_ch
         in_channels: Input channels (default: the first conv's ``in_channels``, else 3).
         name: Label for the table (default: the class name).
     """
-    from visionscale.profiling.memory import estimate_model
+    from visionscale.study.memory import estimate_model
 
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     if hasattr(model, "validate_input_size"):

@@ -170,7 +170,7 @@ def train_cmd(
     """Train the detector with plain (focal + balanced L1) or EAPM losses; evaluate with COCO AP."""
     from visionscale.detection.data import AnnotationError
     from visionscale.detection.train import TrainError, train
-    from visionscale.profiling.report import OutputError
+    from visionscale.study.report import OutputError
 
     try:
         cfg = _config(data, train_ann, train_images, val_ann, val_images, data_format, loss=loss, mu=mu, theta=theta,

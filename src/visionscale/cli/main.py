@@ -84,9 +84,9 @@ def scale_cmd(
     --precision stores parameters and activations in that precision; a comma list
     (fp32,fp16,bf16) is a precision axis: rows, fits and GPU limits per precision.
     """
-    from visionscale.profiling.gpus import GPUS, parse_gpu, parse_size
-    from visionscale.profiling.report import output_dir, write_outputs
-    from visionscale.profiling.sweep import StudyConfig, run_study
+    from visionscale.study.gpus import GPUS, parse_gpu, parse_size
+    from visionscale.study.report import output_dir, write_outputs
+    from visionscale.study.sweep import StudyConfig, run_study
 
     if dtype is not None:
         if precision != DEFAULT_PRECISION and precision != dtype:
@@ -126,7 +126,7 @@ def scale_cmd(
 def _print_summary(result) -> None:
     from rich.table import Table
 
-    from visionscale.profiling.report import analytic_limit_text
+    from visionscale.study.report import analytic_limit_text
 
     exact = bool(result.config.get("exact_limits"))
     title = "Largest square resolution per GPU, px: analytic (quadratic fit)" if exact else \

@@ -1,16 +1,22 @@
-"""The main job: how memory and runtime grow with image resolution, and what fits on a GPU.
+"""Old name of :mod:`visionscale.study` (the resolution study, the project's main job).
 
->>> from visionscale.profiling import StudyConfig, run_study, write_outputs
->>> result = run_study(StudyConfig(models=("efficientad_s",), resolutions=(256, 512, 1024)))
+Renamed so the layout shows where the main job lives. ``visionscale.profiling`` and its
+submodules (``visionscale.profiling.sweep`` ...) keep working for one release, with a
+``DeprecationWarning``; they are the very same module objects as ``visionscale.study.*``.
 """
 
-from visionscale.profiling.fit import QuadraticFit, fit_quadratic
-from visionscale.profiling.gpus import GPU, GPUS, parse_gpu
-from visionscale.profiling.memory import MemoryEstimate, estimate_component, estimate_model
-from visionscale.profiling.report import write_outputs
-from visionscale.profiling.sweep import StudyConfig, StudyError, StudyResult, run_study
+from __future__ import annotations
 
-__all__ = [
-    "GPU", "GPUS", "MemoryEstimate", "QuadraticFit", "StudyConfig", "StudyError", "StudyResult",
-    "estimate_component", "estimate_model", "fit_quadratic", "parse_gpu", "run_study", "write_outputs",
-]
+import importlib
+import sys
+import warnings
+
+warnings.warn("visionscale.profiling was renamed visionscale.study; the old name goes away in the next release",
+              DeprecationWarning, stacklevel=2)
+
+_SUBMODULES = ("fit", "gpus", "memory", "report", "sweep", "timing")
+for _name in _SUBMODULES:
+    sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"visionscale.study.{_name}")
+
+from visionscale.study import *  # noqa: E402,F401,F403
+from visionscale.study import __all__  # noqa: E402,F401

@@ -21,7 +21,7 @@ import numpy as np
 from visionscale.errors import OutputError  # re-exported: other commands catch it from here
 from visionscale.io.figures import figure_png
 from visionscale.io.outputs import OutputDir, ensure_output_dir, read_manifest
-from visionscale.profiling.sweep import StudyResult
+from visionscale.study.sweep import StudyResult
 
 MiB = 1024**2
 OUTPUT_KIND = "scale"

@@ -23,10 +23,10 @@ from torch import nn
 
 from visionscale.components import Component, State, components_of, module_bytes
 from visionscale.errors import InvalidValueError, VisionscaleError, check_finite, check_int
-from visionscale.profiling.fit import QuadraticFit, fit_quadratic
-from visionscale.profiling.gpus import CUDA_CONTEXT_BYTES, GPU, GPUS, SENSORS_MP, sensor_side
-from visionscale.profiling.memory import MemoryEstimate, estimate_model, model_totals
-from visionscale.profiling.timing import TimingStats, is_oom, measure_cuda_memory, time_component
+from visionscale.study.fit import QuadraticFit, fit_quadratic
+from visionscale.study.gpus import CUDA_CONTEXT_BYTES, GPU, GPUS, SENSORS_MP, sensor_side
+from visionscale.study.memory import MemoryEstimate, estimate_model, model_totals
+from visionscale.study.timing import TimingStats, is_oom, measure_cuda_memory, time_component
 from visionscale.registry import get_model_factory
 from visionscale.runtime.precision import PRECISIONS, PrecisionError, parse_precisions, torch_dtype
 
