@@ -17,9 +17,10 @@ FORWARDS = {"runtime/bench.py": "visionscale.deploy", "runtime/tasks.py": "visio
             "runtime/__init__.py": "visionscale.deploy"}
 
 
-def imports(path: Path) -> list[tuple[int, str]]:
-    """``(line, absolute module)`` for every import in ``path``, relative ones resolved."""
-    package = ".".join(path.relative_to(SRC.parent).with_suffix("").parts[:-1])
+def imports(path: Path, src: Path = SRC) -> list[tuple[int, str]]:
+    """``(line, absolute module)`` for every import in ``path`` (a file under ``src``, the
+    ``visionscale`` folder), relative ones resolved."""
+    package = ".".join(path.relative_to(src.parent).with_suffix("").parts[:-1])
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -36,11 +37,12 @@ def imports(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def _violations(files, forbidden: tuple[str, ...], allowed: dict[str, str] | None = None) -> list[str]:
+def _violations(files, forbidden: tuple[str, ...], allowed: dict[str, str] | None = None,
+                src: Path = SRC) -> list[str]:
     bad = []
     for path in files:
-        rel = path.relative_to(SRC).as_posix()
-        for line, module in imports(path):
+        rel = path.relative_to(src).as_posix()
+        for line, module in imports(path, src):
             parts = module.split(".")
             if len(parts) < 2 or parts[0] != "visionscale" or parts[1] not in forbidden:
                 continue
@@ -63,15 +65,10 @@ def test_model_metadata_module_is_core():
 
 def test_the_walk_sees_lazy_and_relative_imports(tmp_path):
     # guard the guard: an import inside a function and a relative one are both found
-    pkg = tmp_path / "visionscale" / "runtime"
-    pkg.mkdir(parents=True)
-    probe = pkg / "probe.py"
+    src = tmp_path / "visionscale"
+    (src / "runtime").mkdir(parents=True)
+    probe = src / "runtime" / "probe.py"
     probe.write_text("def f():\n    from ..anomaly import predict\n    import visionscale.face.api\n")
-    global SRC
-    saved, SRC = SRC, tmp_path / "visionscale"
-    try:
-        found = {m for _, m in imports(probe)}
-        assert {"visionscale.anomaly", "visionscale.anomaly.predict", "visionscale.face.api"} <= found
-        assert len(_violations([probe], ABOVE_RUNTIME)) == 3
-    finally:
-        SRC = saved
+    found = {m for _, m in imports(probe, src)}
+    assert {"visionscale.anomaly", "visionscale.anomaly.predict", "visionscale.face.api"} <= found
+    assert len(_violations([probe], ABOVE_RUNTIME, src=src)) == 3

@@ -51,7 +51,8 @@ def test_modelinfo_validates():
     assert ModelInfo(input_size=64).input_size == (64, 64)
 
 
-@pytest.mark.parametrize("name", TINY)
+# DDAD exports at its own 256 px (fixed shape): the slowest case, ~20-50 s on a CPU
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("ddad") else n for n in TINY])
 def test_export_with_no_size_uses_the_models_own(name, tmp_path):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
