@@ -320,7 +320,7 @@ def test_eval_through_a_runner_matches_eager(demo, tmp_path):
     from visionscale.detection.data import ImageCache
     from visionscale.detection.train import evaluate, load_dataset, predict
     from visionscale.runtime import Runner
-    from visionscale.runtime.tasks import task_metric
+    from visionscale.deploy.tasks import task_metric
 
     train(_cfg(demo, tmp_path / "run", epochs=6))
     model, _ = load_model(tmp_path / "run" / "model.safetensors")

@@ -296,7 +296,7 @@ def test_training_beats_random_on_generated_lfw(tree, tmp_path):
     assert trained["kfold"]["mean"] > 0.6
 
     # `visionscale bench CKPT --data LFW`: the trained checkpoint's 10-fold accuracy per backend.
-    from visionscale.runtime.bench import BenchConfig, bench
+    from visionscale.deploy.bench import BenchConfig, bench
 
     res = bench(BenchConfig(model=str(tmp_path / "run"), data=str(d), backends=("eager", "onnxruntime"), batches=(4,),
                             device="cpu", warmup=0, repeats=1))

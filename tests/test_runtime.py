@@ -358,7 +358,7 @@ def test_auroc_per_backend_feeds_a_fixed_batch_export(exports):
 
     from visionscale.anomaly.data import Batch, Sample
     from visionscale.registry import create
-    from visionscale.runtime.tasks import anomaly_auroc
+    from visionscale.deploy.tasks import anomaly_auroc
 
     res = exports("patchcore_tiny", 64, None)
     torch.manual_seed(0)
@@ -376,8 +376,8 @@ def test_auroc_per_backend_feeds_a_fixed_batch_export(exports):
 def test_task_metric_says_what_data_is_missing(tmp_path):
     """`bench --data`: each family names the file it needs; a family without a task metric is refused."""
     from visionscale.registry import create
-    from visionscale.runtime.bench import BenchConfig
-    from visionscale.runtime.tasks import task_metric
+    from visionscale.deploy.bench import BenchConfig
+    from visionscale.deploy.tasks import task_metric
 
     with pytest.raises(RunnerError, match="does not exist"):
         task_metric(create("ssd_tiny"), tmp_path / "nowhere", (64, 64))
@@ -414,7 +414,7 @@ def test_provider_failure_condenses_onnxruntime_gpu_output():
 
 
 def test_bench_combos_measure_exactly_the_pairs_given():
-    from visionscale.runtime.bench import BenchConfig, bench
+    from visionscale.deploy.bench import BenchConfig, bench
 
     torch.manual_seed(0)
     res = bench(BenchConfig(conv_net(), combos=(("eager", "bf16"), ("onnxruntime", "fp32")), image_size=(32, 32),

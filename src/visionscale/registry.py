@@ -3,6 +3,12 @@
 Model files register factories with :func:`register_model`; nothing is discovered by
 scanning. ``create("patchcore", image_size=512)`` builds a model, ``list_models("*tiny")``
 lists names with an fnmatch pattern.
+
+Trained models on disk (run folders, checkpoints) are loaded the same way: a loader
+registered with :func:`register_loader` (``visionscale.deploy.checkpoints``, which knows
+every domain's files) turns a path into a module, and :func:`load_path` asks the loaders.
+So the runtime accepts a path without importing any domain: the registry names the modules
+to import, by string, and imports them on first use.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import fnmatch
 import importlib
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from torch import nn
@@ -33,6 +40,12 @@ _MODEL_MODULES = (
     "visionscale.face.embedder",
 )
 _loaded = False
+
+PathLoader = Callable[[Path], "tuple[str, nn.Module] | None"]
+_LOADERS: list[PathLoader] = []
+# Modules whose import registers path loaders; imported on first load_path().
+_LOADER_MODULES = ("visionscale.deploy.checkpoints",)
+_loaders_loaded = False
 
 
 class UnknownModelError(VisionscaleError, KeyError):
@@ -61,6 +74,30 @@ def _ensure_loaded() -> None:
         for mod in _MODEL_MODULES:
             importlib.import_module(mod)
         _loaded = True
+
+
+def register_loader(fn: PathLoader) -> PathLoader:
+    """Decorator registering ``fn(path) -> (display name, module) | None`` as a path loader:
+    it returns None for a path it does not recognise and raises a VisionscaleError for one
+    it recognises but cannot load."""
+    if fn not in _LOADERS:
+        _LOADERS.append(fn)
+    return fn
+
+
+def load_path(path: str | Path) -> tuple[str, nn.Module] | None:
+    """The first registered loader's ``(display name, module)`` for ``path``, or None when no
+    loader recognises it."""
+    global _loaders_loaded
+    if not _loaders_loaded:
+        for mod in _LOADER_MODULES:
+            importlib.import_module(mod)
+        _loaders_loaded = True
+    for loader in _LOADERS:
+        found = loader(Path(path))
+        if found is not None:
+            return found
+    return None
 
 
 def list_models(pattern: str = "*") -> list[str]:

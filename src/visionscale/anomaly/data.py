@@ -45,6 +45,7 @@ from torch import Tensor
 
 from visionscale.errors import check_int
 from visionscale.io.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_image_and_size
+from visionscale.modelinfo import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -66,8 +67,6 @@ __all__ = [
     "pair",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Images are shrunk in PIL only while they stay at least this many times the model size, so
 # the final antialiased resize still does the real filtering.
 READ_MARGIN = 4

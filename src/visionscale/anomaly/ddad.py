@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionscale.components import Component, State, run_components
+from visionscale.modelinfo import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
 from visionscale.nn import resnet
 from visionscale.nn.filters import gaussian_blur, gaussian_kernel1d
 from visionscale.nn.unet import UNet, UNetConfig
@@ -209,9 +210,13 @@ class DDAD(nn.Module):
         # Official: seq = range(0, noise_step, skip), walked backwards, next = previous or -1.
         self.timesteps: tuple[tuple[int, int], ...] = ddim_timesteps(cfg.noise_step, cfg.skip)
 
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.blur = GaussianBlur(cfg.sigma)
+        # Input in [-1, 1] (the official Dataset_maker's 2 x [0, 1] - 1), trained at 256 px.
+        # Batch 1 for export: the graph holds the sampling noise of one shape (for_export),
+        # and a Runner scores any batch image by image.
+        self.model_info = ModelInfo(input_size=(256, 256), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), export_batch=1)
 
     @property
     def num_steps(self) -> int:
@@ -332,6 +337,18 @@ class DDAD(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         state = run_components(self.components(), x)
         return {k: state[k] for k in ("anomaly_map", "pred_score", "reconstruction")}
+
+    def for_export(self, batch: int, height: int, width: int) -> tuple[nn.Module, str]:
+        """The module a graph export holds instead of this one, and a note saying why.
+
+        ``forward`` samples Gaussian noise from seeded generators at each DDIM step; a graph
+        cannot hold torch's generator (ONNX RandomNormal uses the runtime's own), so the export
+        holds the very draws this model makes for ``(batch, 3, height, width)``: outputs match
+        eager exactly, at that shape only.
+        """
+        note = (f"DDAD's sampling noise is frozen into the graph for inputs ({batch}, 3, {height}, {width}) (the "
+                "draws of its seeded generators, so outputs equal eager ones); the graph accepts that shape only")
+        return DDADFixedNoise(self, batch, height, width), note
 
 
 class DDADFixedNoise(nn.Module):

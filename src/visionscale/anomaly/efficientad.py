@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionscale.components import Component, State, run_components
+from visionscale.modelinfo import imagenet
 from visionscale.nn.pdn import PDN, pdn, pdn_output_size
 from visionscale.registry import register_model
 
@@ -192,6 +193,7 @@ class EfficientAD(nn.Module):
             self.register_buffer(name, torch.tensor(0.0))
         for name in ("q_st_end", "q_ae_end"):
             self.register_buffer(name, torch.tensor(1.0))
+        self.model_info = imagenet(input_size=(256, 256))  # the reference code's size
 
     def validate_input_size(self, h: int, w: int) -> None:
         """Raise ValueError if an ``h x w`` image is too small for the PDNs or the autoencoder."""

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionscale.components import Component, State, run_components
+from visionscale.modelinfo import imagenet
 from visionscale.nn import resnet
 from visionscale.nn.filters import gaussian_blur, gaussian_kernel1d
 from visionscale.registry import register_model
@@ -486,6 +487,10 @@ class PatchCore(nn.Module):
             self.bank_size, self.embed_dim, cfg.num_neighbors, cfg.max_chunk_bytes, cfg.use_faiss
         )
         self.postprocess = AnomalyMapPostprocess(cfg.sigma)
+        # The memory-bank search loops over the batch in Python, so a graph fixes the batch
+        # anyway; exported with batch 2 and dynamic H/W it failed in ONNX Runtime (a Resize
+        # got wrong scales), with batch 1 it runs and H/W stay dynamic.
+        self.model_info = imagenet(input_size=tuple(cfg.image_size), export_batch=1)
 
     def feature_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """Patch grid (h, w) for an input size: ceil(H / 8) x ceil(W / 8) for layer2."""

@@ -33,6 +33,9 @@ from torch import Tensor
 
 from visionscale.errors import VisionscaleError, check_finite
 from visionscale.io.images import IMAGE_SUFFIXES, list_images, read_image
+# ImageNet statistics: what the registry's pretrained ResNets expect; also used for training
+# from scratch so a checkpoint always records one explicit normalisation.
+from visionscale.modelinfo import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "DataError",
@@ -46,12 +49,6 @@ __all__ = [
     "affine_theta",
     "augment_batch",
 ]
-
-# ImageNet statistics: what the registry's pretrained ResNets expect; also used for
-# training from scratch so a checkpoint always records one explicit normalisation.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class DataError(VisionscaleError, ValueError):
     """The data folder does not have the expected layout or content."""

@@ -484,15 +484,18 @@ class LoadedModel:
     weights: str
 
 
-def load_model_for_inspect(model: str, weights: str | None = None, image_size: int = 224, seed: int = 0) -> LoadedModel:
+def load_model_for_inspect(model: str, weights: str | None = None, image_size: int | None = 224,
+                           seed: int = 0) -> LoadedModel:
     """A registry name (with optional ``weights``: a name like ``DEFAULT`` or a state-dict
     file) or a classifier checkpoint (training folder or ``.safetensors``).
 
     Random initialisation is seeded (``seed``), so pictures of an untrained model repeat.
+    ``image_size`` None builds the model at its own size (``model_info.input_size``).
     """
     from visionscale.classify.checkpoint import is_classifier_checkpoint, load_classifier
     from visionscale.classify.data import IMAGENET_MEAN, IMAGENET_STD
     from visionscale.io.weights import load_into, load_state_dict
+    from visionscale.modelinfo import model_info
     from visionscale.registry import create, get_model_factory
 
     p = Path(model).expanduser()
@@ -509,26 +512,30 @@ def load_model_for_inspect(model: str, weights: str | None = None, image_size: i
         return LoadedModel(net, f"{cfg.backbone} classifier ({p.name})", cfg.mean, cfg.std, cfg.image_size,
                            f"trained checkpoint {p}")
     get_model_factory(model)  # UnknownModelError lists the registered names
+    size_kw = {} if image_size is None else {"image_size": image_size}
     torch.manual_seed(seed)
     if weights is not None and (Path(weights).expanduser().is_file() or os.sep in weights):
-        net = create(model, image_size=image_size)
+        net = create(model, **size_kw)
         file = Path(weights).expanduser()
         load_into(net, load_state_dict(file), source=str(file))
         desc = f"weights file {file}"
     elif weights is not None:
         try:
-            net = create(model, image_size=image_size, weights=weights)
+            net = create(model, weights=weights, **size_kw)
         except TypeError:
             raise InspectError(f"model {model!r} does not take named weights; give a state-dict file as weights").about(
                 "weights") from None
         desc = f"pretrained weights {weights}"
     else:
-        net = create(model, image_size=image_size)
+        net = create(model, **size_kw)
         desc = "random initialisation (no weights given)"
+    # The model's own input facts (visionscale.modelinfo): BlazeFace is fed [-1, 1] at 128 px.
+    info = model_info(net)
     spec = getattr(net, "weights_spec", None)
-    mean = tuple(spec.mean) if spec is not None else IMAGENET_MEAN
-    std = tuple(spec.std) if spec is not None else IMAGENET_STD
-    return LoadedModel(net.eval(), model, mean, std, None, desc)
+    mean = tuple(spec.mean) if spec is not None else info.mean or IMAGENET_MEAN
+    std = tuple(spec.std) if spec is not None else info.std or IMAGENET_STD
+    h, w = info.input_size
+    return LoadedModel(net.eval(), model, mean, std, h if h == w and hasattr(net, "model_info") else None, desc)
 
 
 def _registry_names() -> set[str]:
@@ -571,7 +578,7 @@ def inspect_model(model: str, out_dir: str | Path, weights: str | None = None, l
         weights: Weights name or state-dict file for a registry model.
         layer: Module name for the feature maps (default: the first conv layer).
         image: Image file (default: scikit-image's astronaut photo).
-        image_size: Square input side (default: the checkpoint's, else 224).
+        image_size: Square input side (default: the model's own, ``model_info.input_size``; 224 if not square).
         max_maps: Most feature-map channels drawn.
         overwrite: Write into a folder that holds other files.
     """
@@ -584,7 +591,7 @@ def inspect_model(model: str, out_dir: str | Path, weights: str | None = None, l
     if image_size is not None:
         check_int("image_size", image_size, minimum=8, maximum=MAX_IMAGE_SIZE)
     target = OutputDir(Path(out_dir).expanduser(), kind="inspect", overwrite=overwrite)  # refuses now, not after
-    loaded = load_model_for_inspect(model, weights, image_size or 224)
+    loaded = load_model_for_inspect(model, weights, image_size)
     size = image_size or loaded.image_size or 224
     net = loaded.model
     if hasattr(net, "validate_input_size"):

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from visionscale.components import Component, State, components_of
 from visionscale.errors import InvalidValueError, check_finite, check_int
+from visionscale.modelinfo import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
 from visionscale.registry import create
 
 __all__ = ["ClassifierConfig", "Classifier", "build_backbone", "first_conv", "count_parameters", "MAX_IMAGE_SIZE"]
@@ -55,8 +56,8 @@ class ClassifierConfig:
     backbone: str
     classes: tuple[str, ...]
     image_size: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -145,6 +146,8 @@ class Classifier(nn.Module):
         self.head = nn.Linear(self.backbone.num_features, config.num_classes)
         conv = first_conv(self.backbone)
         self.in_channels = conv[1].in_channels if conv is not None else 3
+        self.model_info = ModelInfo(input_size=(config.image_size, config.image_size), mean=tuple(config.mean),
+                                    std=tuple(config.std), channels=self.in_channels)
 
     def check_input(self, x: Tensor) -> None:
         """Raise ValueError when ``x`` is not ``(B, in_channels, H, W)``."""

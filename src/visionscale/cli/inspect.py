@@ -22,7 +22,7 @@ def inspect_cmd(
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Weights for a registry model: a name (DEFAULT) or a state-dict file [default: random init]."),
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Layer whose feature maps to draw, e.g. layer1.0.conv1 [default: first conv]."),
     image: Optional[Path] = typer.Option(None, "--image", "-i", help="Image for the feature maps [default: scikit-image's astronaut photo]."),
-    size: Optional[int] = typer.Option(None, "--size", "-s", help="Square input size in px [default: the checkpoint's, else 224]."),
+    size: Optional[int] = typer.Option(None, "--size", "-s", help="Square input size in px [default: the model's own input size]."),
     max_maps: int = typer.Option(64, help="Most feature-map channels drawn."),
     table: bool = typer.Option(True, "--table/--no-table", help="Print the layer table."),
     as_json: bool = typer.Option(False, "--json", help="Print summary.json to stdout."),

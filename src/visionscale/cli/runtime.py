@@ -108,7 +108,7 @@ def bench_cmd(
 ) -> None:
     """Latency, throughput and accuracy deltas per backend x precision x batch, against eager FP32."""
     from visionscale.io.outputs import OutputDir
-    from visionscale.runtime.bench import BenchConfig, bench, render_markdown, write_result
+    from visionscale.deploy.bench import BenchConfig, bench, render_markdown, write_result
 
     try:
         batches, size = _ints(batch, "batch size"), _image_size(image_size)

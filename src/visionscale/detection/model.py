@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionscale.components import Component, State, run_components
+from visionscale.modelinfo import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
 from visionscale.nn.resnet import ResNet, ResNetConfig, resnet18
 from visionscale.registry import register_model
 
@@ -131,8 +132,11 @@ class SingleStageDetector(nn.Module):
         self.strides = tuple(self.backbone.strides[name] for name in _LEVELS)
         self.fpn = FPN(tuple(self.backbone.channels[name] for name in _LEVELS), cfg.fpn_channels)
         self.head = Head(cfg.fpn_channels, cfg.anchors_per_cell, cfg.num_classes, cfg.head_convs, cfg.prior_prob)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # Takes [0, 1] images (normalised inside) at any size; a loaded checkpoint gets the
+        # size it was trained at (deploy.checkpoints).
+        self.model_info = ModelInfo(input_size=(256, 256))
         self._anchor_cache: dict[tuple, Tensor] = {}
 
     @property

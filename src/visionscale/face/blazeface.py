@@ -24,6 +24,7 @@ from visionscale.components import Component, State
 from visionscale.face.anchors import BACK_ANCHORS, FRONT_ANCHORS, SsdAnchorOptions, ssd_anchors
 from visionscale.face.blocks import BlazeBlock, SameConv2d, SeparableConv, conv_layers
 from visionscale.face.decode import DecodeOptions, decode_tensors
+from visionscale.modelinfo import ModelInfo
 from visionscale.registry import register_model
 
 __all__ = [
@@ -171,6 +172,19 @@ class BlazeFace(nn.Module):
         self.reg1 = nn.Conv2d(c1, a1 * self.num_coords, 1)
         self.reg2 = nn.Conv2d(c2, a2 * self.num_coords, 1)
         self.register_buffer("anchors", torch.from_numpy(ssd_anchors(config.anchors)), persistent=False)
+        # Anchors are generated for the fixed input size (128 front, 256 back): no other size
+        # is meaningful, and with symbolic H/W torch.export's shape solver did not finish on the
+        # head reshapes within 10 minutes. Input in [-1, 1].
+        side = config.input_size
+        self.model_info = ModelInfo(input_size=(side, side), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                                    dynamic_axes=(0,))
+
+    def validate_input_size(self, h: int, w: int) -> None:
+        """Raise ValueError unless ``h x w`` is the size the anchors were generated for."""
+        side = self.config.input_size
+        if (h, w) != (side, side):
+            raise ValueError(f"{type(self).__name__}[{self.config.name}] runs at {side}x{side} only (its anchors are "
+                             f"generated for that size), got {h}x{w}")
 
     def tflite_conv_order(self) -> list[nn.Conv2d]:
         """Convolutions in the order MediaPipe's TFLite graphs execute them."""

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from visionscale.components import Component, State, components_of
 from visionscale.device import resolve_device
 from visionscale.io.weights import load_into, load_state_dict, save_file_atomic
+from visionscale.modelinfo import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
 from visionscale.registry import create, register_model
 
 __all__ = [
@@ -54,8 +55,6 @@ __all__ = [
 
 FORMAT = "visionscale.face_embedder/1"
 FREEZE_MODES = ("none", "all_but_last", "backbone")
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class EmbedderCheckpointError(VisionscaleError, ValueError):
@@ -81,8 +80,8 @@ class EmbedderConfig:
     embedding_dim: int = 512
     image_size: int = 112
     hidden_dim: int = 0
-    mean: tuple[float, float, float] = _IMAGENET_MEAN
-    std: tuple[float, float, float] = _IMAGENET_STD
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     name: str = "face_embedder"
 
     def __post_init__(self) -> None:
@@ -168,6 +167,8 @@ class FaceEmbedder(nn.Module):
             self.head = nn.Linear(feats, cfg.embedding_dim)
         self.freeze_mode = "none"
         self._fingerprint: str | None = None
+        self.model_info = ModelInfo(input_size=(cfg.image_size, cfg.image_size), mean=tuple(cfg.mean),
+                                    std=tuple(cfg.std))
 
     @property
     def dim(self) -> int:

@@ -35,6 +35,7 @@ from visionscale.io.weights import (
     load_into,
     load_state_dict,
 )
+from visionscale.modelinfo import IMAGENET_MEAN, IMAGENET_STD, imagenet
 from visionscale.registry import register_model
 
 __all__ = [
@@ -186,6 +187,7 @@ class ResNet(nn.Module):
         cfg = config or ResNetConfig()
         self.config = cfg
         self.weights_spec: WeightsSpec | None = None
+        self.model_info = imagenet(input_size=(224, 224))  # torchvision's weights' size
         block = _BLOCKS[cfg.block]
 
         # Stem: 7x7/2 conv + 3x3/2 max pool -> stride 4.
@@ -303,8 +305,6 @@ def _stage_run(module: nn.Module, src: str, dst: str):
 # ----------------------------------------------------------------------------------------
 # Published torchvision weights (torchvision/models/resnet.py, *_Weights enums).
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _tv(name: str, filename: str, num_params: int, resize_size: int) -> WeightsSpec:
@@ -315,8 +315,8 @@ def _tv(name: str, filename: str, num_params: int, resize_size: int) -> WeightsS
         url=f"https://download.pytorch.org/models/{filename}",
         num_params=num_params,
         input_size=(224, 224),
-        mean=_IMAGENET_MEAN,
-        std=_IMAGENET_STD,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
         license="BSD-3-Clause",
         sha256_prefix=prefix,
         # V1 recipes evaluate resize 256 -> crop 224, the V2 ("new recipe") ones 232 -> 224.

@@ -4,6 +4,10 @@
 >>> runner = Runner("efficientad_tiny", backend="onnxruntime", device="cpu", image_size=128)
 >>> out = runner(images); runner.info["provider"]
 
+The runtime core imports no domain package (anomaly, classify, detection, face, study):
+it runs an ``nn.Module`` and asks it for its input facts (:mod:`visionscale.modelinfo`).
+Benchmarking across tasks lives above the domains, in :mod:`visionscale.deploy`.
+
 See docs/runtime.md. Heavy dependencies (onnxruntime, onnxscript, torch_tensorrt) are
 imported only by the backends that need them.
 """
@@ -19,9 +23,13 @@ def __getattr__(name: str):  # lazy: export/bench import torch.onnx and friends
 
         return getattr(export, name)
     if name in ("bench", "BenchConfig", "BenchResult"):
-        from visionscale.runtime import bench
+        import warnings
 
-        return getattr(bench, name)
+        warnings.warn(f"visionscale.runtime.{name} moved to visionscale.deploy.{name}", DeprecationWarning,
+                      stacklevel=2)
+        from visionscale.deploy import bench as _moved  # deprecated forward, the one upward import
+
+        return getattr(_moved, name)
     raise AttributeError(name)
 
 

@@ -287,9 +287,10 @@ def export_onnx(
         out: Destination ``.onnx`` file; the metadata and parity report go to ``out + ".json"``.
         precision: ``fp32`` or ``fp16`` (the graph is cast to half; ONNX Runtime has no bf16
             convolution kernels, so bf16 is refused).
-        image_size: Example input size ``(H, W)``; default: the model's own or 256.
-        batch: Example batch size; default 2 (``torch.export`` specialises axes of size 0
-            and 1, so 2 keeps the batch axis dynamic), 1 for PatchCore.
+        image_size: Example input size ``(H, W)``; default: the model's ``model_info.input_size``.
+        batch: Example batch size; default: the model's ``model_info.export_batch`` (2 for
+            most: ``torch.export`` specialises axes of size 0 and 1, so 2 keeps the batch axis
+            dynamic).
         dynamic: Offer batch, height and width as dynamic axes; ``False`` exports the example shape.
         providers: Execution providers for the parity run (default CPU).
         overwrite: Replace an existing ``out`` / ``out + ".json"`` (never a file the export reads).

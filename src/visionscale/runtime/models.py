@@ -3,9 +3,14 @@
 * an ``nn.Module``;
 * a registry name (``visionscale models``): ``efficientad_s``, ``ssd_tiny``, ``blazeface_*``...;
 * ``package.module:attr``: your own module or a factory returning one;
-* a checkpoint written by ``visionscale classify train``, ``detect train`` or ``face train``
-  (the ``model.safetensors`` file or its training folder);
-* an anomaly-detection run folder written by ``visionscale ad fit``.
+* a path to a trained model: a checkpoint written by ``visionscale classify train``,
+  ``detect train`` or ``face train`` (the ``model.safetensors`` file or its training folder),
+  or an anomaly run folder written by ``visionscale ad fit``; loaded by the path loaders
+  registered with :func:`visionscale.registry.register_loader` (``visionscale.deploy``).
+
+The input contract (default size, channels, export batch, dynamic axes) is the model's own
+:class:`visionscale.modelinfo.ModelInfo`: this module asks the model, it keeps no table of
+model classes and imports no domain package.
 """
 
 from __future__ import annotations
@@ -18,65 +23,37 @@ from typing import Any
 
 from torch import nn
 
+from visionscale.modelinfo import model_info
 from visionscale.runtime.errors import ExportError, RunnerError
-
-# Families whose forward cannot be exported with matching outputs, and why. Keyed by class
-# name so this module imports none of the model packages.
-NOT_EXPORTABLE: dict[str, str] = {}
-
-# Example batch for ONNX export when the caller gives none (default 2: torch.export
-# specialises axes of size 0/1, so batch 2 keeps the batch axis dynamic).
-EXPORT_BATCH = {
-    # PatchCore's memory-bank search loops over the batch in Python, so the batch axis is
-    # fixed at export anyway; exported with batch 2 and dynamic H/W, the graph fails in
-    # ONNX Runtime (a Resize gets wrong scales), with batch 1 it runs and H/W stay dynamic.
-    "PatchCore": 1,
-    # DDAD is exported with its sampling noise frozen for one shape (see freeze_for_export);
-    # batch 1 lets a Runner score any batch image by image.
-    "DDAD": 1,
-}
-
-
-# Families whose height and width are fixed by design: only the batch axis is offered as
-# dynamic to torch.export.
-STATIC_HW = {
-    # BlazeFace's anchors are generated for its fixed 128 px (front) / 256 px (back) input,
-    # so other sizes are meaningless; and with symbolic H/W, torch.export's shape solver
-    # did not finish on the head reshapes within 10 minutes (sympy simplification).
-    "BlazeFace",
-}
 
 
 def export_dynamic_axes(model: nn.Module) -> tuple[int, ...]:
     """Input axes offered to torch.export as dynamic (``Dim.AUTO``) for this model."""
-    return (0,) if type(model).__name__ in STATIC_HW else (0, 2, 3)
+    return tuple(model_info(model).dynamic_axes)
 
 
 def export_batch(model: nn.Module) -> int:
-    inner = getattr(model, "model", None)  # a thin input wrapper (an anomaly run's DDAD)
-    key = type(model).__name__ if type(model).__name__ in EXPORT_BATCH else type(inner).__name__
-    return EXPORT_BATCH.get(key, 2)
+    """Example batch for a graph export when the caller gives none (the model's own)."""
+    return model_info(model).export_batch
 
 
 def freeze_for_export(model: nn.Module, batch: int, height: int, width: int) -> tuple[nn.Module, str | None]:
-    """Models whose forward draws random numbers get them frozen for the export shape.
+    """The module a graph export holds for this shape, and a note, or ``(model, None)``.
 
-    DDAD samples Gaussian noise from seeded generators at each DDIM step; a graph cannot hold
-    torch's generator (ONNX RandomNormal uses the runtime's own), so the export holds the very
-    draws the eager model makes for ``(batch, 3, height, width)``: outputs match eager exactly,
-    at that shape only. Returns ``(model to export, note or None)``; ``model`` is not modified.
+    A model whose forward cannot be a graph as it is (DDAD draws random numbers) offers
+    ``for_export(batch, height, width) -> (module, note)``; a thin input wrapper holding such
+    a model as ``.model`` gets a copy wrapping the exported one. ``model`` is not modified.
     """
-    from visionscale.anomaly.ddad import DDAD, DDADFixedNoise
-
-    note = (f"DDAD's sampling noise is frozen into the graph for inputs ({batch}, 3, {height}, {width}) (the draws "
-            "of its seeded generators, so outputs equal eager ones); the graph accepts that shape only")
-    if isinstance(model, DDAD):
-        return DDADFixedNoise(model, batch, height, width), note
+    hook = getattr(model, "for_export", None)
+    if callable(hook):
+        return hook(batch, height, width)
     inner = getattr(model, "model", None)
-    if isinstance(inner, DDAD):  # e.g. an anomaly run's SignedInput wrapper
+    hook = getattr(inner, "for_export", None)
+    if isinstance(inner, nn.Module) and callable(hook):
+        exported, note = hook(batch, height, width)
         wrapper = copy.copy(model)
         wrapper._modules = dict(model._modules)
-        wrapper.model = DDADFixedNoise(inner, batch, height, width)
+        wrapper.model = exported
         return wrapper, note
     return model, None
 
@@ -125,30 +102,15 @@ def resolve_model(spec: nn.Module | str, image_size: tuple[int, int] | None = No
     spec = spec.strip()
     path = Path(spec).expanduser()
     if path.exists():
-        if path.is_dir() and (path / "calibration.json").is_file():
-            from visionscale.anomaly.predict import RunError, load_run
+        from visionscale.registry import load_path
 
-            try:
-                return path.name, load_run(path, device="cpu").model.eval()
-            except RunError as exc:
-                raise RunnerError(str(exc)) from None
-        from visionscale.classify.checkpoint import (
-            CheckpointError,
-            is_classifier_checkpoint,
-            load_classifier,
-        )
-
-        if is_classifier_checkpoint(path):
-            try:
-                return _display_name(path), load_classifier(path, device="cpu").eval()
-            except CheckpointError as exc:
-                raise RunnerError(str(exc)) from None
-        trained = _trained_checkpoint(path)
-        if trained is not None:
-            return trained
-        raise RunnerError(f"{path} is none of: an anomaly run folder (with calibration.json), a classifier, detector "
-                          "or face-embedder checkpoint; give a registry name (visionscale models) or "
-                          "'package.module:attr'")
+        found = load_path(path)
+        if found is None:
+            raise RunnerError(f"{path} is none of: an anomaly run folder (with calibration.json), a classifier, "
+                              "detector or face-embedder checkpoint; give a registry name (visionscale models) or "
+                              "'package.module:attr'")
+        name, net = found
+        return name, net.eval()
     if ":" in spec:
         obj = _import_object(spec)
         if isinstance(obj, nn.Module):
@@ -168,6 +130,8 @@ def resolve_model(spec: nn.Module | str, image_size: tuple[int, int] | None = No
         return spec, _build(factory, spec, kw).eval()
     except TypeError as exc:  # raised inside the factory
         raise RunnerError(f"cannot build model {spec!r} with {kw}: {exc}") from None
+    except ImportError as exc:  # an optional package the model needs (timm) is not installed
+        raise RunnerError(f"cannot build model {spec!r}: {exc}") from None
 
 
 # Files a training or anomaly run folder holds that loading it reads.
@@ -193,50 +157,10 @@ def model_files(spec: Any) -> list[Path]:
     return [f for f in files if f.exists()]
 
 
-def _trained_checkpoint(path: Path) -> tuple[str, nn.Module] | None:
-    """A face-embedder or detector checkpoint (file or training folder) as ``(name, module)``,
-    or None when ``path`` is neither. A detector gets ``trained_image_size``, the side it was
-    trained and evaluated at (its config has none: any size runs)."""
-    from visionscale.face.embedder import EmbedderCheckpointError, load_embedder, read_embedder_config
-
-    file = path / "model.safetensors" if path.is_dir() else path
-    try:
-        read_embedder_config(file)
-    except EmbedderCheckpointError:
-        pass
-    else:
-        return _display_name(path), load_embedder(file).eval()
-    from visionscale.detection.train import TrainError, load_model
-
-    try:
-        model, meta = load_model(file)
-    except (TrainError, OSError):
-        return None
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a detector file that does not load
-        raise RunnerError(f"{file} looks like a detector checkpoint but cannot be loaded: {exc}") from None
-    side = int(meta["config"]["image_size"])
-    model.trained_image_size = (side, side)
-    return _display_name(path), model
-
-
-def _display_name(path: Path) -> str:
-    """``run/model`` for ``run/model.safetensors``, ``run`` for a training folder."""
-    path = path.resolve()
-    return path.name if path.is_dir() else f"{path.parent.name}/{path.stem}"
-
-
 def default_image_size(model: nn.Module, fallback: int = 256) -> tuple[int, int]:
-    """The model's own input size when it declares one (``config.image_size``, or the
-    ``trained_image_size`` of a loaded detector checkpoint), else ``fallback``."""
-    trained = getattr(model, "trained_image_size", None)
-    if trained is not None:
-        return int(trained[0]), int(trained[1])
-    size = getattr(getattr(model, "config", None), "image_size", None)
-    if isinstance(size, int):
-        return size, size
-    if isinstance(size, (tuple, list)) and len(size) == 2:
-        return int(size[0]), int(size[1])
-    return fallback, fallback
+    """The model's own input size (:func:`visionscale.modelinfo.model_info`), else ``fallback``."""
+    h, w = model_info(model, (fallback, fallback)).input_size
+    return int(h), int(w)
 
 
 def validate_size(model: nn.Module, name: str, h: int, w: int) -> None:
@@ -252,8 +176,8 @@ def validate_size(model: nn.Module, name: str, h: int, w: int) -> None:
 
 
 def export_refusal(model: nn.Module) -> str | None:
-    """Why this model cannot be exported, or None."""
-    return NOT_EXPORTABLE.get(type(model).__name__)
+    """Why this model cannot be exported (its ``model_info.not_exportable``), or None."""
+    return model_info(model).not_exportable
 
 
 def check_exportable(model: nn.Module, name: str) -> None:
@@ -263,7 +187,5 @@ def check_exportable(model: nn.Module, name: str) -> None:
 
 
 def in_channels(model: nn.Module, default: int = 3) -> int:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    return default
+    """Input channels the model declares (``model_info.channels``)."""
+    return model_info(model).channels
