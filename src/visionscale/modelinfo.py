@@ -90,6 +90,23 @@ def model_info(model: nn.Module, default_size: tuple[int, int] = DEFAULT_INPUT_S
     return ModelInfo(input_size=_declared_size(model) or default_size, channels=_first_conv_channels(model))
 
 
+def input_size_problem(model: nn.Module, h: int, w: int) -> str | None:
+    """Why ``model`` cannot run at ``h`` x ``w`` (its own ``validate_input_size`` says), or None.
+
+    The one size check that export, bench and the study share; each wraps the answer in its
+    own error, naming the model.
+    """
+    if h < 1 or w < 1:
+        return f"image size must be positive, got {h}x{w}"
+    check = getattr(model, "validate_input_size", None)
+    if check is not None:
+        try:
+            check(h, w)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
 def _declared_size(model: nn.Module) -> tuple[int, int] | None:
     size = getattr(getattr(model, "config", None), "image_size", None)
     if isinstance(size, int) and not isinstance(size, bool):

@@ -4,7 +4,6 @@ devices this machine lacks, killed processes, and arbitrary pairs files."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

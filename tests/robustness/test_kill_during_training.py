@@ -38,7 +38,7 @@ def _train(data, out, *, kill: str | None = None, resume: bool = False) -> int:
             A.os.replace = replace
             """),
     }[kill]
-    code = textwrap.dedent(f"""
+    code = textwrap.dedent("""
         import os, signal, torch
         torch.set_num_threads(1)
         from visionscale.classify.train import TrainConfig, train

@@ -5,7 +5,6 @@ one clear error."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -164,7 +163,7 @@ def test_every_library_error_has_the_one_root():
     import visionscale.face.api, visionscale.face.embedder, visionscale.face.gallery, visionscale.face.lfw  # noqa: E401,F401
     import visionscale.face.tflite_import, visionscale.face.train, visionscale.io.images, visionscale.io.weights  # noqa: E401,F401
     import visionscale.study.report, visionscale.study.sweep, visionscale.registry, visionscale.runtime  # noqa: E401,F401
-    import visionscale.anomaly.ddad_train  # noqa: F401
+    import visionscale.anomaly.ddad_train  # noqa: F401 - imported for its error classes
 
     def walk(cls):
         for sub in cls.__subclasses__():

@@ -23,7 +23,8 @@ from typing import Any
 
 from torch import nn
 
-from visionscale.modelinfo import model_info
+from visionscale.modelinfo import input_size_problem, model_info
+from visionscale.registry import import_model
 from visionscale.runtime.errors import ExportError, RunnerError
 
 
@@ -56,16 +57,6 @@ def freeze_for_export(model: nn.Module, batch: int, height: int, width: int) -> 
         wrapper.model = exported
         return wrapper, note
     return model, None
-
-
-def _import_object(spec: str) -> Any:
-    """``"package.module:attr"`` -> the object (a user's model or model factory)."""
-    from visionscale.registry import ModelImportError, import_model
-
-    try:
-        return import_model(spec)
-    except ModelImportError as exc:
-        raise RunnerError(str(exc)) from None
 
 
 def _build(factory, name: str, kw: dict[str, Any]) -> nn.Module:
@@ -112,7 +103,7 @@ def resolve_model(spec: nn.Module | str, image_size: tuple[int, int] | None = No
         name, net = found
         return name, net.eval()
     if ":" in spec:
-        obj = _import_object(spec)
+        obj = import_model(spec)  # ModelImportError (a VisionscaleError) names the module
         if isinstance(obj, nn.Module):
             return spec, obj.eval()
         if image_size is not None and _accepts(obj, "image_size"):
@@ -164,15 +155,10 @@ def default_image_size(model: nn.Module, fallback: int = 256) -> tuple[int, int]
 
 
 def validate_size(model: nn.Module, name: str, h: int, w: int) -> None:
-    """The model's own ``validate_input_size`` check, as a RunnerError naming the model."""
-    if h < 1 or w < 1:
-        raise RunnerError(f"image size must be positive, got {h}x{w}")
-    check = getattr(model, "validate_input_size", None)
-    if check is not None:
-        try:
-            check(h, w)
-        except ValueError as exc:
-            raise RunnerError(f"model {name!r} cannot run at {h}x{w}: {exc}") from None
+    """The model's own input-size check, as a RunnerError naming the model."""
+    problem = input_size_problem(model, h, w)
+    if problem is not None:
+        raise RunnerError(f"model {name!r} cannot run at {h}x{w}: {problem}")
 
 
 def export_refusal(model: nn.Module) -> str | None:

@@ -27,7 +27,8 @@ from visionscale.study.fit import QuadraticFit, fit_quadratic
 from visionscale.study.gpus import CUDA_CONTEXT_BYTES, GPU, GPUS, SENSORS_MP, sensor_side
 from visionscale.study.memory import MemoryEstimate, estimate_model, model_totals
 from visionscale.study.timing import TimingStats, is_oom, measure_cuda_memory, time_component
-from visionscale.registry import get_model_factory
+from visionscale.modelinfo import input_size_problem
+from visionscale.registry import get_model_factory, import_model
 from visionscale.runtime.precision import PRECISIONS, PrecisionError, parse_precisions, torch_dtype
 
 # The runtime's precision table (one table for the whole package); the old name stays for imports.
@@ -170,16 +171,6 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _import_object(spec: str) -> Any:
-    """``"package.module:attr"`` -> the object (a user's model or model factory)."""
-    from visionscale.registry import ModelImportError, import_model
-
-    try:
-        return import_model(spec)
-    except ModelImportError as exc:
-        raise StudyError(str(exc)) from None
-
-
 class _Source:
     """Builds one model at a resolution on a device, whatever the user handed us."""
 
@@ -187,7 +178,7 @@ class _Source:
         self.name = name
         self.kwargs = kwargs
         if source is None and ":" in name:
-            source = _import_object(name)
+            source = import_model(name)  # ModelImportError (a VisionscaleError) names the module
         if source is None:
             self.factory: Callable[..., nn.Module] | None = get_model_factory(name)
             self.module = None
@@ -217,12 +208,9 @@ class _Source:
 
 
 def _validate(model: nn.Module, name: str, resolution: int) -> None:
-    check = getattr(model, "validate_input_size", None)
-    if check is not None:
-        try:
-            check(resolution, resolution)
-        except ValueError as exc:
-            raise StudyError(f"model {name!r} cannot run at {resolution}x{resolution}: {exc}") from None
+    problem = input_size_problem(model, resolution, resolution)
+    if problem is not None:
+        raise StudyError(f"model {name!r} cannot run at {resolution}x{resolution}: {problem}")
 
 
 def _nearest_supported(model_at: Callable[[int], nn.Module], name: str, target: int, step: int = 1) -> int | None:

@@ -373,7 +373,7 @@ def test_mmdet_example_config_names_the_plugin():
 
     import visionscale.integrations.mmdet as plugin
 
-    path = Path(__file__).resolve().parents[1] / "docs" / "eapm" / "mmdet_example_config.py"
+    path = Path(__file__).resolve().parents[2] / "docs" / "eapm" / "mmdet_example_config.py"
     ns: dict = {}
     exec(compile(path.read_text(), str(path), "exec"), ns)  # the config is plain Python literals
     assert ns["custom_imports"]["imports"] == ["visionscale.integrations.mmdet"]

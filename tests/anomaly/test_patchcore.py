@@ -22,7 +22,7 @@ from visionscale import registry
 from visionscale.anomaly import patchcore as pc
 from visionscale.components import run_components
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _brute_knn(q: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from visionscale.anomaly import coreset as C
@@ -15,7 +14,7 @@ from visionscale.anomaly import patchcore_fit
 from visionscale.anomaly import train as T
 from visionscale.anomaly.data import DataError
 from visionscale.anomaly.predict import RunError, evaluate, load_run, predict
-from visionscale.cli import ad
+from ad_cli import ad_cli as _cli
 from visionscale.errors import OutputExistsError
 from visionscale.io.weights import load_state_dict
 
@@ -27,16 +26,8 @@ SIZE = 64
 TINY = dict(model="patchcore_tiny", image_size=SIZE, batch_size=4, device="cpu")
 
 
-def _cli():
-    root = typer.Typer()
-    root.add_typer(ad.app, name="ad")
-    return root
 
 
-@pytest.fixture(scope="module")
-def demo(brick_demo):
-    assert SIZE == 64  # the size of conftest's shared demo
-    return brick_demo
 
 
 @pytest.fixture(scope="module")

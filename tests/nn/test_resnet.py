@@ -384,6 +384,6 @@ def test_import_pulls_in_no_cli_plotting_or_torchvision():
         "bad = [m for m in ('typer', 'rich', 'matplotlib', 'torchvision', 'timm') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    src = Path(__file__).resolve().parents[1] / "src"
+    src = Path(__file__).resolve().parents[2] / "src"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(src)})
     assert r.returncode == 0, r.stdout + r.stderr

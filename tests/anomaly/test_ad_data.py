@@ -7,13 +7,12 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-import typer
 from PIL import Image
 from typer.testing import CliRunner
 
 from visionscale.anomaly import data as D
 from visionscale.anomaly import synthetic as S
-from visionscale.cli import ad
+from ad_cli import ad_cli as _cli
 
 runner = CliRunner()
 
@@ -21,10 +20,6 @@ runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _cli():
-    root = typer.Typer()
-    root.add_typer(ad.app, name="ad")
-    return root
 
 
 def _png(path, size=(32, 32), value=128, mode="RGB"):

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from visionscale.anomaly import efficientad_train as E
@@ -19,7 +18,7 @@ from visionscale.anomaly.runs import SignedInput, imagenet_to_signed
 from visionscale.anomaly.data import DataError, iter_batches, load_dataset
 from visionscale.anomaly.efficientad import efficientad_tiny
 from visionscale.anomaly.predict import evaluate, load_run, predict
-from visionscale.cli import ad
+from ad_cli import ad_cli as _cli
 from visionscale.io.weights import load_state_dict
 from visionscale.nn.pdn import pdn_small
 
@@ -31,16 +30,8 @@ TINY = dict(model="efficientad_tiny", image_size=SIZE, steps=12, checkpoint_ever
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _cli():
-    root = typer.Typer()
-    root.add_typer(ad.app, name="ad")
-    return root
 
 
-@pytest.fixture(scope="module")
-def demo(brick_demo):
-    assert SIZE == 64  # the size of conftest's shared demo
-    return brick_demo
 
 
 @pytest.fixture(scope="module")
