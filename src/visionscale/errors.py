@@ -54,30 +54,31 @@ class InvalidValueError(VisionscaleError, ValueError):
 
 def check_finite(name: str, value: float, *, minimum: float | None = None, maximum: float | None = None,
                  min_inclusive: bool = True, max_inclusive: bool = True) -> float:
-    """Return ``float(value)`` if it is finite and in range, else raise :class:`InvalidValueError`."""
+    """Return ``float(value)`` if it is finite and in range, else raise :class:`InvalidValueError`
+    about ``name`` (so the CLI can add the flag of that setting)."""
     import math
 
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise InvalidValueError(f"{name} must be a number, got {value!r}") from None
+        raise InvalidValueError(f"{name} must be a number, got {value!r}").about(name) from None
     if not math.isfinite(v):
-        raise InvalidValueError(f"{name} must be a finite number, got {value!r}")
+        raise InvalidValueError(f"{name} must be a finite number, got {value!r}").about(name)
     if minimum is not None and (v < minimum or (not min_inclusive and v == minimum)):
         op = ">=" if min_inclusive else ">"
-        raise InvalidValueError(f"{name} must be {op} {minimum:g}, got {value!r}")
+        raise InvalidValueError(f"{name} must be {op} {minimum:g}, got {value!r}").about(name)
     if maximum is not None and (v > maximum or (not max_inclusive and v == maximum)):
         op = "<=" if max_inclusive else "<"
-        raise InvalidValueError(f"{name} must be {op} {maximum:g}, got {value!r}")
+        raise InvalidValueError(f"{name} must be {op} {maximum:g}, got {value!r}").about(name)
     return v
 
 
 def check_int(name: str, value: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
     """Return ``value`` if it is an integer in ``[minimum, maximum]``, else raise :class:`InvalidValueError`."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidValueError(f"{name} must be an integer, got {value!r}")
+        raise InvalidValueError(f"{name} must be an integer, got {value!r}").about(name)
     if minimum is not None and value < minimum:
-        raise InvalidValueError(f"{name} must be >= {minimum}, got {value}")
+        raise InvalidValueError(f"{name} must be >= {minimum}, got {value}").about(name)
     if maximum is not None and value > maximum:
-        raise InvalidValueError(f"{name} must be <= {maximum}, got {value}")
+        raise InvalidValueError(f"{name} must be <= {maximum}, got {value}").about(name)
     return value

@@ -190,7 +190,8 @@ def test_cli_fit_predict_eval(demo, tmp_path):
                               "brick", "--out", str(run), "--image-size", str(SIZE), "--coreset-ratio", "0.05",
                               "--batch-size", "4", "--device", "cpu", "--json"])
     assert res.exit_code == 0, res.stderr
-    assert "running on RANDOM backbone weights: pass --weights FILE" in res.stderr
+    assert "running on RANDOM backbone weights: set weights to a file" in res.stderr
+    assert "meaningful anomaly scores (--weights)" in res.stderr  # the CLI names its flag
     out = json.loads(res.stdout)
     assert out["state"]["stages"]["coreset"]["bank_rows"] == round(0.05 * 10 * 64)
     imgs = [str(demo / "test" / "hole" / "000.png"), str(demo / "test" / "good")]
@@ -216,7 +217,7 @@ def test_cli_bad_arguments(demo, tmp_path):
     # Options of the trained methods are refused for PatchCore (EfficientAD / DDAD: test_ad_efficientad_fit.py).
     res = runner.invoke(app, ["ad", "fit", "--model", "patchcore_tiny", "--data", str(demo), "--out",
                               str(tmp_path / "st"), "--steps", "5"])
-    assert res.exit_code == 2 and "--steps does not apply to PatchCore" in res.stderr
+    assert res.exit_code == 2 and "steps does not apply to PatchCore" in res.stderr and "(--steps)" in res.stderr
     assert not (tmp_path / "st").exists()
     res = runner.invoke(app, ["ad", "fit", "--model", "resnet18", "--data", str(demo), "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "unknown model" in res.stderr
@@ -333,7 +334,7 @@ def test_out_of_memory_names_the_knobs(demo, tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(patchcore_fit, "greedy_kcenter", oom)
-    with pytest.raises(T.FitError, match=r"out of memory during coreset.*--coreset-ratio \(now 0.1\).*--image-size"):
+    with pytest.raises(T.FitError, match=r"out of memory during coreset.*coreset_ratio \(now 0.1\).*image_size"):
         T.fit_patchcore(demo, tmp_path / "a", T.FitConfig(**TINY))
     monkeypatch.undo()
 
@@ -343,7 +344,7 @@ def test_out_of_memory_names_the_knobs(demo, tmp_path, monkeypatch):
     from visionscale.anomaly.patchcore import PatchFeatureExtractor
 
     monkeypatch.setattr(PatchFeatureExtractor, "forward", cpu_oom)
-    with pytest.raises(T.FitError, match=r"out of memory during features.*--batch-size \(now 4.*resumes"):
+    with pytest.raises(T.FitError, match=r"out of memory during features.*batch_size \(now 4.*resumes"):
         T.fit_patchcore(demo, tmp_path / "b", T.FitConfig(**TINY))
 
 

@@ -125,6 +125,27 @@ def test_a_library_error_names_the_commands_flag_for_its_field():
     assert res.stderr.strip() == "error: bad.png cannot be read; set skip_bad to leave it out (--skip-bad)"
 
 
+def test_ad_fit_errors_name_fields_in_the_library_and_flags_in_the_cli(tmp_path):
+    from visionscale.anomaly.config import FitConfig, FitError
+
+    # The library speaks of its fields ...
+    with pytest.raises(FitError, match="^teacher and distill_teacher exclude each other") as info:
+        FitConfig(model="efficientad_tiny", teacher="t.pth", distill_teacher=True, imagenet=str(tmp_path))
+    assert "--" not in str(info.value) and info.value.fields == ("teacher", "distill_teacher")
+    # ... and `ad fit` adds its flags for them (FitConfig fails before any data is read).
+    res = runner.invoke(app, ["ad", "fit", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                              "--model", "efficientad_tiny", "--teacher", "t.pth", "--distill-teacher",
+                              "--imagenet", str(tmp_path)])
+    assert res.exit_code == 2
+    line = res.stderr.strip()
+    assert line.startswith("error: teacher and distill_teacher exclude each other")
+    assert line.endswith("(--teacher, --distill-teacher)") and len(line.splitlines()) == 1
+    # A field spelt like its flag maps to it although the CLI parameter has another name (run_dir).
+    res = runner.invoke(app, ["ad", "fit", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                              "--checkpoint-every", "0"])
+    assert res.exit_code == 2 and res.stderr.strip().endswith("(--checkpoint-every)")
+
+
 def test_an_internal_error_is_a_bug_not_a_one_line_user_error(monkeypatch):
     import visionscale.registry as registry
 

@@ -23,13 +23,13 @@ EFFICIENTAD_MODELS = ("efficientad_s", "efficientad_m", "efficientad_tiny")
 DDAD_MODELS = ("ddad", "ddad_tiny")
 FIT_MODELS = PATCHCORE_MODELS + EFFICIENTAD_MODELS + DDAD_MODELS
 RANDOM_WEIGHTS_WARNING = (
-    "running on RANDOM backbone weights: pass --weights FILE (an ImageNet state dict of the backbone, "
-    ".pth or .safetensors) or --weights DEFAULT (downloads torchvision's) for meaningful anomaly scores"
+    "running on RANDOM backbone weights: set weights to a file (an ImageNet state dict of the backbone, "
+    ".pth or .safetensors) or to DEFAULT (downloads torchvision's) for meaningful anomaly scores"
 )
 RANDOM_TEACHER_WARNING = (
-    "running on a RANDOM EfficientAD teacher: pass --teacher FILE (a pretrained PDN state dict, .pth or "
-    ".safetensors, e.g. teacher_small.pth) or --distill-teacher --imagenet DIR (distils one from "
-    "Wide-ResNet-101-2 features) for meaningful anomaly scores"
+    "running on a RANDOM EfficientAD teacher: set teacher to a file (a pretrained PDN state dict, .pth or "
+    ".safetensors, e.g. teacher_small.pth), or distill_teacher with imagenet set to a folder of generic "
+    "images (distils one from Wide-ResNet-101-2 features), for meaningful anomaly scores"
 )
 
 MAX_IMAGE_SIDE = 16384  # px: a larger model input is a typo, not a plan
@@ -122,10 +122,11 @@ class FitConfig:
         if self.batch_size is not None:
             check_int("batch_size", self.batch_size, minimum=1)
         if min(self.image_size) < 32:
-            raise FitError(f"image size must be at least 32 px per side, got {self.image_size[1]}x{self.image_size[0]}")
+            raise FitError(f"image_size must be at least 32 px per side, got "
+                           f"{self.image_size[1]}x{self.image_size[0]}").about("image_size")
         if max(self.image_size) > MAX_IMAGE_SIDE:
-            raise FitError(f"image size must be at most {MAX_IMAGE_SIDE} px per side, "
-                           f"got {self.image_size[1]}x{self.image_size[0]}")
+            raise FitError(f"image_size must be at most {MAX_IMAGE_SIDE} px per side, "
+                           f"got {self.image_size[1]}x{self.image_size[0]}").about("image_size")
         check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
         check_finite("coreset_ratio", self.coreset_ratio)
         check_finite("holdout_fraction", self.holdout_fraction, minimum=0.0, maximum=1.0, max_inclusive=False)
@@ -136,28 +137,32 @@ class FitConfig:
         check_int("distill_steps", self.distill_steps, minimum=1)
         check_int("projection_dim", self.projection_dim, minimum=1)
         check_int("num_starting_points", self.num_starting_points, minimum=0)
-        ead_only = [name for name, on in (("--teacher", self.teacher is not None),
-                                          ("--distill-teacher", self.distill_teacher),
-                                          ("--imagenet", self.imagenet is not None)) if on]
+        ead_only = [name for name, on in (("teacher", self.teacher is not None),
+                                          ("distill_teacher", self.distill_teacher),
+                                          ("imagenet", self.imagenet is not None)) if on]
         if method != "efficientad" and ead_only:
-            raise FitError(f"{', '.join(ead_only)} only apply to EfficientAD (--model {'|'.join(EFFICIENTAD_MODELS)})")
+            raise FitError(f"{', '.join(ead_only)} only apply to EfficientAD (model "
+                           f"{'|'.join(EFFICIENTAD_MODELS)}), not to {self.model}").about(*ead_only, "model")
         if method != "patchcore" and self.steps is None and method == "efficientad":
             object.__setattr__(self, "steps", 70_000)
         if method == "patchcore":
             if self.steps is not None:
-                raise FitError("--steps does not apply to PatchCore (it has no training loop)")
+                raise FitError("steps does not apply to PatchCore (it has no training loop)").about("steps")
             check_finite("coreset_ratio", self.coreset_ratio, minimum=0.0, maximum=1.0, min_inclusive=False)
         if method == "efficientad":
             if self.teacher is not None and self.distill_teacher:
-                raise FitError("--teacher and --distill-teacher exclude each other: load a teacher or distil one")
+                raise FitError("teacher and distill_teacher exclude each other: load a teacher or distil "
+                               "one").about("teacher", "distill_teacher")
             if self.distill_teacher and self.imagenet is None:
-                raise FitError("--distill-teacher needs --imagenet DIR: a folder of generic images to distil on")
+                raise FitError("distill_teacher needs imagenet: a folder of generic images to distil "
+                               "on").about("distill_teacher", "imagenet")
             if self.weights is not None and not self.distill_teacher:
-                raise FitError("--weights is the backbone of PatchCore and DDAD; for EfficientAD pass the teacher "
-                               "with --teacher FILE (or --weights with --distill-teacher for the WRN-101-2 to distil)")
+                raise FitError("weights is the backbone of PatchCore and DDAD; for EfficientAD set teacher to "
+                               "a file (or weights with distill_teacher for the WRN-101-2 to distil "
+                               "from)").about("weights", "teacher", "distill_teacher")
             if self.holdout_fraction <= 0:
                 raise FitError("EfficientAD needs holdout_fraction > 0: a held-out part of the training images "
-                               "sets its map normalisation")
+                               "sets its map normalisation").about("holdout_fraction")
 
     @property
     def method(self) -> str:

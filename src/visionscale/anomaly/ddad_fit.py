@@ -56,7 +56,7 @@ def fit_ddad_run(data: str | os.PathLike, out: str | os.PathLike, config: FitCon
         if run.open(cfg, ds, train_samples, holdout):
             return run.finished()
         if cfg.weights is None:
-            run.warn(RANDOM_WEIGHTS_WARNING)
+            run.warn(RANDOM_WEIGHTS_WARNING, "weights")
         run.write_config(device, cfg.weights or "random", method="ddad",
                          random_weights="backbone" if cfg.weights is None else None,
                          train=asdict(dcfg) if hasattr(dcfg, "__dataclass_fields__") else {})
@@ -82,9 +82,9 @@ def _trainer(config: FitConfig):
     except ModuleNotFoundError as exc:
         if exc.name != "visionscale.anomaly.ddad_train":
             raise
-        raise FitError(f"--model {config.model} is not implemented yet: its trainer "
+        raise FitError(f"model {config.model} is not implemented yet: its trainer "
                        f"(visionscale.anomaly.ddad_train) is not installed; available now: "
-                       f"{', '.join(PATCHCORE_MODELS + EFFICIENTAD_MODELS)}") from None
+                       f"{', '.join(PATCHCORE_MODELS + EFFICIENTAD_MODELS)}").about("model") from None
 
 
 def _train_config(trainer, config: FitConfig):
@@ -109,16 +109,16 @@ def _model(cfg: FitConfig):
     try:
         model = registry.create(cfg.model, backbone_weights=cfg.weights)
     except WeightsUnavailableError as exc:
-        raise FitError(str(exc)) from None
+        raise FitError(str(exc)).about("weights") from None
     except FileNotFoundError as exc:
-        raise FitError(f"--weights: {exc}") from None
+        raise FitError(f"weights: {exc}").about("weights") from None
     except (ValueError, RuntimeError) as exc:
-        raise FitError(f"--weights {cfg.weights}: {exc}") from None
+        raise FitError(f"weights {cfg.weights}: {exc}").about("weights") from None
     try:
         model.validate_input_size(*cfg.image_size)
     except ValueError as exc:
-        raise FitError(f"--image-size {cfg.image_size[1]}x{cfg.image_size[0]} does not fit {cfg.model}: "
-                       f"{exc}") from None
+        raise FitError(f"image_size {cfg.image_size[1]}x{cfg.image_size[0]} does not fit {cfg.model}: "
+                       f"{exc}").about("image_size") from None
     return model
 
 

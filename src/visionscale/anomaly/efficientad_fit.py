@@ -31,7 +31,7 @@ def fit_efficientad(data: str | os.PathLike, out: str | os.PathLike, config: Fit
                     progress: Progress | None = None, log: Log | None = None, overwrite: bool = False) -> FitResult:
     """Train EfficientAD (paper Algorithm 1) on the training images under ``data``; write a run folder.
 
-    Stages: ``teacher`` (load ``--teacher``, distil, or random), ``teacher statistics``
+    Stages: ``teacher`` (load the ``teacher`` file, distil, or random), ``teacher statistics``
     (channel mean / std over the training part), ``train`` (checkpointed every
     ``checkpoint_every`` steps in ``RUN/checkpoints/``; rerunning resumes), ``map
     normalisation`` (quantiles on the held-out part of the training images), then the
@@ -49,27 +49,29 @@ def fit_efficientad(data: str | os.PathLike, out: str | os.PathLike, config: Fit
     with FitRun.claim(out, overwrite=overwrite, log=log, progress=progress) as run:
         ds = run.load_data(data, category, cfg.seed)
         train_samples, val_samples = _validation_split(ds, cfg, run)
-        # Sizes and files first: a bad --image-size or teacher file leaves no run folder behind.
+        # Sizes and files first: a bad image_size or teacher file leaves no run folder behind.
         torch.manual_seed(cfg.seed)  # random teacher / student / autoencoder init, identical on resume
         model = registry.create(cfg.model)
         try:
             model.validate_input_size(*cfg.image_size)
         except ValueError as exc:
-            raise FitError(f"--image-size {cfg.image_size[1]}x{cfg.image_size[0]} is too small for {cfg.model}: "
-                           f"{exc}. Every size at or above the minimum works, also non-square ones") from None
+            raise FitError(f"image_size {cfg.image_size[1]}x{cfg.image_size[0]} is too small for {cfg.model}: "
+                           f"{exc}. Every size at or above the minimum works, also non-square "
+                           f"ones").about("image_size") from None
         tcfg = E.EfficientADTrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
                                         checkpoint_every=cfg.checkpoint_every, distill_steps=cfg.distill_steps)
         generic = _GenericImages(cfg.imagenet, cfg.image_size, cfg.seed, cfg.skip_bad) if cfg.imagenet else None
         if cfg.teacher is not None:
             _load_teacher(model, cfg.teacher, cfg.model)
-        extractor = _distill_extractor(cfg, model.config.out_channels, run.warn) if cfg.distill_teacher else None
+        extractor = (_distill_extractor(cfg, model.config.out_channels, lambda m: run.warn(m, "weights"))
+                     if cfg.distill_teacher else None)
 
         device = resolve_device(cfg.device)
         if run.open(cfg, ds, train_samples, val_samples):
             return run.finished()
         random_teacher = cfg.teacher is None and not cfg.distill_teacher
         if random_teacher:
-            run.warn(RANDOM_TEACHER_WARNING)
+            run.warn(RANDOM_TEACHER_WARNING, "teacher", "distill_teacher", "imagenet")
         run.write_config(device, cfg.teacher or ("distilled" if cfg.distill_teacher else "random"),
                          method="efficientad", pdn_padding=model.config.padding,
                          random_weights="teacher" if random_teacher else None, train=asdict(tcfg))
@@ -94,7 +96,7 @@ def fit_efficientad(data: str | os.PathLike, out: str | os.PathLike, config: Fit
                 quantiles = _map_normalisation(model, val_samples, tcfg, cfg, device, run)
             run.save_weights(model, "visionscale.efficientad")
             if generic is not None and generic.bad:
-                run.notes.append(f"skipped {len(generic.bad)} unreadable --imagenet image(s): "
+                run.notes.append(f"skipped {len(generic.bad)} unreadable imagenet image(s): "
                                  + "; ".join(str(p) for p in list(generic.bad)[:10]))
             tail = max(1, len(hist["loss"]) // 20)
             run.mark("model", seconds=hist["seconds"], steps=tcfg.steps, resumed_from=hist["resumed_from"],
@@ -233,10 +235,11 @@ class _GenericImages:
 
         root = Path(folder).expanduser()
         if not root.is_dir():
-            raise DataError(f"--imagenet folder not found: {root} (a folder of generic images, e.g. ImageNet's train/)")
+            raise DataError(f"imagenet folder not found: {root} (a folder of generic images, e.g. ImageNet's "
+                            f"train/)").about("imagenet")
         self.paths = list_images(root, recursive=True)
         if not self.paths:
-            raise DataError(f"--imagenet folder {root} holds no images")
+            raise DataError(f"imagenet folder {root} holds no images").about("imagenet")
         self.size, self.seed, self.skip_bad = size, seed, skip_bad
         self.bad: dict[Path, str] = {}
 
@@ -254,9 +257,10 @@ class _GenericImages:
                 return read_for_size(p, (2 * h, 2 * w))[0]  # used at 2H x 2W and H x W
             except ImageReadError as exc:
                 if not self.skip_bad:
-                    raise DataError(f"{exc} (in --imagenet); {SKIP_HINT}") from None
+                    raise DataError(f"{exc} (in the imagenet folder); {SKIP_HINT}").about("imagenet",
+                                                                                      "skip_bad") from None
                 self.bad[p] = str(exc)
-        raise DataError(f"none of the {n} --imagenet images could be read")
+        raise DataError(f"none of the {n} imagenet images could be read").about("imagenet")
 
     def penalty_batch(self, step: int, batch_size: int, grayscale: float) -> torch.Tensor:
         """Ref. penalty transform: resize to 2H x 2W, random grayscale, centre crop H x W."""
@@ -284,7 +288,7 @@ class _GenericImages:
 
 
 def _load_teacher(model, path: str, name: str) -> None:
-    """Load ``--teacher FILE`` into ``model.teacher``: a bare PDN state dict, or one under
+    """Load the ``teacher`` weights file into ``model.teacher``: a bare PDN state dict, or one under
     ``teacher.`` (a visionscale run's model.safetensors) or ``model.teacher.`` (anomalib)."""
     from visionscale.io.weights import (
         StateDictMismatchError,
@@ -295,9 +299,9 @@ def _load_teacher(model, path: str, name: str) -> None:
     try:
         state = load_state_dict(path)
     except FileNotFoundError:
-        raise FitError(f"--teacher: teacher weights file not found: {path}") from None
+        raise FitError(f"teacher weights file not found: {path}").about("teacher") from None
     except ValueError as exc:
-        raise FitError(f"--teacher {path}: {exc}") from None
+        raise FitError(f"teacher {path}: {exc}").about("teacher") from None
     own = set(model.teacher.state_dict())
     sub = state
     for prefix in ("teacher.", "model.teacher."):
@@ -309,8 +313,8 @@ def _load_teacher(model, path: str, name: str) -> None:
     try:
         load_into(model.teacher, sub, source=str(path))
     except StateDictMismatchError as exc:
-        raise FitError(f"--teacher {path} does not fit the {name} teacher (PDN-{cfg.variant.upper()}, "
-                       f"{cfg.out_channels} output channels): {exc}") from None
+        raise FitError(f"teacher {path} does not fit the {name} teacher (PDN-{cfg.variant.upper()}, "
+                       f"{cfg.out_channels} output channels): {exc}").about("teacher") from None
 
 
 def _distill_extractor(cfg: FitConfig, out_channels: int, warn: Log):
@@ -321,26 +325,27 @@ def _distill_extractor(cfg: FitConfig, out_channels: int, warn: Log):
     tiny = cfg.model == "efficientad_tiny"
     arch = "resnet_tiny" if tiny else "wide_resnet101_2"
     weights = cfg.weights if cfg.weights is not None else (None if tiny else "DEFAULT")
-    random_note = (f"running on RANDOM {arch} weights for the teacher distillation (--allow-random-weights): the "
-                   f"distilled teacher imitates random features and its anomaly scores mean little; pass --weights "
-                   f"FILE (torchvision's ImageNet {arch} state dict) for a real teacher")
+    random_note = (f"running on RANDOM {arch} weights for the teacher distillation (allow_random_weights): the "
+                   f"distilled teacher imitates random features and its anomaly scores mean little; set weights "
+                   f"to a file (torchvision's ImageNet {arch} state dict) for a real teacher")
     try:
         if weights is None:
             if not cfg.allow_random_weights:
-                raise FitError(f"{cfg.model} distils from {arch}, which has no published weights: pass --weights FILE "
-                               f"or --allow-random-weights")
+                raise FitError(f"{cfg.model} distils from {arch}, which has no published weights: set weights "
+                               f"to a file or allow_random_weights").about("weights", "allow_random_weights")
             warn(random_note)
         backbone = getattr(resnet, arch)(weights=weights, progress=False, num_classes=0)
     except WeightsUnavailableError as exc:
         if not cfg.allow_random_weights:
-            raise FitError(f"teacher distillation needs ImageNet {arch} weights: {exc}\nor pass "
-                           f"--allow-random-weights to distil from a RANDOM {arch} (meaningless teacher)") from None
+            raise FitError(f"teacher distillation needs ImageNet {arch} weights: {exc}\nor set "
+                           f"allow_random_weights to distil from a RANDOM {arch} (meaningless "
+                           f"teacher)").about("weights", "allow_random_weights") from None
         warn(random_note)
         backbone = getattr(resnet, arch)(weights=None, num_classes=0)
     except FileNotFoundError as exc:
-        raise FitError(f"--weights: {exc}") from None
+        raise FitError(f"weights: {exc}").about("weights") from None
     except (ValueError, RuntimeError) as exc:
-        raise FitError(f"--weights {weights}: {exc}") from None
+        raise FitError(f"weights {weights}: {exc}").about("weights") from None
     for stage in ("layer4",):
         if hasattr(backbone, stage):
             delattr(backbone, stage)  # never runs

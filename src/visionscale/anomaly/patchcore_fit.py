@@ -96,7 +96,7 @@ def fit_patchcore(data: str | os.PathLike, out: str | os.PathLike, config: FitCo
         if run.open(cfg, ds, bank_samples, holdout):
             return run.finished()
         if cfg.weights is None:
-            run.warn(RANDOM_WEIGHTS_WARNING)
+            run.warn(RANDOM_WEIGHTS_WARNING, "weights")
         # Built before config.json is written: weights that fail to load leave no run behind
         # that a corrected command would then refuse as "a different fit".
         model = build_patchcore(cfg.model, cfg.image_size, cfg.coreset_ratio, cfg.weights, cfg.seed).eval()
@@ -172,13 +172,15 @@ def _param_checksum(module: torch.nn.Module) -> float:
 def _oom_error(stage: str, cfg: FitConfig, device: torch.device, extra: str = "") -> FitError:
     h, w = cfg.image_size
     knobs = {
-        "features": (f"lower --batch-size (now {cfg.batch_size}; finished batches are kept, so rerunning the same "
-                     f"command with a smaller batch size resumes) or --image-size (now {w}x{h})"),
-        "coreset": (f"lower --coreset-ratio (now {cfg.coreset_ratio}), --image-size (now {w}x{h}) or the number "
-                    f"of training images: the coreset search holds every patch's {cfg.projection_dim}-d projection"),
-        "calibration": f"lower --batch-size (now {cfg.batch_size}) or --image-size (now {w}x{h})",
+        "features": (f"lower batch_size (now {cfg.batch_size}; finished batches are kept, so rerunning the same "
+                     f"fit with a smaller batch size resumes) or image_size (now {w}x{h})", "batch_size", "image_size"),
+        "coreset": (f"lower coreset_ratio (now {cfg.coreset_ratio}), image_size (now {w}x{h}) or the number "
+                    f"of training images: the coreset search holds every patch's {cfg.projection_dim}-d projection",
+                    "coreset_ratio", "image_size"),
+        "calibration": (f"lower batch_size (now {cfg.batch_size}) or image_size (now {w}x{h})",
+                        "batch_size", "image_size"),
     }[stage]
-    return FitError(f"out of memory during {stage} on {device}: {knobs}{extra}")
+    return FitError(f"out of memory during {stage} on {device}: {knobs[0]}{extra}").about(*knobs[1:])
 
 
 
@@ -222,7 +224,8 @@ def _extract_features(model, samples: list[Sample], cfg: FitConfig, device: torc
         if need > free:
             raise FitError(f"the features of {len(samples)} images at {cfg.image_size[1]}x{cfg.image_size[0]} "
                            f"need {need / 2**30:.1f} GiB in {cache}, {free / 2**30:.1f} GiB are free: lower "
-                           f"--image-size, use fewer images, or put --out on a larger disk")
+                           f"image_size, use fewer images, or put the run folder (out) on a larger "
+                           f"disk").about("image_size", "out")
         prog = {"images_done": 0, "rows": 0, "bad": [], "max_rows": max_rows, "checksum": checksum}
     else:
         read_log.bad = [(Path(p), why) for p, why in prog["bad"]]

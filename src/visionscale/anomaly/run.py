@@ -88,10 +88,10 @@ def out_of_memory_as(make_error: Callable[[], FitError]) -> Iterator[None]:
 def training_oom_error(stage: str, cfg: FitConfig, device: torch.device) -> FitError:
     """Out of memory in a method that trains (EfficientAD, DDAD): the knobs that lower it."""
     h, w = cfg.image_size
-    return FitError(f"out of memory during {stage} on {device}: lower --batch-size (now {cfg.batch_size}) or "
-                    f"--image-size (now {w}x{h}); --steps (now {cfg.steps}) sets how long training runs, not its "
+    return FitError(f"out of memory during {stage} on {device}: lower batch_size (now {cfg.batch_size}) or "
+                    f"image_size (now {w}x{h}); steps (now {cfg.steps}) sets how long training runs, not its "
                     f"memory, but fewer steps finish sooner. A different batch size or image size is a new fit: "
-                    f"give it a new --out")
+                    f"give it a new run folder (out)").about("batch_size", "image_size", "steps", "out")
 
 
 def write_json(path: Path, obj) -> None:
@@ -252,12 +252,13 @@ class FitRun:
 
     # -- telling the user -------------------------------------------------------------
 
-    def warn(self, message: str) -> None:
-        """A warning: logged at WARNING, or given to the caller's ``log`` with everything else."""
+    def warn(self, message: str, *fields: str) -> None:
+        """A warning about the settings ``fields``: logged at WARNING (a front end may name its
+        spelling of them), or given to the caller's ``log`` with everything else."""
         if self._log is not None:
             self._log(message)
         else:
-            _logger.warning(message)
+            _logger.warning(message, extra={"fields": fields})
 
     def note(self, message: str | None) -> None:
         """Keep ``message`` in ``state.json``'s notes and tell the user (None / empty: nothing)."""

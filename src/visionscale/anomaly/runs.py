@@ -183,11 +183,11 @@ def build_patchcore(name: str, image_size: tuple[int, int], coreset_ratio: float
         return registry.create(name, image_size=image_size, coreset_ratio=coreset_ratio, num_train_images=1,
                                backbone_weights=weights, use_faiss=use_faiss)
     except WeightsUnavailableError as exc:
-        raise FitError(str(exc)) from None
+        raise FitError(str(exc)).about("weights") from None
     except FileNotFoundError as exc:
-        raise FitError(f"--weights: {exc}") from None
+        raise FitError(f"weights: {exc}").about("weights") from None
     except (ValueError, RuntimeError) as exc:  # unreadable file, keys that do not fit the backbone
-        raise FitError(f"--weights {weights}: {exc}") from None
+        raise FitError(f"weights {weights}: {exc}").about("weights") from None
 
 
 

@@ -61,6 +61,8 @@ class ConsoleLogHandler(logging.Handler):
         except Exception:  # noqa: BLE001 - a bad format string in a log call must not end the command
             self.handleError(record)
             return
+        # A record logged with ``extra={"fields": (...)}`` names settings: add this command's flags.
+        message += error_line_flags(getattr(record, "fields", ()))
         (warn if record.levelno >= logging.WARNING else note)(message)
 
 
@@ -111,10 +113,37 @@ def describe_os_error(exc: OSError) -> str | None:
 def _flags_for(group, ctx, fields: tuple[str, ...]) -> str:
     """`` (--flag, ...)`` for the settings an error is about that the invoked command has as options."""
     cmd = group.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+    return _flags(cmd, fields)
+
+
+def error_line(exc) -> str:
+    """A VisionscaleError's message plus the running command's flags for its fields, for commands
+    that catch library errors themselves (so they also work in an app without :class:`CLIGroup`)."""
+    return str(exc) + error_line_flags(getattr(exc, "fields", ()))
+
+
+def error_line_flags(fields: tuple[str, ...]) -> str:
+    """`` (--flag, ...)`` of the running command for ``fields`` ("" outside a command)."""
+    try:  # newer typer vendors click as typer._click; older ones use click itself
+        from typer._click.globals import get_current_context
+    except ImportError:
+        from click import get_current_context
+
+    ctx = get_current_context(silent=True)
+    return _flags(ctx.command if ctx is not None else None, tuple(fields))
+
+
+def _flags(cmd, fields: tuple[str, ...]) -> str:
     if cmd is None or not fields:
         return ""
-    opts = {p.name: p.opts[0] for p in cmd.params if getattr(p, "opts", None) and p.opts[0].startswith("--")}
-    flags = [opts[f] for f in fields if f in opts]
+    # A field names an option by its parameter name or by its spelling (``out`` is ``--out`` even
+    # where the parameter is called ``run_dir``).
+    longs = [(p.name, [o for o in getattr(p, "opts", ()) if o.startswith("--")]) for p in cmd.params]
+    opts = {name: long[0] for name, long in longs if long}
+    for _, long in longs:
+        for o in long:
+            opts.setdefault(o[2:].replace("-", "_"), o)
+    flags = list(dict.fromkeys(opts[f] for f in fields if f in opts))
     return f" ({', '.join(flags)})" if flags else ""
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from visionscale.cli._common import fail, out
+from visionscale.cli._common import error_line, fail, out
 from visionscale.errors import VisionscaleError
 
 
@@ -39,7 +39,7 @@ def inspect_cmd(
         result = inspect_model(model, out_dir, weights=weights, layer=layer, image=image, image_size=size,
                                max_maps=max_maps, overwrite=overwrite)
     except VisionscaleError as exc:
-        fail(str(exc))
+        fail(error_line(exc))
     if as_json:
         sys.stdout.write((out_dir / "summary.json").read_text())
         return

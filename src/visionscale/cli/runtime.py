@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from visionscale.cli._common import err, fail, out, split_csv
+from visionscale.cli._common import err, error_line, fail, out, split_csv
 from visionscale.cli._options import DEFAULT_DEVICE, DEFAULT_PRECISION, Backends, Device, Precision, Precisions
 from visionscale.errors import VisionscaleError
 
@@ -69,7 +69,7 @@ def export_cmd(
         with err.status(f"exporting {model} to {format}"):
             result = export_model(model, out_file, format=format, **kw)
     except VisionscaleError as exc:
-        fail(str(exc))
+        fail(error_line(exc))
     if as_json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=1, default=lambda o: None) + "\n")
     else:
@@ -128,7 +128,7 @@ def bench_cmd(
         with err.status("starting") as status:
             result = bench(cfg, progress=lambda m: status.update(m))
     except VisionscaleError as exc:
-        fail(str(exc))
+        fail(error_line(exc))
     if target is not None:
         write_result(result, target)
     if as_json:

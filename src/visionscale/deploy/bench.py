@@ -280,7 +280,7 @@ def render_markdown(result: BenchResult) -> str:
         lines += ["", "Task-level effect against eager fp32 (same input):", "",
                   "| backend | precision | batch | max abs diff | family metric |", "|---|---|---:|---:|---|"]
         for t in result.task:
-            if "metric" in t:  # task metric on --data
+            if "metric" in t:  # task metric on cfg.data
                 fmt = "{:.2f}" if t["kind"] == "detection_ap" else "{:.4f}"
                 metric = f"{t['metric']} {_f(t['value'], fmt)} (Δ {_f(t['delta'], '{:+' + fmt[2:])})"
                 lines.append(f"| {t['backend']} | {t['precision']} | – | – | {metric} |")

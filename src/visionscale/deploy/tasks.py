@@ -1,4 +1,4 @@
-"""Task-level metrics for ``visionscale bench --data``: what a backend or precision change does
+"""Task-level metrics for ``BenchConfig.data`` (``visionscale bench --data``): what a backend or precision change does
 to the number a user actually reports, not only to the raw outputs.
 
 One metric per model family, computed with the very Runner that was timed:
@@ -59,7 +59,7 @@ def task_metric(net: nn.Module, data: str | Path, image_size: tuple[int, int], a
 
     data = Path(data).expanduser()
     if not data.exists():
-        raise RunnerError(f"--data {data} does not exist")
+        raise RunnerError(f"data {data} does not exist").about("data")
     if anomaly_run:
         return _anomaly(data, image_size, batch_size)
     if isinstance(net, Classifier):
@@ -68,8 +68,8 @@ def task_metric(net: nn.Module, data: str | Path, image_size: tuple[int, int], a
         return _detector(net, data, image_size, batch_size)
     if isinstance(_unwrap(net), FaceEmbedder):
         return _embedder(_unwrap(net), data, batch_size)
-    raise RunnerError(f"--data gives a task metric for anomaly run folders, classifier, detector and face-embedder "
-                      f"checkpoints; {type(net).__name__} is none of them")
+    raise RunnerError(f"data gives a task metric for anomaly run folders, classifier, detector and face-embedder "
+                      f"checkpoints; {type(net).__name__} is none of them").about("data")
 
 
 # -- anomaly detection ---------------------------------------------------------------------
@@ -105,7 +105,7 @@ def _classifier(net, data: Path, batch_size: int) -> TaskMetric:
     try:
         scan_image_folder(data, classes=list(net.config.classes), min_classes=1)
     except ValueError as exc:
-        raise RunnerError(f"--data {data}: {exc}") from None
+        raise RunnerError(f"data {data}: {exc}").about("data") from None
 
     def evaluate(runner) -> float:
         from visionscale.classify.train import evaluate_model
@@ -121,12 +121,13 @@ def _detector(net, data: Path, size: tuple[int, int], batch_size: int) -> TaskMe
     from visionscale.detection.train import load_dataset
 
     if size[0] != size[1]:
-        raise RunnerError(f"detection AP is measured on square inputs; got --image-size {size[0]} {size[1]}")
+        raise RunnerError(f"detection AP is measured on square inputs; got image_size {size[0]} "
+                          f"{size[1]}").about("image_size")
     if data.is_dir():
         ann, fmt = data / "val.json", "coco"
         if not ann.is_file():
-            raise RunnerError(f"--data {data}: no val.json (COCO) in it; give the folder of `visionscale detect "
-                              "make-demo` or an annotation file")
+            raise RunnerError(f"data {data}: no val.json (COCO) in it; give the folder of `visionscale detect "
+                              "make-demo` or an annotation file").about("data")
     else:
         ann, fmt = data, "widerface" if data.suffix.lower() == ".txt" else "coco"
     try:
@@ -147,8 +148,8 @@ def _embedder(net, data: Path, batch_size: int) -> TaskMetric:
     if data.is_dir():
         pairs = next((data / n for n in ("pairs.txt", "pairsDevTest.txt") if (data / n).is_file()), None)
         if pairs is None:
-            raise RunnerError(f"--data {data}: no pairs.txt or pairsDevTest.txt in it (an LFW folder, or "
-                              "`visionscale face make-lfw-demo`)")
+            raise RunnerError(f"data {data}: no pairs.txt or pairsDevTest.txt in it (an LFW folder, or "
+                              "`visionscale face make-lfw-demo`)").about("data")
         root = data
     else:
         pairs, root = data, data.parent

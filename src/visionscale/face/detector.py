@@ -184,7 +184,7 @@ class FaceDetector:
         if cached is not None:
             load_into(net, load_state_dict(cached), source=str(cached))
             return
-        raise WeightsUnavailableError(missing_weights_message(variant))
+        raise WeightsUnavailableError(missing_weights_message(variant)).about("weights")
 
     @property
     def input_size(self) -> int:

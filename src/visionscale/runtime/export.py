@@ -361,7 +361,7 @@ def export_onnx(
             if hi is not None and key != "batch":
                 notes.append(f"{key} is dynamic only up to {hi} px: the model's code branches on the size at the "
                              f"example {h}x{w} (e.g. a 1x1 map before global pooling); export at a larger "
-                             f"--image-size for a wider range")
+                             f"image_size for a wider range")
         shapes = [(batch, channels, h, w)]
         second = _second_shape(net, name, shapes[0], dynamic_axes, ranges)
         if second is not None:

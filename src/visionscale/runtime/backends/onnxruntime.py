@@ -221,7 +221,7 @@ class OnnxRuntimeBackend:
         graph_precision = "fp16" if self.np_dtype == np.float16 else "fp32"
         if precision is not None and precision != graph_precision:
             raise RunnerError(f"{self.path} is an {graph_precision} graph, but precision {precision!r} was asked for; "
-                              f"export it with --precision {precision}")
+                              f"export it again with that precision").about("precision")
         self.precision = graph_precision
         names = [o.name for o in self.session.get_outputs()]
         spec = self.meta.get("outputs")
@@ -239,7 +239,7 @@ class OnnxRuntimeBackend:
                 continue  # run one image at a time, see __call__
             if isinstance(want, int) and want != got:
                 raise RunnerError(f"{self.path.name} was exported with a static input {self.input_shape}: axis {axis} "
-                                  f"must be {want}, got {got} (export again with --image-size/--batch for that shape)")
+                                  f"must be {want}, got {got} (export it again at that input size and batch)")
         for axis, key in ((2, "height"), (3, "width")):
             lo, hi = (self.ranges.get(key) or [None, None])
             if (lo is not None and x.shape[axis] < lo) or (hi is not None and x.shape[axis] > hi):
