@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,7 @@ from visionscale.io.weights import (
     load_state_dict,
 )
 
-sys.path.insert(0, str(Path(__file__).parent.parent))  # tests/: the synthetic .tflite writer
-from test_face_tflite import _write_tflite  # noqa: E402
+from tflite_writer import write_tflite as _write_tflite  # tests/tflite_writer.py
 
 tflite = pytest.importorskip("tflite", reason="the tflite package (an independent reader of the format) not installed")
 
