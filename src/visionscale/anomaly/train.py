@@ -20,10 +20,9 @@ their new module.
 
 from __future__ import annotations
 
-import importlib
 import os
-import warnings
 
+from visionscale._deprecated import moved
 from visionscale.anomaly.config import (
     DDAD_MODELS,
     EFFICIENTAD_MODELS,
@@ -90,27 +89,20 @@ def fit(
     return fit_ddad_run(data, out, cfg, category=category, progress=progress, log=log, overwrite=overwrite)
 
 
-# Names that moved out of this module: old name -> (module, name there).
+# Names that moved out of this module: old name -> "module:name there".
 _MOVED = {
-    "build_run_model": ("visionscale.anomaly.runs", "build_run_model"),
-    "build_model": ("visionscale.anomaly.runs", "build_patchcore"),
-    "SignedInput": ("visionscale.anomaly.runs", "SignedInput"),
-    "imagenet_to_signed": ("visionscale.anomaly.runs", "imagenet_to_signed"),
-    "fit_memory_estimate": ("visionscale.anomaly.patchcore_fit", "fit_memory_estimate"),
-    "peak_rss_bytes": ("visionscale.anomaly.run", "peak_rss_bytes"),
-    "RUN_FILES": ("visionscale.anomaly.run", "RUN_FILES"),
-    "RUN_FOLDERS": ("visionscale.anomaly.run", "RUN_FOLDERS"),
-    "RANDOM_WEIGHTS_WARNING": ("visionscale.anomaly.config", "RANDOM_WEIGHTS_WARNING"),
-    "RANDOM_TEACHER_WARNING": ("visionscale.anomaly.config", "RANDOM_TEACHER_WARNING"),
-    "MAX_IMAGE_SIDE": ("visionscale.anomaly.config", "MAX_IMAGE_SIDE"),
+    "build_run_model": "visionscale.anomaly.runs:build_run_model",
+    "build_model": "visionscale.anomaly.runs:build_patchcore",
+    "SignedInput": "visionscale.anomaly.runs:SignedInput",
+    "imagenet_to_signed": "visionscale.anomaly.runs:imagenet_to_signed",
+    "fit_memory_estimate": "visionscale.anomaly.patchcore_fit:fit_memory_estimate",
+    "peak_rss_bytes": "visionscale.anomaly.run:peak_rss_bytes",
+    "RUN_FILES": "visionscale.anomaly.run:RUN_FILES",
+    "RUN_FOLDERS": "visionscale.anomaly.run:RUN_FOLDERS",
+    "RANDOM_WEIGHTS_WARNING": "visionscale.anomaly.config:RANDOM_WEIGHTS_WARNING",
+    "RANDOM_TEACHER_WARNING": "visionscale.anomaly.config:RANDOM_TEACHER_WARNING",
+    "MAX_IMAGE_SIDE": "visionscale.anomaly.config:MAX_IMAGE_SIDE",
 }
 
 
-def __getattr__(name: str):
-    try:
-        module, new = _MOVED[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    warnings.warn(f"visionscale.anomaly.train.{name} moved to {module}.{new}; the old name goes in the next release",
-                  DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module(module), new)
+__getattr__ = moved(__name__, _MOVED)

@@ -12,6 +12,7 @@ See docs/runtime.md. Heavy dependencies (onnxruntime, onnxscript, torch_tensorrt
 imported only by the backends that need them.
 """
 
+from visionscale._deprecated import moved
 from visionscale.runtime.errors import BackendUnavailableError, ExportError, RunnerError
 from visionscale.runtime.precision import PRECISIONS, PrecisionError
 from visionscale.runtime.runner import Runner, accelerate, resolve_device, runtime_info
@@ -22,15 +23,10 @@ def __getattr__(name: str):  # lazy: export/bench import torch.onnx and friends
         from visionscale.runtime import export
 
         return getattr(export, name)
-    if name in ("bench", "BenchConfig", "BenchResult"):
-        import warnings
+    return _moved(name)
 
-        warnings.warn(f"visionscale.runtime.{name} moved to visionscale.deploy.{name}", DeprecationWarning,
-                      stacklevel=2)
-        from visionscale.deploy import bench as _moved  # deprecated forward, the one upward import
 
-        return getattr(_moved, name)
-    raise AttributeError(name)
+_moved = moved(__name__, {n: f"visionscale.deploy.bench:{n}" for n in ("bench", "BenchConfig", "BenchResult")})
 
 
 __all__ = ["BackendUnavailableError", "ExportError", "PRECISIONS", "PrecisionError", "Runner", "RunnerError", "accelerate",
