@@ -14,10 +14,14 @@ import warnings
 from collections.abc import Callable
 
 
-def moved(old_module: str, table: dict[str, str]) -> Callable[[str], object]:
-    """A module-level ``__getattr__`` that forwards the names in ``table`` with a warning."""
+def moved(old_module: str, table: dict[str, str], lazy: dict[str, str] | None = None) -> Callable[[str], object]:
+    """A module-level ``__getattr__`` that forwards the names in ``table`` with a warning, and
+    the names in ``lazy`` (current names, imported on first use) without one."""
 
     def __getattr__(name: str) -> object:
+        if lazy and name in lazy:
+            module, _, attr = lazy[name].partition(":")
+            return getattr(importlib.import_module(module), attr)
         target = table.get(name)
         if target is None and "*" in table and not name.startswith("_"):
             target = f"{table['*']}:{name}"

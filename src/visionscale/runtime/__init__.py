@@ -18,15 +18,10 @@ from visionscale.runtime.precision import PRECISIONS, PrecisionError
 from visionscale.runtime.runner import Runner, accelerate, resolve_device, runtime_info
 
 
-def __getattr__(name: str):  # lazy: export/bench import torch.onnx and friends
-    if name in ("export_onnx", "export_tensorrt", "export_model", "ExportResult"):
-        from visionscale.runtime import export
-
-        return getattr(export, name)
-    return _moved(name)
-
-
-_moved = moved(__name__, {n: f"visionscale.deploy.bench:{n}" for n in ("bench", "BenchConfig", "BenchResult")})
+# Lazy: export imports torch.onnx and friends. The bench names moved up to visionscale.deploy.
+__getattr__ = moved(__name__, {n: f"visionscale.deploy.bench:{n}" for n in ("bench", "BenchConfig", "BenchResult")},
+                    lazy={n: f"visionscale.runtime.export:{n}"
+                          for n in ("export_onnx", "export_tensorrt", "export_model", "ExportResult")})
 
 
 __all__ = ["BackendUnavailableError", "ExportError", "PRECISIONS", "PrecisionError", "Runner", "RunnerError", "accelerate",
