@@ -40,7 +40,13 @@ class ModelInfo:
             whose height and width are fixed by design.
         not_exportable: Why no graph export of this model can match its eager outputs
             (``None``: exportable).
-    """
+        tile_align: Tiles of a large image start at multiples of this many px (the model's
+            total stride), so each tile's output grid lines up with the whole image's.
+        tile_margin: Outputs closer than this many px to a tile edge inside the image differ
+            from the whole-image outputs (zero padding where the image has pixels); tiled
+            inference gives them weight 0 (see :mod:`visionscale.tiling`). For a model whose
+            receptive field is wider (a deep backbone), a margin past which the difference is
+            small, not zero; the docs of each model say which.
 
     input_size: tuple[int, int] = DEFAULT_INPUT_SIZE
     mean: tuple[float, ...] | None = None
@@ -49,6 +55,8 @@ class ModelInfo:
     export_batch: int = 2
     dynamic_axes: tuple[int, ...] = ALL_AXES
     not_exportable: str | None = None
+    tile_align: int = 1
+    tile_margin: int = 0
 
     def __post_init__(self) -> None:
         size = self.input_size
