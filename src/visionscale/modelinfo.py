@@ -47,6 +47,7 @@ class ModelInfo:
             inference gives them weight 0 (see :mod:`visionscale.tiling`). For a model whose
             receptive field is wider (a deep backbone), a margin past which the difference is
             small, not zero; the docs of each model say which.
+    """
 
     input_size: tuple[int, int] = DEFAULT_INPUT_SIZE
     mean: tuple[float, ...] | None = None
