@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from visionscale.anomaly.data import ADDataset, DataError, ReadLog, Sample, iter_batches
-from visionscale.anomaly.metrics import evaluate_scores, f1_optimal_threshold
-from visionscale.anomaly.predict import Scored, score_batches
+from visionscale.anomaly.data import ADDataset, DataError, ReadLog, Sample
+from visionscale.anomaly.metrics import evaluate_scores, f1_optimal_threshold, pro_curve, roc_curve
+from visionscale.anomaly.tiles import score_images
+from visionscale.tiling import Tiling
 
 __all__ = ["Calibration", "calibrate"]
 
@@ -41,8 +42,12 @@ class Calibration:
 
 def calibrate(model, ds: ADDataset, normal: list[Sample], cfg, device: torch.device, progress, *,
               held_out_what: str | None, batch_size: int | None = None,
-              signed_scores: bool = False) -> Calibration:
+              signed_scores: bool = False, tiling: Tiling | None = None) -> Calibration:
     """Thresholds + normalisation from the labelled test set, else from the ``normal`` images.
+
+    Images are scored one at a time (:func:`~visionscale.anomaly.tiles.score_images`): maps
+    are reduced to their extremes as they come, and kept only for the pixel metrics of a
+    labelled test set with masks.
 
     Args:
         model: Returns ``pred_score`` and ``anomaly_map`` for ImageNet-normalised batches.
@@ -52,34 +57,37 @@ def calibrate(model, ds: ADDataset, normal: list[Sample], cfg, device: torch.dev
         cfg: The :class:`~visionscale.anomaly.config.FitConfig` (image size, batch size,
             margin, ``skip_bad``).
         held_out_what: How the notes name the held-out ``normal`` images.
-        batch_size: Images per scoring batch (default: ``cfg.batch_size`` or 8).
+        batch_size: Images (or tiles) per scoring batch (default: ``cfg.batch_size`` or 8).
         signed_scores: Scores can be negative (see the module docstring).
+        tiling: The run's tiling (maps at the image's size), or None (maps at the model size).
     """
     labelled = ds.test_has_labels
     notes: list[str] = []
     with_masks = labelled and ds.test_has_masks
     samples = ds.test if labelled else normal
     read_log = ReadLog()
-    batches = iter_batches(samples, cfg.image_size, batch_size or cfg.batch_size or 8, skip_bad=cfg.skip_bad,
-                           log=read_log, with_masks=with_masks)
-    scored: Scored = score_batches(model, batches, device, len(samples), progress, "calibration")
+    pixels = PixelStats(with_masks)
+    scored: list = []
+    for r in score_images(model, samples, device, image_size=cfg.image_size, tiling=tiling,
+                          batch_size=batch_size or cfg.batch_size or 8, skip_bad=cfg.skip_bad, log=read_log,
+                          with_masks=with_masks, progress=progress, stage="calibration"):
+        pixels.update(r.amap, r.sample.label == 0 or not labelled, r.mask)
+        scored.append((r.sample, r.score))
     if read_log.bad:
         notes.append("calibration: " + read_log.bad_note())
-    if not scored.samples:
+    if not scored:
         raise DataError("no calibration image could be read: " + (read_log.bad_note() or ""))
-    scores = np.asarray(scored.scores, dtype=np.float64)
-    maps = np.stack(scored.maps)  # (N, h, w)
-    labels = np.array([s.label for s in scored.samples])
+    scores = np.asarray([sc for _, sc in scored], dtype=np.float64)
+    labels = np.array([s.label for s, _ in scored])
     margin = cfg.threshold_margin
     normal_mask = labels == 0 if labelled else np.ones(labels.size, dtype=bool)
-    cal: dict = {"image_max": float(scores.max()), "pixel_max": float(maps.max())}
+    cal: dict = {"image_max": float(scores.max()), "pixel_max": pixels.max}
     metrics = None
     if labelled and 0 < labels.sum() < labels.size:
         thr, f1 = f1_optimal_threshold(labels, scores)
         cal.update(image_threshold=thr, image_threshold_source=(
             f"F1-optimal on the labelled test set ({labels.size} images, {int(labels.sum())} anomalous; F1 {f1:.3f})"))
-        masks = np.stack(scored.masks) if with_masks else None
-        m = evaluate_scores(labels, scores, maps if with_masks else None, masks)
+        m = pixels.metrics(labels, scores)
         note = ds.mask_note()
         if note:
             m.notes = (note,) + tuple(n for n in m.notes if not n.startswith("pixel metrics skipped"))
@@ -89,15 +97,15 @@ def calibrate(model, ds: ADDataset, normal: list[Sample], cfg, device: torch.dev
         if with_masks:
             cal.update(pixel_threshold=m.pixel_threshold, pixel_threshold_source="F1-optimal on the test masks")
         else:
-            thr, rule = _above_max(maps[normal_mask], margin, signed_scores)
+            thr, rule = _above_max(pixels.normal_max, pixels.normal_min, margin, signed_scores)
             cal.update(pixel_threshold=thr,
                        pixel_threshold_source=f"{rule} the highest map value of the normal test images (no masks)")
     else:
         held_out = held_out_what is not None
         where = (held_out_what if held_out else
                  "the training images themselves (fewer than 10, none held out: scores are biased low)")
-        thr, rule = _above_max(scores, margin, signed_scores)
-        pthr, prule = _above_max(maps, margin, signed_scores)
+        thr, rule = _above_max(float(scores.max()), float(scores.min()), margin, signed_scores)
+        pthr, prule = _above_max(pixels.max, pixels.min, margin, signed_scores)
         cal.update(image_threshold=thr, image_threshold_source=f"{rule} the highest score of {where}",
                    pixel_threshold=pthr, pixel_threshold_source=f"{prule} the highest map value of {where}")
         if not held_out:
@@ -105,28 +113,61 @@ def calibrate(model, ds: ADDataset, normal: list[Sample], cfg, device: torch.dev
                          "expect false alarms: add a labelled test set or more training images")
     # Normalisation: the lowest normal score -> 0, the threshold -> 0.5, as far again above -> 1.
     cal["image_min"] = float(scores[normal_mask].min())
-    cal["pixel_min"] = float(maps[normal_mask].min())
-    cal["image_span"] = _span(cal["image_threshold"], cal["image_min"], scores)
-    cal["pixel_span"] = _span(cal["pixel_threshold"], cal["pixel_min"], maps)
+    cal["pixel_min"] = pixels.normal_min
+    cal["image_span"] = _span(cal["image_threshold"], cal["image_min"], float(scores.min()), float(scores.max()))
+    cal["pixel_span"] = _span(cal["pixel_threshold"], cal["pixel_min"], pixels.min, pixels.max)
     cal["normalization"] = ("normalized = clip((score - threshold) / span + 0.5, 0, 1) with span = 2 x (threshold - "
                             "lowest normal calibration score): 0 = that lowest normal score, 0.5 = the threshold; "
                             "heatmaps use the same scale with the pixel values")
-    cal["calibration_images"] = len(scored.samples)
+    cal["calibration_images"] = len(scored)
+    cal["normal_scores"] = sorted(float(v) for v in scores[normal_mask])  # for a threshold at a target FPR
     return Calibration(cal, metrics, notes)
 
 
-def _above_max(values: np.ndarray, margin: float, signed: bool) -> tuple[float, str]:
-    """Threshold a margin above the highest normal value, and the rule's wording."""
-    hi, lo = float(np.max(values)), float(np.min(values))
+class PixelStats:
+    """Extremes of the maps (all, and of normal images) as they come; with masks, the pixel
+    metrics too (:func:`~visionscale.anomaly.metrics.evaluate_scores` over the kept maps)."""
+
+    def __init__(self, with_masks: bool):
+        self.with_masks = with_masks
+        self.min = self.normal_min = float("inf")
+        self.max = self.normal_max = -float("inf")
+        self.maps: list[np.ndarray] = []
+        self.masks: list[np.ndarray] = []
+
+    def update(self, amap: np.ndarray, normal: bool, mask: np.ndarray | None) -> None:
+        lo, hi = float(amap.min()), float(amap.max())
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        if normal:
+            self.normal_min, self.normal_max = min(self.normal_min, lo), max(self.normal_max, hi)
+        if self.with_masks:
+            self.maps.append(amap)
+            self.masks.append(mask)
+
+    def roc(self) -> tuple[np.ndarray, np.ndarray]:
+        fpr, tpr, _ = roc_curve(self.masks, self.maps)
+        return fpr, tpr
+
+    def pro(self) -> tuple[np.ndarray, np.ndarray]:
+        fpr, pro, _ = pro_curve(self.maps, self.masks)
+        return fpr, pro
+
+    def metrics(self, labels: np.ndarray, scores: np.ndarray):
+        if not self.with_masks:
+            return evaluate_scores(labels, scores)
+        return evaluate_scores(labels, scores, self.maps, self.masks)
+
+
+def _above_max(hi: float, lo: float, margin: float, signed: bool) -> tuple[float, str]:
+    """Threshold a margin above the highest normal value ``hi`` (``lo`` the lowest), and the rule's wording."""
     if not signed:
         return (1 + margin) * hi, f"(1 + {margin}) x"
     return hi + margin * (hi - lo), f"{margin} x (max - min) above"
 
 
-def _span(threshold: float, lowest_normal: float, values: np.ndarray) -> float:
+def _span(threshold: float, lowest_normal: float, lo: float, hi: float) -> float:
     """2 x (threshold - lowest normal value); max - min of all values (or 1) if that is not positive."""
     span = 2.0 * (threshold - lowest_normal)
     if span > 0:
         return span
-    lo, hi = float(np.min(values)), float(np.max(values))
     return (hi - lo) if hi > lo else 1.0

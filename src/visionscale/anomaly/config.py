@@ -14,6 +14,7 @@ from pathlib import Path
 from visionscale.anomaly.coreset import DEFAULT_PROJECTION_DIM, DEFAULT_STARTING_POINTS
 from visionscale.anomaly.data import pair
 from visionscale.errors import VisionscaleError, check_finite, check_int
+from visionscale.tiling import parse_tile
 
 __all__ = ["PATCHCORE_MODELS", "EFFICIENTAD_MODELS", "DDAD_MODELS", "FIT_MODELS", "method_of", "FitConfig",
            "FitError", "FitResult", "Progress", "Log"]
@@ -86,6 +87,16 @@ class FitConfig:
         allow_random_weights: Distillation may use a random WRN when pretrained weights
             cannot be had (offline); a loud warning says so.
         checkpoint_every: EfficientAD / DDAD: steps between checkpoints.
+        tile: (H, W) of the tiles a tiled fit cuts every image into (the model input, so it
+            replaces ``image_size``); None: whole images resized to ``image_size``. See
+            :mod:`visionscale.anomaly.tiles`.
+        tile_overlap: px shared by neighbouring tiles; None: the model's default (twice its
+            tile margin plus an eighth of the tile).
+        pre_resize: (H, W) every image is resized to before tiling; None: native resolution.
+        memory_budget: Bytes one forward pass may use; with ``tile`` None it picks the
+            largest tile that fits (the study's analytic memory, see
+            :func:`visionscale.study.tiles.plan_tiles`), and the batch of tiles.
+        workers: Threads decoding images in parallel (0: in the main thread).
     """
 
     model: str = "patchcore"
@@ -107,8 +118,29 @@ class FitConfig:
     distill_steps: int = 60_000
     allow_random_weights: bool = False
     checkpoint_every: int = 1000
+    tile: tuple[int, int] | None = None
+    tile_overlap: int | None = None
+    pre_resize: tuple[int, int] | None = None
+    memory_budget: int | None = None
+    workers: int = 0
 
     def __post_init__(self) -> None:
+        if self.tile is not None:
+            object.__setattr__(self, "tile", parse_tile(self.tile))
+            object.__setattr__(self, "image_size", self.tile)  # the model sees tiles
+        if self.pre_resize is not None:
+            object.__setattr__(self, "pre_resize", parse_tile(self.pre_resize, "pre_resize"))
+        if self.tile_overlap is not None:
+            check_int("tile_overlap", self.tile_overlap, minimum=0)
+            if self.tile is not None and self.tile_overlap >= min(self.tile):
+                raise FitError(f"tile_overlap ({self.tile_overlap} px) must be smaller than the tile "
+                               f"({self.tile[1]}x{self.tile[0]})").about("tile_overlap", "tile")
+        if self.memory_budget is not None:
+            check_int("memory_budget", self.memory_budget, minimum=1)
+        check_int("workers", self.workers, minimum=0, maximum=256)
+        if self.pre_resize is not None and self.tile is None and self.memory_budget is None:
+            raise FitError("pre_resize applies to tiled fits: set tile (or memory_budget), or use image_size to "
+                           "resize whole images").about("pre_resize", "tile")
         # Every number is checked here, not only in the CLI: NaN passes most comparisons.
         if not isinstance(self.image_size, int):
             for v in self.image_size:
@@ -181,7 +213,16 @@ class FitConfig:
                 keep += ["weights", "distill_steps", "allow_random_weights"]
         else:
             keep = common + ["steps", "batch_size", "weights"]
+        if self.tiled:  # only tiled fits record it: earlier runs keep their identity
+            keep += ["tile", "tile_overlap", "pre_resize"]
+            d["tile"] = list(self.tile) if self.tile is not None else "auto"
+            d["pre_resize"] = list(self.pre_resize) if self.pre_resize is not None else None
         return {k: d[k] for k in keep}
+
+    @property
+    def tiled(self) -> bool:
+        """The fit cuts images into tiles (a tile size, or a budget that picks one)."""
+        return self.tile is not None or self.memory_budget is not None
 
 
 @dataclass

@@ -216,7 +216,11 @@ class DDAD(nn.Module):
         # Input in [-1, 1] (the official Dataset_maker's 2 x [0, 1] - 1), trained at 256 px.
         # Batch 1 for export: the graph holds the sampling noise of one shape (for_export),
         # and a Runner scores any batch image by image.
-        self.model_info = ModelInfo(input_size=(256, 256), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), export_batch=1)
+        # Tiles: starts on the U-Net's size multiple; the margin (its receptive field is wider)
+        # keeps the blur's reflected border and most of the conditioning context out of the
+        # stitched map. The map's per-image scale (max D_f / max D_p) is per tile when tiled.
+        self.model_info = ModelInfo(input_size=(256, 256), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), export_batch=1,
+                                    tile_align=self.unet.config.size_multiple, tile_margin=max(32, self.blur.radius))
 
     @property
     def num_steps(self) -> int:

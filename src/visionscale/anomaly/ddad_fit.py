@@ -29,7 +29,8 @@ from visionscale.anomaly.config import (
     Log,
     Progress,
 )
-from visionscale.anomaly.data import ReadLog, Sample, iter_batches
+from visionscale.anomaly.data import ReadLog, Sample
+from visionscale.anomaly.tiles import expand_tiles, fit_tiling, iter_sample_batches, shuffled, tiling_fields
 from visionscale.anomaly.run import FitRun, out_of_memory_as, training_oom_error
 from visionscale.anomaly.runs import SignedInput
 from visionscale.device import resolve_device
@@ -57,21 +58,22 @@ def fit_ddad_run(data: str | os.PathLike, out: str | os.PathLike, config: FitCon
             return run.finished()
         if cfg.weights is None:
             run.warn(RANDOM_WEIGHTS_WARNING, "weights")
+        tiling = fit_tiling(model, cfg)
         run.write_config(device, cfg.weights or "random", method="ddad",
                          random_weights="backbone" if cfg.weights is None else None,
-                         train=asdict(dcfg) if hasattr(dcfg, "__dataclass_fields__") else {})
+                         train=asdict(dcfg) if hasattr(dcfg, "__dataclass_fields__") else {}, **tiling_fields(tiling))
         model.to(device)
         if run.done("model"):
             run.restore_weights(model)
             run.say("training already done: resuming at calibration")
         else:
             with out_of_memory_as(lambda: training_oom_error("training", cfg, device)):
-                _train(trainer, model, train_samples, dcfg, cfg, run)
+                _train(trainer, model, expand_tiles(train_samples, tiling) if tiling else train_samples, dcfg, cfg, run)
         model.eval()
         t0 = time.perf_counter()
         with out_of_memory_as(lambda: training_oom_error("calibration", cfg, device)):
             calibration = calibrate(SignedInput(model).to(device), ds, holdout or train_samples, cfg, device,
-                                    run.tick, batch_size=cfg.batch_size,
+                                    run.tick, batch_size=cfg.batch_size, tiling=tiling,
                                     held_out_what="normal images held out of training" if holdout else None)
         return run.finish(calibration, time.perf_counter() - t0)
 
@@ -130,8 +132,8 @@ def _train(trainer, model, samples: list[Sample], dcfg, cfg: FitConfig, run: Fit
 
     def train_batches(epoch: int):
         g = torch.Generator().manual_seed(step_seed(cfg.seed, epoch, 8))
-        order = [samples[i] for i in torch.randperm(len(samples), generator=g).tolist()]
-        for b in iter_batches(order, cfg.image_size, cfg.batch_size, skip_bad=cfg.skip_bad, log=read_log):
+        order = shuffled(samples, g)
+        for b in iter_sample_batches(order, cfg.image_size, cfg.batch_size, skip_bad=cfg.skip_bad, log=read_log):
             yield b.images
 
     run.save_state()

@@ -193,7 +193,11 @@ class EfficientAD(nn.Module):
             self.register_buffer(name, torch.tensor(0.0))
         for name in ("q_st_end", "q_ae_end"):
             self.register_buffer(name, torch.tensor(1.0))
-        self.model_info = imagenet(input_size=(256, 256))  # the reference code's size
+        # Tiles start on the PDN's stride (4). Within 24 px of an inner tile edge the PDN's
+        # 33 px receptive field and the map's bilinear upsampling see the tile's padding;
+        # beyond it the student-teacher map equals the whole image's. The autoencoder is not
+        # local (its latent sees the whole input), so its map differs wherever tiles differ.
+        self.model_info = imagenet(input_size=(256, 256), tile_align=4, tile_margin=24)  # the reference code's size
 
     def validate_input_size(self, h: int, w: int) -> None:
         """Raise ValueError if an ``h x w`` image is too small for the PDNs or the autoencoder."""

@@ -19,7 +19,8 @@ import torch
 from visionscale.anomaly import efficientad_train as E
 from visionscale.anomaly.calibration import calibrate
 from visionscale.anomaly.config import RANDOM_TEACHER_WARNING, FitConfig, FitError, FitResult, Log, Progress
-from visionscale.anomaly.data import SKIP_HINT, ADDataset, DataError, ReadLog, Sample, iter_batches
+from visionscale.anomaly.data import SKIP_HINT, ADDataset, DataError, ReadLog, Sample
+from visionscale.anomaly.tiles import expand_tiles, fit_tiling, iter_sample_batches, read_sample, tiling_fields
 from visionscale.anomaly.run import FitRun, out_of_memory_as, split_holdout, training_oom_error
 from visionscale.device import resolve_device
 from visionscale.io.weights import WeightsUnavailableError
@@ -72,9 +73,15 @@ def fit_efficientad(data: str | os.PathLike, out: str | os.PathLike, config: Fit
         random_teacher = cfg.teacher is None and not cfg.distill_teacher
         if random_teacher:
             run.warn(RANDOM_TEACHER_WARNING, "teacher", "distill_teacher", "imagenet")
+        tiling = fit_tiling(model, cfg)
         run.write_config(device, cfg.teacher or ("distilled" if cfg.distill_teacher else "random"),
                          method="efficientad", pdn_padding=model.config.padding,
-                         random_weights="teacher" if random_teacher else None, train=asdict(tcfg))
+                         random_weights="teacher" if random_teacher else None, train=asdict(tcfg),
+                         **tiling_fields(tiling))
+        if tiling is not None:  # every stage before calibration trains on (or normalises over) tiles
+            train_items, val_items = expand_tiles(train_samples, tiling), expand_tiles(val_samples, tiling)
+        else:
+            train_items, val_items = train_samples, val_samples
         model.to(device)
 
         def oom(stage: str):
@@ -88,12 +95,12 @@ def fit_efficientad(data: str | os.PathLike, out: str | os.PathLike, config: Fit
                 _distilled_teacher(model, extractor, generic, tcfg, cfg, device, run)
                 del extractor
             with out_of_memory_as(oom("teacher statistics")):
-                usable = _teacher_statistics(model, train_samples, cfg, device, run)
+                usable = _teacher_statistics(model, train_items, cfg, device, run)
             run.save_state()
             with out_of_memory_as(oom("training")):
                 hist = _train(model, usable, generic, tcfg, device, run)
             with out_of_memory_as(oom("map normalisation")):
-                quantiles = _map_normalisation(model, val_samples, tcfg, cfg, device, run)
+                quantiles = _map_normalisation(model, val_items, tcfg, cfg, device, run)
             run.save_weights(model, "visionscale.efficientad")
             if generic is not None and generic.bad:
                 run.notes.append(f"skipped {len(generic.bad)} unreadable imagenet image(s): "
@@ -107,6 +114,7 @@ def fit_efficientad(data: str | os.PathLike, out: str | os.PathLike, config: Fit
         t0 = time.perf_counter()
         with out_of_memory_as(oom("calibration")):
             calibration = calibrate(model, ds, val_samples, cfg, device, run.tick, batch_size=8, signed_scores=True,
+                                    tiling=tiling,
                                     held_out_what="training images held out of training (the map-normalisation set)")
         return run.finish(calibration, time.perf_counter() - t0)
 
@@ -150,7 +158,7 @@ def _teacher_statistics(model, samples: list[Sample], cfg: FitConfig, device: to
     n_done = [0]
 
     def stat_batches():
-        for b in iter_batches(samples, cfg.image_size, 8, skip_bad=cfg.skip_bad, log=read_log):
+        for b in iter_sample_batches(samples, cfg.image_size, 8, skip_bad=cfg.skip_bad, log=read_log):
             yield b.images
             n_done[0] += len(b.samples)
             run.tick("teacher stats", n_done[0], len(samples))
@@ -173,7 +181,7 @@ def _teacher_statistics(model, samples: list[Sample], cfg: FitConfig, device: to
 def _train(model, usable: list[Sample], generic: _GenericImages | None, tcfg, device: torch.device,
            run: FitRun) -> dict:
     """Stage ``train``: student + autoencoder, checkpointed in ``RUN/checkpoints``."""
-    store = _ImageStore([s.path for s in usable], run.cfg.image_size)
+    store = _ImageStore(usable, run.cfg.image_size)
     seed = run.cfg.seed
 
     def train_batch(step: int) -> torch.Tensor:
@@ -192,7 +200,7 @@ def _map_normalisation(model, val_samples: list[Sample], tcfg, cfg: FitConfig, d
                        run: FitRun):
     """Quantiles of the maps on the held-out training images."""
     val_log = ReadLog()
-    q = E.map_normalization(model, (b.images for b in iter_batches(val_samples, cfg.image_size, 8,
+    q = E.map_normalization(model, (b.images for b in iter_sample_batches(val_samples, cfg.image_size, 8,
                                                                    skip_bad=cfg.skip_bad, log=val_log)),
                             tcfg.map_q_start, tcfg.map_q_end, device)
     if val_log.bad:
@@ -211,17 +219,17 @@ def _epoch_indices(n: int, batch_size: int, seed: int, step: int, stream: int) -
 class _ImageStore:
     """Images by index at one size, ImageNet-normalised; kept in memory when they fit ``budget`` bytes."""
 
-    def __init__(self, paths: list[Path], size: tuple[int, int], budget: int = 512 * 2**20):
-        self.paths, self.size = paths, size
+    def __init__(self, samples: list[Sample], size: tuple[int, int], budget: int = 512 * 2**20):
+        self.samples, self.size = samples, size
         h, w = size
-        self.cache: dict[int, torch.Tensor] | None = {} if len(paths) * 3 * h * w * 4 <= budget else None
+        self.cache: dict[int, torch.Tensor] | None = {} if len(samples) * 3 * h * w * 4 <= budget else None
 
     def get(self, i: int) -> torch.Tensor:
-        from visionscale.anomaly.data import read_for_size, to_model_input
+        from visionscale.anomaly.data import to_model_input
 
         t = self.cache.get(i) if self.cache is not None else None
         if t is None:
-            t = to_model_input(read_for_size(self.paths[i], self.size)[0], self.size)  # (3, H, W)
+            t = to_model_input(read_sample(self.samples[i], self.size)[0], self.size)  # (3, H, W), image or tile
             if self.cache is not None:
                 self.cache[i] = t
         return t

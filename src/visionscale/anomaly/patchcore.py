@@ -490,7 +490,14 @@ class PatchCore(nn.Module):
         # The memory-bank search loops over the batch in Python, so a graph fixes the batch
         # anyway; exported with batch 2 and dynamic H/W it failed in ONNX Runtime (a Resize
         # got wrong scales), with batch 1 it runs and H/W stay dynamic.
-        self.model_info = imagenet(input_size=tuple(cfg.image_size), export_batch=1)
+        # Tiles start on the patch grid (stride 8); within 32 px of an inner tile edge the
+        # blur's reflected border and the backbone's zero padding change the scores (the
+        # backbone's receptive field is wider, so beyond it they differ a little, not zero).
+        self.model_info = imagenet(input_size=tuple(cfg.image_size), export_batch=1, tile_align=self.feature_stride,
+                                   tile_margin=max(32, 2 * self.postprocess.radius))
+
+    # A tiled image's score is its most anomalous tile's score (Eq. 7 reweights one patch).
+    tile_score = "tile_max"
 
     def feature_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """Patch grid (h, w) for an input size: ceil(H / 8) x ceil(W / 8) for layer2."""

@@ -57,7 +57,8 @@ from visionscale.anomaly.coreset import (
     project,
     random_projection,
 )
-from visionscale.anomaly.data import DataError, ReadLog, Sample, iter_batches, pair
+from visionscale.anomaly.data import DataError, ReadLog, Sample, pair
+from visionscale.anomaly.tiles import expand_tiles, fit_tiling, iter_sample_batches, tiling_fields
 from visionscale.anomaly.run import FitRun, out_of_memory_as, peak_rss_bytes, write_json
 from visionscale.anomaly.runs import build_patchcore
 from visionscale.device import resolve_device
@@ -101,8 +102,10 @@ def fit_patchcore(data: str | os.PathLike, out: str | os.PathLike, config: FitCo
         # that a corrected command would then refuse as "a different fit".
         model = build_patchcore(cfg.model, cfg.image_size, cfg.coreset_ratio, cfg.weights, cfg.seed).eval()
         model.to(device)
+        tiling = fit_tiling(model, cfg)
         run.write_config(device, cfg.weights or "random", method="patchcore", batch_size=cfg.batch_size,
-                         random_weights="backbone" if cfg.weights is None else None)
+                         random_weights="backbone" if cfg.weights is None else None, **tiling_fields(tiling))
+        bank_items = expand_tiles(bank_samples, tiling) if tiling is not None else bank_samples
         run.state["rss_after_model_bytes"] = peak_rss_bytes()
         run.state["memory_estimate"] = fit_memory_estimate(len(bank_samples), cfg.image_size, model.embed_dim,
                                                            cfg.coreset_ratio, cfg.projection_dim)
@@ -112,7 +115,7 @@ def fit_patchcore(data: str | os.PathLike, out: str | os.PathLike, config: FitCo
             _build_bank(model, bank_samples, cfg, device, run, keep_cache)
         t0 = time.perf_counter()
         with out_of_memory_as(lambda: _oom_error("calibration", cfg, device)):
-            calibration = calibrate(model, ds, holdout or bank_samples, cfg, device, run.tick,
+            calibration = calibrate(model, ds, holdout or bank_samples, cfg, device, run.tick, tiling=tiling,
                                     held_out_what="normal images held out of the memory bank" if holdout else None)
         return run.finish(calibration, time.perf_counter() - t0)
 
@@ -239,12 +242,12 @@ def _extract_features(model, samples: list[Sample], cfg: FitConfig, device: torc
         f.truncate(rows * width * 4)
         f.seek(rows * width * 4)
     t0 = time.perf_counter()
-    position = {s.path: i for i, s in enumerate(samples)}
+    position = {s: i for i, s in enumerate(samples)}  # tiles of one image share its path
     tick("features", done, len(samples))
     try:
         with torch.inference_mode():
-            for batch in iter_batches(samples[done:], cfg.image_size, cfg.batch_size, skip_bad=cfg.skip_bad,
-                                      log=read_log):
+            for batch in iter_sample_batches(samples[done:], cfg.image_size, cfg.batch_size, skip_bad=cfg.skip_bad,
+                                             log=read_log):
                 emb = model.feature_extractor(batch.images.to(device))  # (B, D, h, w)
                 flat = emb.permute(0, 2, 3, 1).reshape(-1, dim).float()  # (B*h*w, D): patch rows, image-major
                 flat.cpu().numpy().tofile(files[0][0])
@@ -253,7 +256,7 @@ def _extract_features(model, samples: list[Sample], cfg: FitConfig, device: torc
                 for f, _ in files:
                     f.flush()
                 rows += flat.shape[0]
-                done = position[batch.samples[-1].path] + 1
+                done = position[batch.samples[-1]] + 1
                 prog.update(images_done=done, rows=rows, bad=[[str(p), why] for p, why in read_log.bad])
                 write_json(prog_path, prog)  # after the rows are written: a resume never trusts missing rows
                 tick("features", done, len(samples))

@@ -21,8 +21,10 @@ Every file of a run is checked when it is loaded (see :mod:`visionscale.anomaly.
 
 from __future__ import annotations
 
-from visionscale.errors import check_finite, check_int
+from visionscale.errors import InvalidValueError, check_finite, check_int
+from visionscale.tiling import Tiling
 
+import contextlib
 import csv
 import io
 import json
@@ -44,7 +46,10 @@ from visionscale.anomaly.data import (
     iter_batches,
     load_dataset,
 )
+from visionscale.anomaly.calibration import PixelStats
+from visionscale.anomaly.regions import threshold_at_fpr, write_region_outputs
 from visionscale.anomaly.runs import LoadedRun, RunError, load_run, validate_run_files
+from visionscale.anomaly.tiles import score_images
 from visionscale.anomaly.metrics import (
     ImageMetrics,
     evaluate_scores,
@@ -59,10 +64,9 @@ __all__ = [
     "HEATMAP_MAX_SIDE",
     "RunError",
     "LoadedRun",
-    "Scored",
     "resolve_device",
     "load_run",
-    "score_batches",
+    "image_threshold",
     "normalize",
     "predict",
     "evaluate",
@@ -74,38 +78,6 @@ __all__ = [
 Progress = Callable[[str, int, int], None]
 
 HEATMAP_MAX_SIDE = 1024  # px, the longer side of a heatmap overlay at most
-
-
-@dataclass
-class Scored:
-    """Scores of a set of images, in the order they were read (unreadable ones left out)."""
-
-    samples: list[Sample] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
-    maps: list[np.ndarray] = field(default_factory=list)  # (h, w) float32 at the model size
-    masks: list[np.ndarray] = field(default_factory=list)  # (h, w) bool, when asked for
-    log: ReadLog = field(default_factory=ReadLog)
-
-
-@torch.inference_mode()
-def score_batches(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device,
-                  total: int | None = None, progress: Progress | None = None, stage: str = "scoring",
-                  keep_maps: bool = True) -> Scored:
-    """Run the model over batches; collect image scores, anomaly maps and masks on the CPU."""
-    out = Scored()
-    done = 0
-    for batch in batches:
-        res = model(batch.images.to(device))
-        out.scores.extend(res["pred_score"].float().cpu().tolist())
-        if keep_maps:
-            out.maps.extend(m for m in res["anomaly_map"][:, 0].float().cpu().numpy())
-        if batch.masks is not None:
-            out.masks.extend(m for m in batch.masks.numpy())
-        out.samples.extend(batch.samples)
-        done += len(batch.samples)
-        if progress is not None:
-            progress(stage, done, total or done)
-    return out
 
 
 def normalize(value: np.ndarray | float, threshold: float, span: float) -> np.ndarray | float:
@@ -133,61 +105,102 @@ def predict(
     batch_size: int = 8,
     skip_bad: bool = False,
     overlays: bool = True,
+    masks: bool = True,
+    regions: bool = True,
+    raw_maps: bool = False,
     progress: Progress | None = None,
     threshold: float | None = None,
+    target_fpr: float | None = None,
+    tiling: Tiling | None = None,
+    memory_budget: int | None = None,
     overwrite: bool = False,
 ) -> tuple[list[dict], ReadLog]:
-    """Score images: one record per readable image, heatmap overlay PNGs in ``out_dir``.
+    """Score images: one record per readable image; per image files in ``out_dir``.
 
     Records hold ``path``, ``score``, ``normalized_score``, ``label`` (``"anomalous"`` or
-    ``"normal"``), ``heatmap`` (PNG path or None). With ``out_dir``, ``predictions.json``
-    and ``predictions.csv`` are written there too, all at once when every image is done
-    (:class:`~visionscale.io.outputs.OutputDir`, kind ``ad-predict``): a failure leaves
-    ``out_dir`` as it was, and files of an earlier prediction there that this one does not
-    write are removed. A folder holding other files is refused unless ``overwrite``.
+    ``"normal"``), ``heatmap`` (PNG path or None), ``mask`` (PNG path or None), ``regions``
+    (the number of connected defect regions) and ``regions_file`` / ``map_file``. Per image,
+    ``out_dir`` gets ``<name>_heatmap.png`` (overlay, at most 1024 px), ``<name>_mask.png``
+    (predicted defect mask at the image's own size), ``<name>_regions.json`` (boxes of the
+    connected regions in image pixels) and, with ``raw_maps``, ``<name>_map.npy`` (see
+    :mod:`visionscale.anomaly.regions`). Each image's files are written as soon as it is
+    scored, so no more than one map is held; ``predictions.json`` and ``predictions.csv``
+    come last. The folder is staged (:class:`~visionscale.io.outputs.OutputDir`, kind
+    ``ad-predict``): a failure leaves ``out_dir`` as it was, and files of an earlier
+    prediction there that this one does not write are removed. A folder holding other files
+    is refused unless ``overwrite``.
 
     Args:
         threshold: Image threshold instead of the run's saved one (``normalized_score``
             then reads 0.5 at it).
+        target_fpr: Set the image threshold so that at most this fraction of the normal
+            calibration images (held out of fitting, or the normal test images) scores above it.
+        tiling: Overrides the run's tiling (e.g. another overlap); None: the run's.
+        memory_budget: Bytes; a tiled image whose own buffers exceed it is refused by name
+            before it is decoded (pick the batch with :func:`~visionscale.anomaly.tiles.plan_batch`).
 
     Raises:
         DataError: An image cannot be read and ``skip_bad`` is False (names the file).
-        InvalidValueError: ``threshold`` is not finite, ``batch_size`` < 1.
+        MemoryBudgetError: An image does not fit ``memory_budget``.
+        InvalidValueError: ``threshold`` is not finite, ``batch_size`` < 1, both thresholds given.
         OutputExistsError: ``out_dir`` holds files that are not an earlier prediction's.
     """
     check_int("batch_size", batch_size, minimum=1)
-    thr = run.calibration["image_threshold"] if threshold is None else check_finite("threshold", threshold)
+    cal = run.calibration
+    thr = image_threshold(run, threshold, target_fpr)
     target = OutputDir(out_dir, kind="ad-predict", overwrite=overwrite) if out_dir is not None else None
     paths = collect_images(images)
-    cal = run.calibration
     samples = [Sample(p, -1, "") for p in paths]
+    names = dict(zip(paths, _unique_names(paths)))
     log = ReadLog()
-    batches = iter_batches(samples, run.image_size, batch_size, skip_bad=skip_bad, log=log)
-    draw = overlays and target is not None
-    scored = score_batches(run.model, batches, run.device, len(samples), progress, "predicting", keep_maps=draw)
-    names = dict(zip([s.path for s in scored.samples], _unique_names([s.path for s in scored.samples])))
-    records = []
-    for s, score in zip(scored.samples, scored.scores):
-        records.append({
-            "path": str(s.path),
-            "score": float(score),
-            "normalized_score": float(normalize(score, thr, cal["image_span"])),
-            "label": "anomalous" if score >= thr else "normal",
-            "heatmap": str(target.target / f"{names[s.path]}_heatmap.png") if draw else None,
-        })
-    if target is not None:
-        with target as tmp:
-            if draw:
-                for s, amap in zip(scored.samples, scored.maps):
-                    _write_overlay(s.path, amap, cal, tmp / f"{names[s.path]}_heatmap.png")
+    write = target is not None
+    records: list[dict] = []
+    with (target if target is not None else contextlib.nullcontext()) as tmp:
+        for r in score_images(run.model, samples, run.device, image_size=run.image_size,
+                              tiling=tiling or run.tiling, batch_size=batch_size, skip_bad=skip_bad, log=log,
+                              keep_maps=write and (overlays or masks or regions or raw_maps), progress=progress,
+                              stage="predicting", budget_bytes=memory_budget):
+            name = names[r.sample.path]
+            rec = {"path": str(r.sample.path), "score": float(r.score),
+                   "normalized_score": float(normalize(r.score, thr, cal["image_span"])),
+                   "label": "anomalous" if r.score >= thr else "normal", "heatmap": None, "mask": None,
+                   "regions": None, "regions_file": None, "map_file": None}
+            if write and r.amap is not None:
+                if overlays:
+                    _write_overlay(r.sample.path, r.amap, cal, tmp / f"{name}_heatmap.png")
+                    rec["heatmap"] = str(target.target / f"{name}_heatmap.png")
+                if masks or regions or raw_maps:
+                    got = write_region_outputs(name, r.amap, cal["pixel_threshold"], r.image_size, tmp,
+                                               mask=masks, boxes=regions, raw=raw_maps)
+                    for key, field_name in (("mask", "mask"), ("regions_file", "boxes"), ("map_file", "raw")):
+                        if got.get(field_name) is not None:
+                            rec[key] = str(target.target / Path(got[field_name]).name)
+                    rec["regions"] = len(got["regions"]) if regions else None
+            records.append(rec)
+        if tmp is not None:
             write_atomic(tmp / "predictions.json", (json.dumps(records, indent=2) + "\n").encode())
             write_atomic(tmp / "predictions.csv", records_csv(records).encode())
     return records, log
 
 
+def image_threshold(run: LoadedRun, threshold: float | None = None, target_fpr: float | None = None) -> float:
+    """The image threshold: given, set at a target false-positive rate, or the run's saved one."""
+    if threshold is not None and target_fpr is not None:
+        raise InvalidValueError("threshold and target_fpr exclude each other").about("threshold", "target_fpr")
+    if threshold is not None:
+        return check_finite("threshold", threshold)
+    if target_fpr is not None:
+        normal = run.calibration.get("normal_scores")
+        if not normal:
+            raise RunError(f"{run.path}/calibration.json has no normal calibration scores (the run was fitted by an "
+                           f"older visionscale): refit it to set a threshold by target_fpr")
+        return threshold_at_fpr(normal, target_fpr)
+    return run.calibration["image_threshold"]
+
+
 def records_csv(records: Sequence[dict]) -> str:
     buf = io.StringIO()
-    fields = ["path", "score", "normalized_score", "label", "heatmap"]
+    fields = ["path", "score", "normalized_score", "label", "heatmap", "mask", "regions", "regions_file", "map_file"]
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     for r in records:
@@ -226,13 +239,17 @@ def evaluate(
     skip_bad: bool = False,
     plots: bool = True,
     progress: Progress | None = None,
+    tiling: Tiling | None = None,
+    memory_budget: int | None = None,
     overwrite: bool = False,
 ) -> EvalResult:
     """Score a data set's test images; metrics, ROC/PRO PNGs and per-image scores in ``out_dir``.
 
-    Masks are resized (nearest) to the model size, where the maps are. Pixel metrics
-    need a mask for every anomalous image and are skipped, with a note, otherwise.
-    ``out_dir`` is written all at once, like :func:`predict`'s (kind ``ad-eval``).
+    Whole-image runs compare maps and masks at the model size (masks resized, nearest);
+    tiled runs at the image's own size. Maps are folded into the pixel metrics image by image
+    (:class:`~visionscale.anomaly.calibration.PixelStats`). Pixel metrics need a mask for
+    every anomalous image and are skipped, with a note, otherwise. ``out_dir`` is written all
+    at once, like :func:`predict`'s (kind ``ad-eval``).
 
     Raises:
         DataError: No test images, unreadable data (see ``skip_bad``), mask size mismatch.
@@ -248,33 +265,40 @@ def evaluate(
     if (note := ds.mask_note()) is not None:
         notes.append(note)
     log = ReadLog()
-    batches = iter_batches(ds.test, run.image_size, batch_size, skip_bad=skip_bad, log=log, with_masks=with_masks)
-    scored = score_batches(run.model, batches, run.device, len(ds.test), progress, "evaluating", keep_maps=with_masks)
-    if (n := log.size_note(run.image_size)) is not None:
+    pixels = PixelStats(with_masks)
+    samples, scores = [], []
+    tiling = tiling or run.tiling
+    for r in score_images(run.model, ds.test, run.device, image_size=run.image_size, tiling=tiling,
+                          batch_size=batch_size, skip_bad=skip_bad, log=log, with_masks=with_masks,
+                          keep_maps=with_masks, progress=progress, stage="evaluating",
+                          budget_bytes=memory_budget):
+        if with_masks:
+            pixels.update(r.amap, r.sample.label == 0, r.mask)
+        samples.append(r.sample)
+        scores.append(r.score)
+    if tiling is None and (n := log.size_note(run.image_size)) is not None:
         notes.append(n)
     if (n := log.bad_note()) is not None:
         notes.append(n)
-    labels = np.array([s.label for s in scored.samples])
-    maps = np.stack(scored.maps) if with_masks else None
-    masks = np.stack(scored.masks) if with_masks else None
-    metrics = evaluate_scores(labels, scored.scores, maps, masks)
+    labels = np.array([s.label for s in samples])
+    metrics = pixels.metrics(labels, np.asarray(scores, dtype=np.float64))
     metrics.notes = tuple(notes) + metrics.notes
     files: list[Path] = []
     if target is not None:
         with target as out:
-            files = [target.target / p.name for p in _write_eval(run, ds, labels, scored, maps, masks, metrics, out,
-                                                                plots)]
+            files = [target.target / p.name for p in _write_eval(run, ds, labels, samples, scores, pixels, metrics,
+                                                                out, plots)]
     return EvalResult(metrics, files, log, notes)
 
 
-def _write_eval(run: LoadedRun, ds, labels, scored: Scored, maps, masks, metrics: ImageMetrics, out: Path,
+def _write_eval(run: LoadedRun, ds, labels, samples, scores, pixels, metrics: ImageMetrics, out: Path,
                 plots: bool) -> list[Path]:
     thr = run.calibration["image_threshold"]
     payload = {"run": str(run.path), "data": str(ds.root), "category": ds.category, **metrics.as_dict(),
-               "threshold_used": thr, "accuracy_at_saved_threshold": _accuracy(labels, scored.scores, thr)}
+               "threshold_used": thr, "accuracy_at_saved_threshold": _accuracy(labels, scores, thr)}
     write_atomic(out / "metrics.json", (json.dumps(payload, indent=2) + "\n").encode())
     rows = [{"path": str(s.path), "defect": s.defect, "label": int(s.label), "score": float(v)}
-            for s, v in zip(scored.samples, scored.scores)]
+            for s, v in zip(samples, scores)]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["path", "defect", "label", "score"], lineterminator="\n")
     w.writeheader()
@@ -282,7 +306,7 @@ def _write_eval(run: LoadedRun, ds, labels, scored: Scored, maps, masks, metrics
     write_atomic(out / "scores.csv", buf.getvalue().encode())
     files = [out / "metrics.json", out / "scores.csv"]
     if plots:
-        files.extend(_eval_plots(labels, scored, maps, masks, metrics, out))
+        files.extend(_eval_plots(labels, scores, pixels, metrics, out))
     return files
 
 
@@ -292,21 +316,20 @@ def _accuracy(labels: np.ndarray, scores: Sequence[float], threshold: float) -> 
     return float(np.mean((np.asarray(scores) >= threshold) == (labels == 1)))
 
 
-def _eval_plots(labels, scored: Scored, maps, masks, metrics: ImageMetrics, out: Path) -> list[Path]:
+def _eval_plots(labels, scores, pixels, metrics: ImageMetrics, out: Path) -> list[Path]:
     from visionscale.anomaly.plots import plot_pro, plot_roc
 
     files = []
     curves = {}
     if metrics.image_auroc is not None:
-        fpr, tpr, _ = roc_curve(labels, scored.scores)
+        fpr, tpr, _ = roc_curve(labels, scores)
         curves["image"] = (fpr, tpr, metrics.image_auroc)
     if metrics.pixel_auroc is not None:
-        fpr, tpr, _ = roc_curve(masks, maps)
+        fpr, tpr = pixels.roc()
         curves["pixel"] = (fpr, tpr, metrics.pixel_auroc)
     if curves:
         files.append(plot_roc(curves, out / "roc.png"))
     if metrics.aupro is not None:
-        fpr, pro, _ = pro_curve(maps, masks)
+        fpr, pro = pixels.pro()
         files.append(plot_pro(fpr, pro, metrics.aupro, out / "pro.png", metrics.fpr_limit))
     return files
-

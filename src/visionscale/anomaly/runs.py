@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from visionscale.tiling import Tiling
+
 from visionscale.anomaly.config import FIT_MODELS, FitError, method_of
 from visionscale.anomaly.data import IMAGENET_MEAN, IMAGENET_STD
 from visionscale.device import resolve_device
@@ -92,6 +94,13 @@ def validate_run_files(run: Path, config: dict, calibration: dict) -> None:
     seed = config.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise _field_error(cfg_path, f"seed must be an integer >= 0, got {seed!r}")
+    tiling = config.get("tiling")
+    if tiling is not None:
+        try:
+            Tiling.from_dict(tiling)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise _field_error(cfg_path, f"tiling must be {{tile: [h, w], overlap: [h, w], margin, align, resize}} "
+                                         f"with overlap < tile, got {tiling!r} ({exc})") from None
     if not isinstance(config.get("pdn_padding", True), bool):
         raise _field_error(cfg_path, f"pdn_padding must be true or false, got {config['pdn_padding']!r}")
     for key in ("image_threshold", "pixel_threshold"):
@@ -116,6 +125,12 @@ class LoadedRun:
     def image_size(self) -> tuple[int, int]:
         h, w = self.config["image_size"]
         return int(h), int(w)
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """The tiling the run was fitted with (``config.json``'s ``tiling``), or None: whole images."""
+        t = self.config.get("tiling")
+        return Tiling.from_dict(t) if t else None
 
 
 def load_run(run: str | os.PathLike, device: str | torch.device = "auto", *, backend: str = "eager",

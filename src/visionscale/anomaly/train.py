@@ -80,6 +80,8 @@ def fit(
     resume from leaves no new folder behind.
     """
     cfg = config or FitConfig()
+    if cfg.memory_budget is not None and cfg.tile is None:
+        cfg = _budget_tile(cfg, data, category)
     # Looked up in this module at call time, so a replaced fit_patchcore (tests) is the one called.
     if cfg.method == "patchcore":
         return fit_patchcore(data, out, cfg, category=category, progress=progress, log=log, keep_cache=keep_cache,
@@ -87,6 +89,20 @@ def fit(
     if cfg.method == "efficientad":
         return fit_efficientad(data, out, cfg, category=category, progress=progress, log=log, overwrite=overwrite)
     return fit_ddad_run(data, out, cfg, category=category, progress=progress, log=log, overwrite=overwrite)
+
+
+def _budget_tile(cfg: FitConfig, data, category: str | None) -> FitConfig:
+    """``tile`` from ``memory_budget``, next to the largest training image (its header size)."""
+    from visionscale.anomaly.data import image_size_of, load_dataset
+    from visionscale.anomaly.tiles import choose_fit_tile
+
+    if cfg.pre_resize is not None:
+        largest = cfg.pre_resize
+    else:
+        ds = load_dataset(data, category, seed=cfg.seed, check_masks=False)
+        sizes = [sz for sz in (image_size_of(s.path) for s in ds.train + ds.test) if sz is not None]
+        largest = max(sizes, key=lambda hw: hw[0] * hw[1]) if sizes else None
+    return choose_fit_tile(cfg, largest)
 
 
 # Names that moved out of this module: old name -> "module:name there".

@@ -18,6 +18,13 @@ import typer
 from visionscale.cli._common import CLIGroup, err, fail, note, note_runner, out, split_csv, warn
 from visionscale.cli._options import Backend, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_PRECISION, Device, Precision
 from visionscale.io.outputs import OutputDir
+from visionscale.tiling import parse_tile
+
+
+def parse_budget(text: str) -> int:
+    from visionscale.study.tiles import parse_budget as parse
+
+    return parse(text)
 
 app = typer.Typer(
     cls=CLIGroup,
@@ -110,7 +117,12 @@ def fit_cmd(
     model: str = typer.Option("patchcore", "--model", help="patchcore (WRN-101-2), patchcore_wrn50, patchcore_tiny, "
                               "efficientad_s, efficientad_m, efficientad_tiny, ddad or ddad_tiny."),
     category: Optional[str] = typer.Option(None, "--category", help="MVTec category when DATA holds several."),
-    image_size: str = typer.Option("256", "--image-size", help="N or WIDTHxHEIGHT, px."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="N or WIDTHxHEIGHT, px: whole images are resized to it [default: 256]. Not with --tile (see --pre-resize)."),
+    tile: Optional[str] = typer.Option(None, "--tile", help="Fit and score at native resolution in tiles of N or WIDTHxHEIGHT px (the model input), or 'auto' with --memory-budget."),
+    tile_overlap: Optional[int] = typer.Option(None, "--tile-overlap", help="px shared by neighbouring tiles [default: twice the model's tile margin + tile/8]."),
+    pre_resize: Optional[str] = typer.Option(None, "--pre-resize", help="With --tile: resize every image to WIDTHxHEIGHT before tiling [default: native resolution]."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Memory one forward pass may use (e.g. 4GiB, 512MiB): picks the largest tile that fits (--tile auto)."),
+    workers: int = typer.Option(0, "--workers", help="Threads decoding images in parallel (0: none)."),
     coreset_ratio: float = typer.Option(0.1, "--coreset-ratio", help="PatchCore: share of patch features kept (0.1, 0.01)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step [default: PatchCore 8, EfficientAD 1 (paper), DDAD its trainer's]."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Backbone weights (PatchCore, DDAD; EfficientAD: the WRN-101-2 to distil from): a .pth/.safetensors file, or DEFAULT (download). Random if not given."),
@@ -134,11 +146,22 @@ def fit_cmd(
     from visionscale.anomaly import train as T
 
     # Library errors (FitError, DataError, ...) are VisionscaleErrors: CLIGroup prints them.
+    if tile is not None and image_size is not None:
+        fail("--image-size resizes whole images; with --tile the model input is the tile: use --pre-resize to resize "
+             "images before tiling")
+    if (pre_resize is not None or tile_overlap is not None) and tile is None and memory_budget is None:
+        fail("--pre-resize and --tile-overlap apply to tiled fits: add --tile N (or --memory-budget)")
     try:
-        size = parse_image_size(image_size)
+        size = parse_image_size(image_size or "256")
     except ValueError as exc:
         fail(str(exc))
-    cfg = T.FitConfig(model=model, image_size=size, coreset_ratio=coreset_ratio,
+    budget = parse_budget(memory_budget) if memory_budget is not None else None
+    tile_size = None if tile is None or tile.strip().lower() == "auto" else parse_tile(tile, "tile")
+    if tile is not None and tile_size is None and budget is None:
+        fail("--tile auto needs --memory-budget (the tile is chosen to fit it)")
+    cfg = T.FitConfig(model=model, image_size=size, coreset_ratio=coreset_ratio, tile=tile_size,
+                      tile_overlap=tile_overlap, pre_resize=parse_tile(pre_resize, "pre_resize") if pre_resize else None,
+                      memory_budget=budget, workers=workers,
                       batch_size=batch_size, weights=weights, seed=seed, device=device, skip_bad=skip_bad,
                       steps=steps, teacher=teacher, distill_teacher=distill_teacher,
                       imagenet=str(imagenet) if imagenet is not None else None, distill_steps=distill_steps,
@@ -189,6 +212,26 @@ def _print_metrics(m: dict) -> None:
     out.print(t)
 
 
+def _tiling_and_batch(run, tile_overlap: int | None, budget: int | None, batch_size: int, inputs):
+    """The tiling to score with (the run's, or another overlap) and the batch of tiles a budget allows."""
+    from visionscale.anomaly.tiles import plan_batch, retile
+
+    tiling = run.tiling
+    if tiling is None:
+        if tile_overlap is not None:
+            fail(f"--tile-overlap applies to tiled runs; {run.path} was fitted on whole images (ad fit --tile)")
+        if budget is not None:
+            note("--memory-budget: this run scores whole images at its model size; the budget only checks they fit")
+    elif tile_overlap is not None:
+        tiling = retile(run.model, tiling, tile_overlap)
+    if budget is not None:
+        batch_size = plan_batch(run.model, run.tiling.tile if tiling is not None else run.image_size, budget,
+                                batch_size)
+        note(f"--memory-budget {budget / 2**30:.2f} GiB: {batch_size} "
+             f"{'tile' if tiling is not None else 'image'}(s) per forward pass")
+    return tiling, batch_size
+
+
 @app.command("predict")
 def predict_cmd(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="Run folder written by `ad fit`."),
@@ -197,7 +240,13 @@ def predict_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print predictions as JSON on stdout."),
     as_csv: bool = typer.Option(False, "--csv", help="Print predictions as CSV on stdout."),
     heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Write heatmap overlay PNGs (at most 1024 px on the longer side)."),
+    masks: bool = typer.Option(True, "--masks/--no-masks", help="Write each image's predicted defect mask PNG (image size, 0/255)."),
+    regions: bool = typer.Option(True, "--regions/--no-regions", help="Write each image's connected defect regions as boxes in image pixels (NAME_regions.json)."),
+    raw_maps: bool = typer.Option(False, "--raw-maps", help="Also write each raw anomaly map as NAME_map.npy (float32)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Image threshold to use instead of the run's saved one."),
+    target_fpr: Optional[float] = typer.Option(None, "--target-fpr", help="Set the image threshold so at most this share of the run's normal calibration images score above it (e.g. 0.01)."),
+    tile_overlap: Optional[int] = typer.Option(None, "--tile-overlap", help="Tiled runs: another overlap than the run's."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Tiled runs: memory one forward pass may use (e.g. 2GiB); picks the batch of tiles."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out folder that holds other files (same names are replaced)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and list them."),
@@ -206,20 +255,23 @@ def predict_cmd(
     precision: Precision = DEFAULT_PRECISION,
 ) -> None:
     """Score images: anomalous or normal, a score, and a heatmap overlay each."""
-    from visionscale.anomaly.predict import load_run, predict, records_csv
+    from visionscale.anomaly.predict import image_threshold, load_run, predict, records_csv
 
     if as_json and as_csv:
         fail("--json and --csv exclude each other")
     dest = out_dir or run_dir / "predictions"
     # RunError, DataError, OutputError...: VisionscaleErrors, printed by CLIGroup.
     OutputDir(dest, kind="ad-predict", overwrite=overwrite)  # refuse a bad --out before loading anything
+    budget = parse_budget(memory_budget) if memory_budget is not None else None
     run = load_run(run_dir, device, backend=backend, precision=precision)
     warn_if_random(run)
     note_runner(run.model)
+    tiling, batch_size = _tiling_and_batch(run, tile_overlap, budget, batch_size, images)
     with _progress() as progress:
-        records, log = predict(run, images, dest, batch_size=batch_size,
-                               skip_bad=skip_bad, overlays=heatmaps, progress=progress, threshold=threshold,
-                               overwrite=overwrite)
+        records, log = predict(run, images, dest, batch_size=batch_size, skip_bad=skip_bad, overlays=heatmaps,
+                               masks=masks, regions=regions, raw_maps=raw_maps, progress=progress,
+                               threshold=threshold, target_fpr=target_fpr, tiling=tiling, overwrite=overwrite,
+                               memory_budget=budget)
     for n in (log.size_note(run.image_size), log.bad_note()):
         if n:
             note(n)
@@ -230,7 +282,7 @@ def predict_cmd(
     else:
         from rich.table import Table
 
-        thr = run.calibration["image_threshold"] if threshold is None else threshold
+        thr = image_threshold(run, threshold, target_fpr)
         t = Table(title=f"threshold {thr:.4f} (normalized 0.5)")
         for col in ("image", "label", "score", "normalized"):
             t.add_column(col, justify="left" if col in ("image", "label") else "right")
@@ -248,6 +300,8 @@ def eval_cmd(
     category: Optional[str] = typer.Option(None, "--category"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where metrics.json, scores.csv, roc.png, pro.png go [default: RUN/eval]."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write ROC and PRO curves as PNG."),
+    tile_overlap: Optional[int] = typer.Option(None, "--tile-overlap", help="Tiled runs: another overlap than the run's."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Tiled runs: memory one forward pass may use (e.g. 2GiB); picks the batch of tiles."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON on stdout."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out folder that holds other files (same names are replaced)."),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -262,12 +316,14 @@ def eval_cmd(
     dest = out_dir or run_dir / "eval"
     # RunError, DataError, OutputError...: VisionscaleErrors, printed by CLIGroup.
     OutputDir(dest, kind="ad-eval", overwrite=overwrite)  # refuse a bad --out before loading anything
+    budget = parse_budget(memory_budget) if memory_budget is not None else None
     run = load_run(run_dir, device, backend=backend, precision=precision)
     warn_if_random(run)
     note_runner(run.model)
+    tiling, batch_size = _tiling_and_batch(run, tile_overlap, budget, batch_size, [data])
     with _progress() as progress:
         res = evaluate(run, data, category, dest, batch_size=batch_size, skip_bad=skip_bad, plots=plots,
-                       progress=progress, overwrite=overwrite)
+                       progress=progress, tiling=tiling, overwrite=overwrite, memory_budget=budget)
     for n in res.metrics.notes:
         note(n)
     if as_json:
