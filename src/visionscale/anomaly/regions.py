@@ -182,13 +182,20 @@ def _bands(a: np.ndarray, size: tuple[int, int]) -> Iterator[tuple[int, np.ndarr
         y1 = min(H, y0 + rows)
         need = np.union1d(iy0[y0:y1], iy1[y0:y1])  # the map rows this band reads, at most 2 per row
         src = a[need].astype(np.float32, copy=False)  # (n, w)
-        if cols is not None:
+        if cols is not None:  # in place: a * (1 - w) + b * w with two temporaries, not four
             ix0, ix1, wx = cols
-            src = src[:, ix0] * (1 - wx) + src[:, ix1] * wx  # (n, W)
-        top = src[np.searchsorted(need, iy0[y0:y1])]
+            left, right = src[:, ix0], src[:, ix1]  # (n, W) copies
+            left *= 1 - wx
+            right *= wx
+            left += right
+            src = left
+        top = src[np.searchsorted(need, iy0[y0:y1])]  # (y1 - y0, W) copies
         bottom = src[np.searchsorted(need, iy1[y0:y1])]
         wb = wy[y0:y1, None]
-        yield y0, top * (1 - wb) + bottom * wb  # (y1 - y0, W)
+        top *= 1 - wb
+        bottom *= wb
+        top += bottom
+        yield y0, top
 
 
 # ----------------------------------------------------------------------------------------
@@ -225,31 +232,47 @@ class _RegionScan:
         if n == 0:
             self.last_row = None
             return
-        labels = labels.astype(np.int64, copy=False)
-        flat = labels.ravel()
-        idx = np.flatnonzero(flat)  # raster order
-        lab = flat[idx]
-        order = np.argsort(lab, kind="stable")  # group by label, raster order within each
-        idx, lab = idx[order], lab[order]
-        starts = np.r_[0, np.flatnonzero(np.diff(lab)) + 1]  # scipy numbers labels 1..n, none empty
+        b, w = mask.shape
+        # Statistics per horizontal run of the mask (far fewer runs than pixels), then per label.
+        # A zero column on each side of every row keeps runs from wrapping onto the next row.
+        edge = np.zeros((b, w + 2), dtype=np.int8)
+        edge[:, 1:-1] = mask
+        step = np.diff(edge, axis=1)  # (b, w + 1): +1 at a run's first column, -1 one past its last
+        r, c = np.nonzero(step)  # row-major: start, end, start, end... in each row
+        rows, x0, x1 = r[0::2], c[0::2], c[1::2]
+        lab = labels[rows, x0]  # a run lies in one label
+        # Sum and max of each run's values: reduceat over [start, end) of a flat copy padded by a
+        # column, so that every end is a valid index (odd outputs, the gaps between runs, are unused).
+        exact32 = values.dtype == np.float32 or values.dtype.itemsize <= 2  # float32 holds these exactly
+        padded = np.zeros((b, w + 1), dtype=np.float32 if exact32 else np.float64)
+        padded[:, :w] = values
+        bounds = np.empty(2 * rows.size, dtype=np.intp)
+        bounds[0::2] = rows * (w + 1) + x0
+        bounds[1::2] = rows * (w + 1) + x1
+        flat = padded.ravel()
+        run_sum = np.add.reduceat(flat, bounds, dtype=np.float64)[0::2]
+        run_max = np.maximum.reduceat(flat, bounds)[0::2].astype(np.float64)
+        length = x1 - x0
+        order = np.argsort(lab, kind="stable")  # group runs by label, top to bottom within each
+        lab, rows, x0, x1, length, run_sum, run_max = (
+            a[order] for a in (lab, rows, x0, x1, length, run_sum, run_max))
+        starts = np.r_[0, np.flatnonzero(np.diff(lab)) + 1]  # labels are 1..n, none empty
         ends = np.r_[starts[1:], lab.size]
-        ys, xs = np.divmod(idx, self.width)
-        v = values.ravel()[idx].astype(np.float64)
         self.stats.append((
-            ends - starts,
-            np.add.reduceat(v, starts),
-            np.add.reduceat(xs, starts).astype(np.float64),
-            np.add.reduceat(ys + y0, starts).astype(np.float64),
-            np.maximum.reduceat(v, starts),
-            np.minimum.reduceat(xs, starts),
-            np.maximum.reduceat(xs, starts),
-            ys[starts] + y0,  # raster order within a label: its first pixel is on its top row
-            ys[ends - 1] + y0,
+            np.add.reduceat(length, starts),
+            np.add.reduceat(run_sum, starts),
+            np.add.reduceat(length * (x0 + x1 - 1) / 2, starts),  # sum of x over each run
+            np.add.reduceat(length * (rows + y0).astype(np.float64), starts),
+            np.maximum.reduceat(run_max, starts),
+            np.minimum.reduceat(x0, starts),
+            np.maximum.reduceat(x1 - 1, starts),
+            rows[starts] + y0,  # runs of a label are sorted by row: the first is on its top row
+            rows[ends - 1] + y0,
         ))
-        glob = np.where(labels > 0, labels + self.n, 0)
+        first = np.where(labels[0] > 0, labels[0].astype(np.int64) + self.n, 0)
         if self.last_row is not None:
-            self._touch(self.last_row, glob[0])
-        self.last_row = glob[-1].copy()
+            self._touch(self.last_row, first)
+        self.last_row = np.where(labels[-1] > 0, labels[-1].astype(np.int64) + self.n, 0)
         self.n += n
 
     def _touch(self, above: np.ndarray, below: np.ndarray) -> None:
@@ -260,7 +283,8 @@ class _RegionScan:
             b = below[max(0, dx): w - max(0, -dx)]
             both = (a > 0) & (b > 0)
             if both.any():
-                self.pairs.append(np.unique(np.stack([a[both], b[both]], axis=1), axis=0))
+                keys = np.unique((a[both] << 32) | b[both])  # one int64 per pair; labels < 2**31
+                self.pairs.append(np.stack([keys >> 32, keys & 0xFFFFFFFF], axis=1))
 
     def regions(self, min_area: int) -> list[dict]:
         if self.n == 0:
