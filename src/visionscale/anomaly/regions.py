@@ -45,8 +45,10 @@ position (``y0``, ``x0``). Without ``image_size`` everything is in map pixels.
 **Memory.** The resampled map is never held at the image's size: it is produced in bands of
 about :data:`BAND_PIXELS` pixels, each thresholded and labelled before the next. Regions that
 continue across bands are joined by union-find over the labels of the rows where bands meet.
-Beyond the map itself, :func:`defect_regions` keeps a few band-sized temporaries and a few
-numbers per region. :func:`predicted_mask` adds the (H, W) uint8 result: 20 MB for a 20 MP image.
+Beyond the map itself, :func:`defect_regions` keeps a few band-sized temporaries and nine
+numbers per label of each band (about 15 MiB at its peak for a 20 MP image from a 256 x 256 map,
+``benchmarks/bench_regions.py``). :func:`predicted_mask` adds the (H, W) uint8 result: 19 MiB
+at 20 MP.
 
 **Files** written by :func:`write_region_outputs`, for a ``stem`` such as ``part_017``:
 
