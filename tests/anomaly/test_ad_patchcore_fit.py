@@ -202,7 +202,8 @@ def test_cli_fit_predict_eval(demo, tmp_path):
     assert len(recs) == 4 and {r["label"] for r in recs} <= {"anomalous", "normal"}
     assert (run / "predictions" / "000_heatmap.png").is_file()
     res = runner.invoke(app, ["ad", "predict", str(run), imgs[0], "--csv", "--no-heatmaps"])
-    assert res.exit_code == 0 and res.stdout.splitlines()[0] == "path,score,normalized_score,label,heatmap"
+    assert res.exit_code == 0 and res.stdout.splitlines()[0] == ("path,score,normalized_score,label,heatmap,mask,regions,regions_file,"
+                                                          "map_file")
     res = runner.invoke(app, ["ad", "eval", str(run), "--data", str(demo), "--json"])
     assert res.exit_code == 0, res.stderr
     metrics = json.loads(res.stdout)

@@ -172,10 +172,10 @@ def predict(
                 if masks or regions or raw_maps:
                     got = write_region_outputs(name, r.amap, cal["pixel_threshold"], r.image_size, tmp,
                                                mask=masks, boxes=regions, raw=raw_maps)
-                    for key, field_name in (("mask", "mask"), ("regions_file", "boxes"), ("map_file", "raw")):
+                    for key, field_name in (("mask", "mask"), ("regions_file", "json"), ("map_file", "map")):
                         if got.get(field_name) is not None:
                             rec[key] = str(target.target / Path(got[field_name]).name)
-                    rec["regions"] = len(got["regions"]) if regions else None
+                    rec["regions"] = len(got["regions"]) if "regions" in got else None
             records.append(rec)
         if tmp is not None:
             write_atomic(tmp / "predictions.json", (json.dumps(records, indent=2) + "\n").encode())

@@ -145,7 +145,7 @@ def _decoded(path: str, resize: tuple[int, int] | None, mtime_ns: int) -> tuple[
 def _resize_uint8(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+    return np.array(Image.fromarray(arr).resize((size[1], size[0]), Image.Resampling.BILINEAR))
 
 
 def read_sample(s: Sample, size: int | tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
