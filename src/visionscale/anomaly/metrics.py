@@ -136,7 +136,7 @@ def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     Returns:
         ``(labels, n)``: int32 array, 0 = background, regions 1..n.
     """
-    m = np.asarray(mask).astype(bool)
+    m = np.asarray(mask).astype(bool, copy=False)
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {m.shape}")
     try:

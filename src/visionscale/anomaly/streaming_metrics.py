@@ -74,8 +74,8 @@ random fields with disc defects, pixel AUROC about 0.82):
 Memory: the state (``nbytes``) is three arrays of ``bins`` cells, whatever the number and size
 of the maps. An update works through the map in blocks of 2**20 pixels (about 30 MiB of
 temporaries); an image with defects also needs its mask as bool and the region labels as int32
-(5 bytes per pixel). The map passed in is never copied whole unless it is not contiguous (or
-is a torch tensor on another device).
+(4 bytes per pixel, plus 1 if the mask is not bool already). The map passed in is never copied
+whole unless it is not contiguous (or is a torch tensor on another device).
 """
 
 from __future__ import annotations
@@ -273,11 +273,15 @@ class PixelMetricAccumulator:
             if m.shape != amap.shape:
                 raise InvalidValueError(f"mask of image {i} has shape {m.shape} but its anomaly_map has shape "
                                         f"{amap.shape}").about("mask")
-            m = m > 0
+            m = m if m.dtype == bool else m > 0
             if m.any():
                 labels, n = connected_components(m)
                 del m
-                sizes = np.bincount(labels.ravel(), minlength=n + 1)
+                # Region sizes block by block: bincount would otherwise copy all labels to int64.
+                lab_flat = labels.reshape(-1)
+                sizes = np.zeros(n + 1, dtype=np.int64)
+                for s in range(0, lab_flat.size, _BLOCK):
+                    sizes += np.bincount(lab_flat[s:s + _BLOCK], minlength=n + 1)
                 inv = np.zeros(n + 1)
                 inv[1:] = 1.0 / sizes[1:]
         klo, khi = self._cover(lo, hi)
