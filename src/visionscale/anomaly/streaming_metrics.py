@@ -1,8 +1,8 @@
 """Pixel AUROC, pixel F1 and AUPRO in bounded memory: anomaly maps are added one at a time.
 
 :func:`visionscale.anomaly.metrics.evaluate_scores` sorts every pixel of every map at once, so
-its memory grows with images x pixels (100 maps of 512 px: +1.7 GiB) and maps of 4096 x 4096
-are out of reach. Here each map updates three histograms over score cells and is then dropped::
+its memory grows with images x pixels (about 94 bytes per pixel on top of the maps: 590 MiB for
+100 maps of 256 px, see docs/benchmarks.md) and maps of 4096 x 4096 are out of reach. Here each map updates three histograms over score cells and is then dropped::
 
     acc = PixelMetricAccumulator()
     for amap, mask in test_maps:          # (H, W) scores; (H, W) mask or None for a good image
@@ -72,10 +72,11 @@ random fields with disc defects, pixel AUROC about 0.82):
   4e-5, 2e-5.
 
 Memory: the state (``nbytes``) is three arrays of ``bins`` cells, whatever the number and size
-of the maps. An update works through the map in blocks of 2**20 pixels (about 30 MiB of
-temporaries); an image with defects also needs its mask as bool and the region labels as int32
-(4 bytes per pixel, plus 1 if the mask is not bool already). The map passed in is never copied
-whole unless it is not contiguous (or is a torch tensor on another device).
+of the maps. An update works through the map in blocks of 2**20 pixels (about 25 MiB of
+temporaries); an image with defects also needs its region labels as int32 (4 bytes per pixel,
+plus 1 for the mask as bool if it is not bool already): 90 MiB above the map for a 4096 x 4096
+map with defects (``benchmarks/pixel_metrics.py``). The map passed in is never copied whole
+unless it is not contiguous (or is a torch tensor on another device).
 """
 
 from __future__ import annotations
