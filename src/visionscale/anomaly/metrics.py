@@ -34,6 +34,7 @@ __all__ = [
     "aupro",
     "trapezoid",
     "ImageMetrics",
+    "image_metrics",
     "evaluate_scores",
 ]
 
@@ -135,7 +136,7 @@ def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     Returns:
         ``(labels, n)``: int32 array, 0 = background, regions 1..n.
     """
-    m = np.asarray(mask).astype(bool)
+    m = np.asarray(mask).astype(bool, copy=False)
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {m.shape}")
     try:
@@ -334,6 +335,34 @@ class ImageMetrics:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
+NO_MASKS_NOTE = "pixel metrics skipped: no ground-truth masks"
+ONE_PIXEL_CLASS_NOTE = "pixel metrics skipped: the masks are all normal or all anomalous"
+
+
+def image_metrics(
+    image_labels: Sequence[int] | np.ndarray,
+    image_scores: Sequence[float] | np.ndarray,
+    fpr_limit: float = 0.3,
+) -> ImageMetrics:
+    """The image-level half of :func:`evaluate_scores`: image AUROC and F1-optimal threshold.
+
+    Pixel fields stay ``None`` and no note about them is added; :func:`evaluate_scores` and
+    :func:`visionscale.anomaly.streaming_metrics.evaluate_streaming` fill them.
+    """
+    y = _binary(image_labels, "image_labels")
+    s = np.asarray(image_scores, dtype=np.float64).ravel()
+    m = ImageMetrics(num_images=int(y.size), num_anomalous=int(y.sum()), fpr_limit=fpr_limit)
+    if 0 < y.sum() < y.size:
+        m.image_auroc = auroc(y, s)
+        m.image_threshold, m.image_f1 = f1_optimal_threshold(y, s)
+    else:
+        m.notes = (
+            f"image metrics skipped: the test set has {int(y.sum())} anomalous and {int((~y).sum())} "
+            f"normal images; AUROC and an F1 threshold need both",
+        )
+    return m
+
+
 def evaluate_scores(
     image_labels: Sequence[int] | np.ndarray,
     image_scores: Sequence[float] | np.ndarray,
@@ -343,6 +372,10 @@ def evaluate_scores(
 ) -> ImageMetrics:
     """Image AUROC and F1-optimal threshold; pixel AUROC, pixel F1 and AUPRO when masks are given.
 
+    Exact: every pixel of every map is sorted at once, so memory grows with the number of
+    images times their size. :mod:`visionscale.anomaly.streaming_metrics` gives the same pixel
+    metrics in bounded memory, one map at a time.
+
     Args:
         image_labels: (N,) 0 normal, 1 anomalous.
         image_scores: (N,) higher = more anomalous.
@@ -350,27 +383,17 @@ def evaluate_scores(
         masks: (N, H, W) ground truth (all zero for normal images) or None: pixel
             metrics are then skipped with a note.
     """
-    y = _binary(image_labels, "image_labels")
-    s = np.asarray(image_scores, dtype=np.float64).ravel()
-    notes: list[str] = []
-    m = ImageMetrics(num_images=int(y.size), num_anomalous=int(y.sum()), fpr_limit=fpr_limit)
-    if 0 < y.sum() < y.size:
-        m.image_auroc = auroc(y, s)
-        m.image_threshold, m.image_f1 = f1_optimal_threshold(y, s)
-    else:
-        notes.append(
-            f"image metrics skipped: the test set has {int(y.sum())} anomalous and {int((~y).sum())} "
-            f"normal images; AUROC and an F1 threshold need both"
-        )
+    m = image_metrics(image_labels, image_scores, fpr_limit)
+    notes = list(m.notes)
     if anomaly_maps is None or masks is None:
-        notes.append("pixel metrics skipped: no ground-truth masks")
+        notes.append(NO_MASKS_NOTE)
     else:
         amaps = _stack_maps(anomaly_maps, "anomaly_maps")
         gts = _stack_maps(masks, "masks") > 0
         if amaps.shape != gts.shape:
             raise ValueError(f"anomaly maps {amaps.shape} and masks {gts.shape} differ in shape")
         if not gts.any() or gts.all():
-            notes.append("pixel metrics skipped: the masks are all normal or all anomalous")
+            notes.append(ONE_PIXEL_CLASS_NOTE)
         else:
             m.pixel_auroc = auroc(gts, amaps)
             m.pixel_threshold, m.pixel_f1 = f1_optimal_threshold(gts, amaps)
