@@ -52,6 +52,10 @@ class InvalidValueError(VisionscaleError, ValueError):
     """A numeric or named option outside its valid range (NaN, negative, zero where > 0...)."""
 
 
+class MissingDependencyError(VisionscaleError, ImportError):
+    """An optional package that a requested feature needs is not installed; the message says which."""
+
+
 def check_finite(name: str, value: float, *, minimum: float | None = None, maximum: float | None = None,
                  min_inclusive: bool = True, max_inclusive: bool = True) -> float:
     """Return ``float(value)`` if it is finite and in range, else raise :class:`InvalidValueError`

@@ -13,6 +13,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from visionscale.cli._common import CLIGroup
 from visionscale.face import api as face_api
 from visionscale.face.embedder import (
     EmbedderCheckpointError,
@@ -405,7 +406,7 @@ def cli_app(monkeypatch):
     monkeypatch.setattr(fr, "_recognizer", fake_recognizer)
     monkeypatch.setattr(face_api.FaceRecognizer, "_align",
                         staticmethod(lambda img, det, size: face_api._square_crop(img, det.box, 1.0)))
-    app = typer.Typer()
+    app = typer.Typer(cls=CLIGroup)  # as the `face` app: its boundary prints library errors
     fr.register(app)
     return app
 

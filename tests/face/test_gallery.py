@@ -15,6 +15,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from visionscale.cli._common import CLIGroup
 from visionscale.face.gallery import (
     SCHEMA_VERSION,
     Gallery,
@@ -264,7 +265,7 @@ def test_cli_gallery_commands(tmp_path):
 
     from visionscale.cli.face_recognition import register
 
-    app = typer.Typer()
+    app = typer.Typer(cls=CLIGroup)  # as the `face` app: its boundary prints library errors
     register(app)
     rng = np.random.default_rng(0)
     paths = []

@@ -10,6 +10,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from visionscale.cli._common import CLIGroup
 from visionscale.face.lfw import (
     LFWError,
     Pair,
@@ -258,7 +259,7 @@ def test_cli_eval_lfw(tree, tmp_path):
     from visionscale.cli.face_recognition import register
 
     d, _ = tree
-    app = typer.Typer()
+    app = typer.Typer(cls=CLIGroup)  # as the `face` app: its boundary prints library errors
     register(app)
     r = CliRunner().invoke(app, ["eval-lfw", "--root", str(d), "--pairs", str(d / "pairs.txt"), "-m", "face_embedder_tiny",
                                  "--out", str(tmp_path / "ev"), "--json"])

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from visionscale.errors import InvalidValueError
+
 __all__ = [
     "LayerSpec",
     "conv_output_size",
@@ -45,7 +47,7 @@ Padding = int | str
 def _check_positive(**kw: int) -> None:
     for name, v in kw.items():
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            raise InvalidValueError(f"{name} must be a positive integer, got {v!r}").about(name)
 
 
 def padding_amounts(n: int, kernel: int, stride: int = 1, padding: Padding = 0, dilation: int = 1) -> tuple[int, int]:
@@ -65,9 +67,10 @@ def padding_amounts(n: int, kernel: int, stride: int = 1, padding: Padding = 0, 
             out = math.ceil(n / stride)
             total = max((out - 1) * stride + k_eff - n, 0)
             return total // 2, total - total // 2
-        raise ValueError(f"padding must be a number of pixels, 'same' or 'valid', got {padding!r}")
+        raise InvalidValueError(f"padding must be a number of pixels, 'same' or 'valid', "
+                                f"got {padding!r}").about("padding")
     if isinstance(padding, bool) or int(padding) != padding or padding < 0:
-        raise ValueError(f"padding must be a non-negative integer, got {padding!r}")
+        raise InvalidValueError(f"padding must be a non-negative integer, got {padding!r}").about("padding")
     return int(padding), int(padding)
 
 
@@ -85,14 +88,14 @@ def conv_output_size(n: int, kernel: int, stride: int = 1, padding: Padding = 0,
             inside the input or the left padding (PyTorch's rule).
 
     Raises:
-        ValueError: Non-positive sizes, or a kernel larger than the padded input.
+        InvalidValueError: Non-positive sizes, or a kernel larger than the padded input.
     """
     before, after = padding_amounts(n, kernel, stride, padding, dilation)
     k_eff = dilation * (kernel - 1) + 1
     span = n + before + after - k_eff
     if span < 0:
-        raise ValueError(f"kernel {kernel} (dilation {dilation}, {k_eff} px wide) does not fit an input of "
-                         f"{n} px with padding {before}+{after}")
+        raise InvalidValueError(f"kernel {kernel} (dilation {dilation}, {k_eff} px wide) does not fit an input of "
+                                f"{n} px with padding {before}+{after}").about("kernel")
     if not ceil_mode:
         return span // stride + 1
     out = -(-span // stride) + 1
@@ -135,8 +138,8 @@ def parse_layer_spec(text: str) -> LayerSpec:
     """
     m = _SPEC.match(text.strip().lower())
     if m is None:
-        raise ValueError(f"bad layer spec {text!r}: expected KERNEL[sSTRIDE][pPADDING|psame|pvalid][dDILATION], "
-                         f"e.g. 3p1, 2s2, 7s2p3, pool:2s2")
+        raise InvalidValueError(f"bad layer spec {text!r}: expected KERNEL[sSTRIDE][pPADDING|psame|pvalid][dDILATION], "
+                                f"e.g. 3p1, 2s2, 7s2p3, pool:2s2")
     p = m["p"] if m["p"] is not None else 0
     spec = LayerSpec(kernel=int(m["k"]), stride=int(m["s"] or 1), padding=int(p) if str(p).isdigit() else p,
                      dilation=int(m["d"] or 1), name=m["name"] or "")
@@ -152,6 +155,7 @@ def receptive_fields(layers: Sequence[LayerSpec], input_size: int) -> list[dict]
         of the first output's field in input pixel coordinates, may be negative when the
         field reaches into the padding).
     """
+    _check_positive(input_size=input_size)
     n, r, j, c = int(input_size), 1, 1, 0.0
     rows = []
     for i, layer in enumerate(layers):
@@ -173,7 +177,8 @@ def conv_params(kernel: int | tuple[int, int], in_channels: int, out_channels: i
     """
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     if in_channels % groups or out_channels % groups:
-        raise ValueError(f"channels {in_channels}->{out_channels} are not divisible by groups={groups}")
+        raise InvalidValueError(f"channels {in_channels}->{out_channels} are not divisible by "
+                                f"groups={groups}").about("groups")
     return (kh * kw * (in_channels // groups) + int(bias)) * out_channels
 
 
@@ -186,7 +191,7 @@ def conv2d_reference(x: np.ndarray, w: np.ndarray, bias: float = 0.0, stride: in
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(w, dtype=np.float64)
     if x.ndim != 2 or w.ndim != 2:
-        raise ValueError(f"expected 2-D image and kernel, got {x.shape} and {w.shape}")
+        raise InvalidValueError(f"expected 2-D image and kernel, got {x.shape} and {w.shape}")
     (top, bottom), (left, right) = (padding_amounts(x.shape[0], w.shape[0], stride, padding),
                                     padding_amounts(x.shape[1], w.shape[1], stride, padding))
     xp = np.pad(x, ((top, bottom), (left, right)))

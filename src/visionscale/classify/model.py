@@ -105,7 +105,7 @@ def build_backbone(name: str, weights=None) -> nn.Module:
     """A registry model without its classification head (``num_classes=0``).
 
     Raises:
-        ValueError: The model cannot serve as a backbone (no ``num_classes=0`` option or
+        InvalidValueError: The model cannot serve as a backbone (no ``num_classes=0`` option or
             no ``num_features``); the message names the models that can.
     """
     try:
@@ -116,8 +116,8 @@ def build_backbone(name: str, weights=None) -> nn.Module:
         from visionscale.registry import list_models
 
         ok = [m for m in list_models() if "resnet" in m]
-        raise ValueError(f"model {name!r} cannot be a classifier backbone (needs a headless "
-                         f"num_classes=0 variant with num_features); use one of: {', '.join(ok)}")
+        raise InvalidValueError(f"model {name!r} cannot be a classifier backbone (needs a headless num_classes=0 "
+                                f"variant with num_features); use one of: {', '.join(ok)}").about("backbone")
     return net
 
 
@@ -183,7 +183,8 @@ class Classifier(nn.Module):
         """
         names = [n for n, _ in self.backbone.named_children()]
         if train_from is not None and train_from not in names:
-            raise ValueError(f"unknown backbone stage {train_from!r}; choose one of: {', '.join(names)}")
+            raise InvalidValueError(f"unknown backbone stage {train_from!r}; choose one of: "
+                                    f"{', '.join(names)}").about("unfreeze_from")
         start = 0 if train_from is None else names.index(train_from)
         self._frozen = [n for i, n in enumerate(names) if frozen or i < start]
         for name, child in self.backbone.named_children():

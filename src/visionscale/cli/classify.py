@@ -1,8 +1,9 @@
 """``visionscale classify``: demo data, training, prediction, evaluation, conv arithmetic.
 
 Each command parses arguments, makes one library call (``visionscale.classify.*``) and
-prints. Bad input prints one line ``error: ...`` on stderr and exits with status 2,
-before any output file is written.
+prints. Bad input makes the library raise a :class:`~visionscale.errors.VisionscaleError`, which
+:class:`~visionscale.cli._common.CLIGroup` prints as one line ``error: ...`` on stderr with exit
+status 2, before any output file is written; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from visionscale.cli._common import CLIGroup, err, fail, out
+from visionscale.cli._common import CLIGroup, err, out
 from visionscale.cli._options import Backend, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_PRECISION, Device, Precision
 
 app = typer.Typer(
@@ -26,17 +27,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-
-
-
-def _input_errors() -> tuple[type[BaseException], ...]:
-    from visionscale.io.weights import StateDictMismatchError, WeightsUnavailableError
-    from visionscale.registry import UnknownModelError
-    from visionscale.runtime.errors import BackendUnavailableError, ExportError
-
-    # ValueError covers DataError, ImageReadError, TrainError, CheckpointError, RunnerError.
-    return (ValueError, OSError, UnknownModelError, StateDictMismatchError, WeightsUnavailableError,
-            BackendUnavailableError, ExportError)
 
 
 def _print_json(obj) -> None:
@@ -55,11 +45,8 @@ def make_demo_cmd(
     """Write a small texture data set (brick / grass / gravel from scikit-image, CC0), offline."""
     from visionscale.classify.demo import make_demo
 
-    try:
-        info = make_demo(out_dir, train_per_class=train_per_class, test_per_class=test_per_class, size=size, seed=seed,
-                         overwrite=overwrite)
-    except _input_errors() as exc:
-        fail(str(exc))
+    info = make_demo(out_dir, train_per_class=train_per_class, test_per_class=test_per_class, size=size, seed=seed,
+                     overwrite=overwrite)
     n_train, n_test = sum(info["train"].values()), sum(info["test"].values())
     out.print(f"wrote {n_train} training and {n_test} test images ({', '.join(info['train'])}; {size} px) to "
               f"{out_dir}/train and {out_dir}/test", highlight=False, soft_wrap=True)
@@ -102,21 +89,18 @@ def train_cmd(
     from visionscale.classify.data import AugmentConfig
     from visionscale.classify.train import TrainConfig, train
 
-    try:
-        cfg = TrainConfig(
-            backbone=backbone, weights=weights, image_size=image_size, epochs=epochs, finetune_epochs=finetune_epochs,
-            batch_size=batch_size, lr=lr, finetune_lr=finetune_lr, weight_decay=weight_decay, patience=patience,
-            val_fraction=val_fraction, seed=seed, freeze=freeze, unfreeze_from=unfreeze_from, dropout=dropout,
-            augment=AugmentConfig(rotation=rotation, zoom=zoom, shift=shift, shear=shear, hflip=hflip, vflip=vflip,
-                                  fill=fill),
-            precise_bn=precise_bn, device=device,
-        )
-        with err.status("starting") as status:
-            result = train(data_dir, out_dir, cfg, val_dir=val_dir, resume=resume, overwrite=overwrite,
-                           progress=lambda msg: status.update(msg),
-                           on_epoch=lambda row: err.print(_epoch_line(row), markup=False, highlight=False, soft_wrap=True))
-    except _input_errors() as exc:
-        fail(str(exc))
+    cfg = TrainConfig(
+        backbone=backbone, weights=weights, image_size=image_size, epochs=epochs, finetune_epochs=finetune_epochs,
+        batch_size=batch_size, lr=lr, finetune_lr=finetune_lr, weight_decay=weight_decay, patience=patience,
+        val_fraction=val_fraction, seed=seed, freeze=freeze, unfreeze_from=unfreeze_from, dropout=dropout,
+        augment=AugmentConfig(rotation=rotation, zoom=zoom, shift=shift, shear=shear, hflip=hflip, vflip=vflip,
+                              fill=fill),
+        precise_bn=precise_bn, device=device,
+    )
+    with err.status("starting") as status:
+        result = train(data_dir, out_dir, cfg, val_dir=val_dir, resume=resume, overwrite=overwrite,
+                       progress=lambda msg: status.update(msg),
+                       on_epoch=lambda row: err.print(_epoch_line(row), markup=False, highlight=False, soft_wrap=True))
     summary = {"out_dir": str(result.out_dir), "classes": result.classes, "best_epoch": result.best_epoch,
                "best_val_loss": result.best_val_loss, "val_accuracy": result.val_report["accuracy"],
                "epochs_run": len(result.history), "files": [p.name for p in result.files]}
@@ -152,21 +136,18 @@ def predict_cmd(
     from visionscale.io.atomic import write_atomic
     from visionscale.io.outputs import check_output_file
 
-    try:
-        if csv_out is not None:
-            check_output_file(csv_out, inputs=[checkpoint, *inputs], overwrite=overwrite, what="predictions file")
-        preds = predict(checkpoint, inputs, top_k=top_k, batch_size=batch_size, device=device, backend=backend,
-                        precision=precision)
-        if csv_out is not None:
-            buf = io.StringIO()
-            w = csv.writer(buf, lineterminator="\n")
-            w.writerow(["path", "label", "probability", "top"])
-            for p in preds:
-                w.writerow([p["path"], p["label"], f"{p['probability']:.6f}",
-                            ";".join(f"{c}:{q:.4f}" for c, q in p["top"])])
-            write_atomic(csv_out, buf.getvalue().encode())
-    except _input_errors() as exc:
-        fail(str(exc))
+    if csv_out is not None:
+        check_output_file(csv_out, inputs=[checkpoint, *inputs], overwrite=overwrite, what="predictions file")
+    preds = predict(checkpoint, inputs, top_k=top_k, batch_size=batch_size, device=device, backend=backend,
+                    precision=precision)
+    if csv_out is not None:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "label", "probability", "top"])
+        for p in preds:
+            w.writerow([p["path"], p["label"], f"{p['probability']:.6f}",
+                        ";".join(f"{c}:{q:.4f}" for c, q in p["top"])])
+        write_atomic(csv_out, buf.getvalue().encode())
     if as_json:
         _print_json(preds)
         return
@@ -198,14 +179,11 @@ def eval_cmd(
     """Accuracy, per-class precision/recall and the confusion matrix on a labelled folder."""
     from visionscale.classify.train import check_eval_outputs, evaluate, write_eval_outputs
 
-    try:
-        if out_dir is not None:
-            check_eval_outputs(out_dir, overwrite)  # before the evaluation, not after it
-        report = evaluate(checkpoint, data_dir, batch_size=batch_size, device=device, backend=backend,
-                          precision=precision)
-        written = write_eval_outputs(report, out_dir, overwrite) if out_dir is not None else []
-    except _input_errors() as exc:
-        fail(str(exc))
+    if out_dir is not None:
+        check_eval_outputs(out_dir, overwrite)  # before the evaluation, not after it
+    report = evaluate(checkpoint, data_dir, batch_size=batch_size, device=device, backend=backend,
+                      precision=precision)
+    written = write_eval_outputs(report, out_dir, overwrite) if out_dir is not None else []
     if as_json:
         _print_json({k: v for k, v in report.items() if k != "predictions"})
         return
@@ -244,10 +222,7 @@ def conv_cmd(
     """Convolution arithmetic: output size and receptive field after each layer of a stack."""
     from visionscale.classify.convarith import parse_layer_spec, receptive_fields
 
-    try:
-        rows = receptive_fields([parse_layer_spec(s) for s in layers], input_size)
-    except ValueError as exc:
-        fail(str(exc))
+    rows = receptive_fields([parse_layer_spec(s) for s in layers], input_size)
     if as_json:
         _print_json(rows)
         return

@@ -1,7 +1,9 @@
 """``visionscale detect ...``: EAPM figures, the demo dataset, detector training and comparison.
 
 Thin layer over :mod:`visionscale.detection`: each command parses, makes one library call
-and prints. Bad input prints ``error: ...`` on stderr and exits with status 2.
+and prints. Bad input prints ``error: ...`` on stderr and exits with status 2: the library's
+:class:`~visionscale.errors.VisionscaleError` goes to :class:`~visionscale.cli._common.CLIGroup`,
+which prints it; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -67,14 +69,14 @@ def _config(
 
     if data is not None:
         if train_ann is not None:
-            raise ValueError("give either --data DIR or --train-ann, not both")
+            fail("give either --data DIR or --train-ann, not both")
         train_ann, val_ann = data / "train.json", data / "val.json"
         for p in (train_ann, val_ann):
             if not p.is_file():
-                raise ValueError(f"--data {data}: missing {p.name} (make one with `visionscale detect make-demo {data}`)")
+                fail(f"--data {data}: missing {p.name} (make one with `visionscale detect make-demo {data}`)")
         data_format = "coco"
     if train_ann is None:
-        raise ValueError("no training data: give --data DIR or --train-ann FILE")
+        fail("no training data: give --data DIR or --train-ann FILE")
     s = lambda p: None if p is None else str(p)  # noqa: E731
     return TrainConfig(train_ann=str(train_ann), train_images=s(train_images), val_ann=s(val_ann),
                        val_images=s(val_images), data_format=data_format, **kw)
@@ -82,6 +84,7 @@ def _config(
 
 def _check_data(cfg, strict: bool) -> None:
     """Read the annotations once up front: errors exit 2, skipped boxes are listed as warnings."""
+    from visionscale.detection.data import AnnotationError
     from visionscale.detection.train import load_dataset
 
     for ann, images in ((cfg.train_ann, cfg.train_images), (cfg.val_ann, cfg.val_images)):
@@ -90,7 +93,7 @@ def _check_data(cfg, strict: bool) -> None:
         ds = load_dataset(ann, images, cfg.data_format, strict=strict)
         _warn_skipped(ds, ann)
         if len(ds) == 0:
-            raise ValueError(f"{ann}: no images")
+            raise AnnotationError(f"{ann}: no images")
 
 
 def _warn_skipped(ds, ann, shown: int = 20) -> None:
@@ -168,24 +171,16 @@ def train_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout."),
 ) -> None:
     """Train the detector with plain (focal + balanced L1) or EAPM losses; evaluate with COCO AP."""
-    from visionscale.detection.data import AnnotationError
-    from visionscale.detection.train import TrainError, train
-    from visionscale.study.report import OutputError
+    from visionscale.detection.train import train
 
-    try:
-        cfg = _config(data, train_ann, train_images, val_ann, val_images, data_format, loss=loss, mu=mu, theta=theta,
-                      mf_grad=mf_grad, model=model, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                      seed=seed, eval_every=eval_every, out_dir=str(out_dir))
-        _check_data(cfg, strict)
-        _check_model(cfg.model)
-    except (ValueError, KeyError, AnnotationError) as exc:
-        fail(str(exc).strip("'\""))
-    try:
-        with _Bar() as bar:
-            bar.label = cfg.label()
-            res = train(cfg, progress=bar, resume=resume, overwrite=overwrite)
-    except (TrainError, AnnotationError, OutputError) as exc:
-        fail(str(exc))
+    cfg = _config(data, train_ann, train_images, val_ann, val_images, data_format, loss=loss, mu=mu, theta=theta,
+                  mf_grad=mf_grad, model=model, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr,
+                  seed=seed, eval_every=eval_every, out_dir=str(out_dir))
+    _check_data(cfg, strict)
+    _check_model(cfg.model)
+    with _Bar() as bar:
+        bar.label = cfg.label()
+        res = train(cfg, progress=bar, resume=resume, overwrite=overwrite)
     if as_json:
         sys.stdout.write((res.out_dir / "metrics.json").read_text() + "\n")
         return
@@ -219,34 +214,26 @@ def compare_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
 ) -> None:
     """Train focal + balanced L1 and EAPM on the same data and seeds; print COCO metrics side by side."""
-    from visionscale.detection.data import AnnotationError
-    from visionscale.detection.train import TrainError, compare, format_table
+    from visionscale.detection.train import compare, format_table
     from visionscale.io.atomic import write_atomic
-    from visionscale.errors import OutputError
     from visionscale.io.outputs import ensure_output_dir as check_output_dir
 
-    try:
+    try:  # the CLI's own parsing of --seeds
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
-        if not seed_list:
-            raise ValueError("--seeds: no seed given")
     except ValueError as exc:
         fail(f"--seeds must be comma-separated integers ({exc})")
-    try:
-        cfg = _config(data, train_ann, train_images, val_ann, val_images, data_format, loss="eapm", mu=mu, theta=theta,
-                      mf_grad=mf_grad, model=model, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                      seed=seed_list[0], out_dir=str(out_dir))
-        if cfg.val_ann is None:
-            raise ValueError("compare needs validation data (--data DIR or --val-ann)")
-        _check_model(cfg.model)
-        _check_data(cfg, strict=False)
-        check_output_dir(out_dir)
-    except (ValueError, KeyError, AnnotationError, OutputError) as exc:
-        fail(str(exc))
-    try:
-        with _Bar() as bar:
-            result = compare(cfg, seeds=seed_list, progress=bar, overwrite=overwrite)
-    except (TrainError, AnnotationError, OutputError) as exc:
-        fail(str(exc))
+    if not seed_list:
+        fail("--seeds must be comma-separated integers (--seeds: no seed given)")
+    cfg = _config(data, train_ann, train_images, val_ann, val_images, data_format, loss="eapm", mu=mu, theta=theta,
+                  mf_grad=mf_grad, model=model, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr,
+                  seed=seed_list[0], out_dir=str(out_dir))
+    if cfg.val_ann is None:
+        fail("compare needs validation data (--data DIR or --val-ann)")
+    _check_model(cfg.model)
+    _check_data(cfg, strict=False)
+    check_output_dir(out_dir)
+    with _Bar() as bar:
+        result = compare(cfg, seeds=seed_list, progress=bar, overwrite=overwrite)
     table = format_table(result)
     write_atomic(out_dir / "compare.json", json.dumps(result, indent=2).encode())
     write_atomic(out_dir / "compare.md", (table + "\n").encode())
@@ -276,27 +263,24 @@ def eval_cmd(
     Ground-truth entries that cannot be used (a box with NaN or no area, an annotation of an
     unknown image or category) are skipped with a warning each, as in training, and counted in
     the result; with --strict the first one is an error."""
-    from visionscale.detection.data import AnnotationError, ImageCache
-    from visionscale.detection.train import TrainError, evaluate, load_dataset, load_model
+    from visionscale.detection.data import ImageCache
+    from visionscale.detection.train import evaluate, load_dataset, load_model
     from visionscale.errors import check_int
-    from visionscale.runtime import BackendUnavailableError, ExportError, accelerate, resolve_device
+    from visionscale.runtime import accelerate, resolve_device
 
-    try:
-        if data is not None:
-            ann, data_format = data / "val.json", "coco"
-        if ann is None:
-            raise ValueError("give --data DIR or --ann FILE")
-        check_int("batch_size", batch_size, minimum=1)
-        dev = resolve_device(device)
-        model, meta = load_model(checkpoint)
-        size = int(meta["config"]["image_size"])
-        ds = load_dataset(ann, images, data_format, strict=strict)
-        _warn_skipped(ds, ann)
-        forward = accelerate(model.to(dev), backend, precision, dev, image_size=(size, size))
-        note_runner(forward)
-        metrics = evaluate(model, ImageCache(ds, size), batch_size, forward=forward)
-    except (ValueError, AnnotationError, TrainError, BackendUnavailableError, ExportError) as exc:
-        fail(str(exc))
+    if data is not None:
+        ann, data_format = data / "val.json", "coco"
+    if ann is None:
+        fail("give --data DIR or --ann FILE")
+    check_int("batch_size", batch_size, minimum=1)
+    dev = resolve_device(device)
+    model, meta = load_model(checkpoint)
+    size = int(meta["config"]["image_size"])
+    ds = load_dataset(ann, images, data_format, strict=strict)
+    _warn_skipped(ds, ann)
+    forward = accelerate(model.to(dev), backend, precision, dev, image_size=(size, size))
+    note_runner(forward)
+    metrics = evaluate(model, ImageCache(ds, size), batch_size, forward=forward)
     if as_json:
         sys.stdout.write(json.dumps({**metrics, "skipped_annotations": len(ds.problems)}) + "\n")
         return

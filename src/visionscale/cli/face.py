@@ -3,7 +3,9 @@
 Thin layer over :class:`visionscale.face.detector.FaceDetector`: parse, read images in batches,
 one library call per batch, print (``--json`` for scripts) and optionally write annotated
 copies: all moved into ``--out`` at the end, and a folder holding files of the user's is refused
-before any work. Bad input prints ``error: ...`` naming the file and exits with status 2.
+before any work. Bad input prints ``error: ...`` naming the file and exits with status 2 (the
+library raises a :class:`~visionscale.errors.VisionscaleError`, which
+:class:`~visionscale.cli._common.CLIGroup` prints); any other exception is a bug.
 The recognition commands (verify, enroll, identify, ...) are added to this app by
 :mod:`visionscale.cli.face_recognition`.
 """
@@ -89,27 +91,16 @@ def detect_cmd(
     """Find faces; print boxes and the six keypoints per face, optionally write annotated images."""
     from visionscale.cli.face_recognition import literal_progress
     from visionscale.face.detector import MIN_IMAGE_SIDE, FaceDetector
-    from visionscale.face.tflite_import import TFLiteError
-    from visionscale.io.images import ImageReadError, collect_images, read_image
+    from visionscale.io.images import collect_images, read_image
     from visionscale.io.outputs import OutputDir
-    from visionscale.io.weights import StateDictMismatchError, WeightsUnavailableError
 
-    try:
-        files = collect_images(images, recursive=recursive)
-    except (FileNotFoundError, NotADirectoryError) as e:
-        fail(str(e))
+    files = collect_images(images, recursive=recursive)
     if min_score is not None and not 0.0 <= min_score <= 1.0:
         fail(f"--min-score must be in [0, 1], got {min_score}")
     # Checked before the detector is built: a bad --out fails at once, and no user file is replaced.
     output = OutputDir(out_dir, kind="face-detect", overwrite=overwrite) if out_dir is not None else None
-    from visionscale.runtime.errors import BackendUnavailableError, ExportError
-
-    try:
-        detector = FaceDetector(model=model, weights=weights, min_score=min_score, blending=blending, batch_size=batch_size,
-                                backend=backend, precision=precision, device=device)
-    except (WeightsUnavailableError, TFLiteError, StateDictMismatchError, FileNotFoundError, ValueError,
-            BackendUnavailableError, ExportError) as e:
-        fail(str(e))
+    detector = FaceDetector(model=model, weights=weights, min_score=min_score, blending=blending, batch_size=batch_size,
+                            backend=backend, precision=precision, device=device)
     note_runner(detector.runtime)
 
     results = []
@@ -122,10 +113,7 @@ def detect_cmd(
             chunk = files[start : start + batch_size]
             arrays = []
             for f in chunk:
-                try:
-                    a = read_image(f)
-                except ImageReadError as e:
-                    fail(str(e))
+                a = read_image(f)
                 if min(a.shape[:2]) < MIN_IMAGE_SIDE:
                     fail(f"image too small for face detection: {f} is {a.shape[1]}x{a.shape[0]} px "
                          f"(need at least {MIN_IMAGE_SIDE} px per side)")

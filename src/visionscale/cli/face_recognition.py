@@ -3,7 +3,9 @@
 ``register(app)`` adds them to the ``face`` sub-app (whose detection verbs live in
 ``cli/face.py``). Each command parses arguments, makes one library call
 (``visionscale.face.*``) and prints. Bad input prints one line ``error: ...`` on stderr and
-exits with status 2; ``verify`` on an image without a face exits 2 too. Names and paths are
+exits with status 2; ``verify`` on an image without a face exits 2 too. The library raises a
+:class:`~visionscale.errors.VisionscaleError` for those (a gallery's SQLite errors included), which
+:class:`~visionscale.cli._common.CLIGroup` prints; any other exception is a bug. Names and paths are
 printed literally (the consoles have no markup; progress descriptions neither). Commands that
 only read a gallery open it read-only: they never create or change the file.
 """
@@ -24,17 +26,6 @@ from visionscale.cli._options import Backend, DEFAULT_BACKEND, DEFAULT_DEVICE, D
 
 DEFAULT_GALLERY = "gallery.db"
 LFW_EVAL_KIND = "face-eval-lfw"
-
-
-def _input_errors() -> tuple[type[BaseException], ...]:
-    import sqlite3
-
-    from visionscale.io.weights import StateDictMismatchError, WeightsUnavailableError
-    from visionscale.registry import UnknownModelError
-
-    # ValueError covers NoFaceError, GalleryError, LFWError, TrainError, ImageReadError.
-    return (ValueError, OSError, ImportError, UnknownModelError, StateDictMismatchError, WeightsUnavailableError,
-            sqlite3.Error)
 
 
 @contextmanager
@@ -112,11 +103,8 @@ def verify_cmd(
 ) -> None:
     """Are the faces in A and B the same person? Exits 2 when an image has no face."""
     _model_note(model)
-    try:
-        with _warnings_to_stderr():
-            res = _recognizer(model, detect, device, backend, precision).verify(a, b, threshold)
-    except _input_errors() as exc:
-        fail(str(exc))
+    with _warnings_to_stderr():
+        res = _recognizer(model, detect, device, backend, precision).verify(a, b, threshold)
     if as_json:
         _print_json({"a": str(a), "b": str(b), **res.to_dict()})
     else:
@@ -136,19 +124,16 @@ def enroll_cmd(
     """Add a person (or more images of one) to the gallery."""
     from visionscale.face.gallery import Gallery
 
-    try:
-        # Only enroll creates a gallery: a missing or empty file is a new one.
-        fresh = not gallery.exists() or (gallery.is_file() and gallery.stat().st_size == 0)
-        src = _model_for_gallery(model, None if fresh else _stored_source(gallery))
-        _model_note(src)
-        with _warnings_to_stderr():
-            rec = _recognizer(src, detect, device, backend, precision)
-            emb = rec.embed([str(p) for p in images])
-        with Gallery(gallery, embedder=rec, model_source=src) as g:
-            n = g.enroll(name, embeddings=emb, sources=[str(p) for p in images])
-            total = next(p.n_embeddings for p in g.list() if p.name == name)
-    except _input_errors() as exc:
-        fail(str(exc))
+    # Only enroll creates a gallery: a missing or empty file is a new one.
+    fresh = not gallery.exists() or (gallery.is_file() and gallery.stat().st_size == 0)
+    src = _model_for_gallery(model, None if fresh else _stored_source(gallery))
+    _model_note(src)
+    with _warnings_to_stderr():
+        rec = _recognizer(src, detect, device, backend, precision)
+        emb = rec.embed([str(p) for p in images])
+    with Gallery(gallery, embedder=rec, model_source=src) as g:
+        n = g.enroll(name, embeddings=emb, sources=[str(p) for p in images])
+        total = next(p.n_embeddings for p in g.list() if p.name == name)
     out.print(f"enrolled {n} image(s) of {name} in {gallery} ({total} in total)", highlight=False)
 
 def identify_cmd(
@@ -168,15 +153,12 @@ def identify_cmd(
 
     if not gallery.exists():
         fail(f"gallery not found: {gallery} (enroll people first with `visionscale face enroll`)")
-    try:
-        src = _model_for_gallery(model, _stored_source(gallery))
-        with _warnings_to_stderr():
-            rec = _recognizer(src, detect, device, backend, precision)
-            emb = rec.embed([str(p) for p in images])
-        with Gallery(gallery, embedder=rec, read_only=True) as g, _warnings_to_stderr():
-            results = g.identify(embeddings=emb, k=k, threshold=threshold)
-    except _input_errors() as exc:
-        fail(str(exc))
+    src = _model_for_gallery(model, _stored_source(gallery))
+    with _warnings_to_stderr():
+        rec = _recognizer(src, detect, device, backend, precision)
+        emb = rec.embed([str(p) for p in images])
+    with Gallery(gallery, embedder=rec, read_only=True) as g, _warnings_to_stderr():
+        results = g.identify(embeddings=emb, k=k, threshold=threshold)
     if as_json:
         _print_json([{"image": str(p), "name": r.name, "distance": r.distance,
                       "matches": [{"name": m.name, "distance": m.distance} for m in r.matches]}
@@ -198,11 +180,8 @@ def gallery_list(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Enrolled people and how many embeddings each has."""
-    try:
-        with _open_gallery(gallery, read_only=True) as g:
-            people, model = g.list(), g.stored_model
-    except _input_errors() as exc:
-        fail(str(exc))
+    with _open_gallery(gallery, read_only=True) as g:
+        people, model = g.list(), g.stored_model
     if as_json:
         _print_json({"model": model, "people": [{"name": p.name, "embeddings": p.n_embeddings} for p in people]})
         return
@@ -216,11 +195,8 @@ def gallery_rename(
     gallery: Path = typer.Option(Path(DEFAULT_GALLERY), "--gallery", "-g", help="Gallery database file."),
 ) -> None:
     """Rename a person."""
-    try:
-        with _open_gallery(gallery, read_only=False) as g:
-            g.rename(old, new)
-    except _input_errors() as exc:
-        fail(str(exc))
+    with _open_gallery(gallery, read_only=False) as g:
+        g.rename(old, new)
     out.print(f"renamed {old} to {new}", highlight=False)
 
 def gallery_remove(
@@ -228,11 +204,8 @@ def gallery_remove(
     gallery: Path = typer.Option(Path(DEFAULT_GALLERY), "--gallery", "-g", help="Gallery database file."),
 ) -> None:
     """Remove a person."""
-    try:
-        with _open_gallery(gallery, read_only=False) as g:
-            n = g.remove(name)
-    except _input_errors() as exc:
-        fail(str(exc))
+    with _open_gallery(gallery, read_only=False) as g:
+        n = g.remove(name)
     out.print(f"removed {name} ({n} embedding(s))", highlight=False)
 
 def train_cmd(
@@ -262,15 +235,12 @@ def train_cmd(
     """Train a Siamese face embedder with contrastive loss (seed 003's recipe)."""
     from visionscale.face.train import TrainConfig, train
 
-    try:
-        cfg = TrainConfig(model=model, backbone_weights=backbone_weights, freeze=freeze, image_size=image_size,
-                          embedding_dim=embedding_dim, loss=loss, contrastive_form=form, margin=margin, epochs=epochs,
-                          batch_size=batch_size, lr=lr, patience=patience, pairs_per_epoch=pairs_per_epoch,
-                          seed=seed, device=device)
-        res = train(data, out_dir, cfg, pairs_file=pairs, val_pairs_file=val_pairs, resume=resume,
-                    overwrite=overwrite, plots=plots, progress=lambda m: err.print(m, highlight=False))
-    except _input_errors() as exc:
-        fail(str(exc))
+    cfg = TrainConfig(model=model, backbone_weights=backbone_weights, freeze=freeze, image_size=image_size,
+                      embedding_dim=embedding_dim, loss=loss, contrastive_form=form, margin=margin, epochs=epochs,
+                      batch_size=batch_size, lr=lr, patience=patience, pairs_per_epoch=pairs_per_epoch,
+                      seed=seed, device=device)
+    res = train(data, out_dir, cfg, pairs_file=pairs, val_pairs_file=val_pairs, resume=resume,
+                overwrite=overwrite, plots=plots, progress=lambda m: err.print(m, highlight=False))
     out.print(f"best epoch {res.best_epoch} (val loss {res.best_val_loss:.4f}); model: {out_dir / 'model.safetensors'}",
               highlight=False)
 
@@ -294,19 +264,16 @@ def eval_lfw_cmd(
     from visionscale.io.outputs import OutputDir
 
     _model_note(model)
-    try:
-        if out_dir is not None:  # refused now, not after embedding every image
-            OutputDir(out_dir, kind=LFW_EVAL_KIND, overwrite=overwrite)
-        rec = _recognizer(model, detect, device, backend, precision)
-        with _warnings_to_stderr(), literal_progress(transient=True) as bar:
-            task = bar.add_task("embedding", total=None)
-            res = evaluate_lfw(root, pairs, rec.embed, batch_size=batch_size, thresholds=threshold, far=far,
-                               progress=lambda i, n: bar.update(task, completed=i, total=n))
-        res.report["model"] = rec.model_id
-        if out_dir is not None:
-            write_lfw_outputs(res, out_dir, overwrite=overwrite, kind=LFW_EVAL_KIND)
-    except _input_errors() as exc:
-        fail(str(exc))
+    if out_dir is not None:  # refused now, not after embedding every image
+        OutputDir(out_dir, kind=LFW_EVAL_KIND, overwrite=overwrite)
+    rec = _recognizer(model, detect, device, backend, precision)
+    with _warnings_to_stderr(), literal_progress(transient=True) as bar:
+        task = bar.add_task("embedding", total=None)
+        res = evaluate_lfw(root, pairs, rec.embed, batch_size=batch_size, thresholds=threshold, far=far,
+                           progress=lambda i, n: bar.update(task, completed=i, total=n))
+    res.report["model"] = rec.model_id
+    if out_dir is not None:
+        write_lfw_outputs(res, out_dir, overwrite=overwrite, kind=LFW_EVAL_KIND)
     rep = res.report
     if as_json:
         _print_json(rep)
@@ -337,11 +304,8 @@ def make_lfw_demo_cmd(
     """Write synthetic identities in LFW's layout with pairs/people files (offline; not real faces)."""
     from visionscale.face.lfw import make_synthetic_lfw
 
-    try:
-        info = make_synthetic_lfw(out_dir, n_people=people, images_per_person=images_per_person, size=size, seed=seed,
-                                  overwrite=overwrite)
-    except _input_errors() as exc:
-        fail(str(exc))
+    info = make_synthetic_lfw(out_dir, n_people=people, images_per_person=images_per_person, size=size, seed=seed,
+                              overwrite=overwrite)
     out.print(f"wrote {info['n_images']} images of {people} identities to {info['root']}, and pairs.txt, "
               f"pairsDevTrain.txt, pairsDevTest.txt, people*.txt in {out_dir}", highlight=False)
 

@@ -93,17 +93,18 @@ def scale_cmd(
             fail("--dtype is the old name of --precision: give one of them")
         warn("--dtype is deprecated and will be removed; use --precision")
         precision = dtype
-    # Bad input (a StudyError, UnknownModelError, DeviceError, OutputError...: all
-    # VisionscaleErrors) becomes one line in CLIGroup; only the parsers' ValueErrors are ours.
+    # Bad input (a StudyError, UnknownModelError, DeviceError, OutputError, a GPU or memory size
+    # parse_gpu / parse_size cannot read...: all VisionscaleErrors) becomes one line in CLIGroup;
+    # only parse_resolutions' ValueErrors are the CLI's own.
     try:
         res = parse_resolutions(resolutions)
-        extra = tuple(parse_gpu(g) for g in gpu)
-        cards = extra if only_gpus else GPUS + extra
-        if not cards:
-            raise ValueError("--only-gpus needs at least one --gpu NAME=SIZE")
-        context_bytes = parse_size(cuda_context)
     except ValueError as exc:
         fail(str(exc))
+    extra = tuple(parse_gpu(g) for g in gpu)
+    cards = extra if only_gpus else GPUS + extra
+    if not cards:
+        fail("--only-gpus needs at least one --gpu NAME=SIZE")
+    context_bytes = parse_size(cuda_context)
     cfg = StudyConfig(
         models=tuple(split_csv(models)), resolutions=res, target=target, dtype=precision, device=device,
         batch_size=batch_size, timing=timing, warmup=warmup, repeats=repeats, time_budget_s=time_budget,

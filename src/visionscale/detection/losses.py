@@ -10,7 +10,8 @@
 
 Every function takes ``reduction`` ("none" | "mean" | "sum"). "mean" of an empty input is
 0 and stays connected to the graph, so a batch with no positives still backpropagates.
-NaN or infinite predictions raise ``ValueError`` instead of silently poisoning training.
+NaN or infinite predictions raise ``InvalidValueError`` (a ``ValueError``) instead of silently
+poisoning training.
 
 How the gradient flows through the modulation (``mf_grad``); see docs/eapm.md:
 
@@ -33,6 +34,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from visionscale.errors import InvalidValueError
 
 Reduction = Literal["none", "mean", "sum"]
 MFGrad = Literal["paper", "constant", "full"]
@@ -65,7 +68,7 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         # sum() of an empty tensor is 0 with a grad_fn: no NaN from 0/0, backward still works.
         return loss.mean() if loss.numel() else loss.sum()
-    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    raise InvalidValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}").about("reduction")
 
 
 def _check(name: str, pred: Tensor, target: Tensor) -> Tensor:
@@ -79,13 +82,13 @@ def _check(name: str, pred: Tensor, target: Tensor) -> Tensor:
     if pred.numel():
         bad = ~torch.isfinite(pred)
         if bool(bad.any()):
-            raise ValueError(
+            raise InvalidValueError(
                 f"{name}: predictions contain NaN or inf ({int(bad.sum())} of {pred.numel()} values); "
                 "the model has diverged or its input was not finite"
             )
         target = target.to(pred.dtype)
         if not bool(torch.isfinite(target).all()):
-            raise ValueError(f"{name}: targets contain NaN or inf")
+            raise InvalidValueError(f"{name}: targets contain NaN or inf")
     return target.to(pred.dtype)
 
 
@@ -93,13 +96,13 @@ def _resolve_mf_grad(mf_grad: str, detach_mf: bool | None) -> str:
     if detach_mf is not None:  # the boolean switch the issue asked for, mapped onto the modes
         return "constant" if detach_mf else "full"
     if mf_grad not in _MF_GRADS:
-        raise ValueError(f"mf_grad must be one of {_MF_GRADS}, got {mf_grad!r}")
+        raise InvalidValueError(f"mf_grad must be one of {_MF_GRADS}, got {mf_grad!r}").about("mf_grad")
     return mf_grad
 
 
 def _check_param(name: str, value: float) -> None:
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        raise InvalidValueError(f"{name} must be a finite number >= 0, got {value}").about(name)
 
 
 # ----------------------------------------------------------------------------- plain losses
@@ -145,9 +148,9 @@ def balanced_l1_loss(
     """
     target = _check("balanced_l1_loss", pred, target)
     if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+        raise InvalidValueError(f"beta must be > 0, got {beta}").about("beta")
     if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+        raise InvalidValueError(f"alpha must be > 0, got {alpha}").about("alpha")
     diff = torch.abs(pred - target)
     b = math.exp(gamma / alpha) - 1
     inlier = alpha / b * (b * diff + 1) * torch.log(b * diff / beta + 1) - alpha * diff
@@ -260,7 +263,7 @@ def eapm_balanced_l1_loss(
     if pred.ndim == 0 or pred.shape[-1] != 4:
         raise ValueError(f"eapm_balanced_l1_loss: expected box deltas of shape (..., 4), got {tuple(pred.shape)}")
     if xy not in ("plain", "gos"):
-        raise ValueError(f"xy must be 'plain' or 'gos', got {xy!r}")
+        raise InvalidValueError(f"xy must be 'plain' or 'gos', got {xy!r}").about("xy")
     with torch.set_grad_enabled(torch.is_grad_enabled() and mode != "paper"):
         d = pred - target
         mf1 = math.tanh(theta) - torch.tanh(theta * gap_over_sum(pred, target))  # MF - 1

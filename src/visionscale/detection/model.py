@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionscale.components import Component, State, run_components
+from visionscale.errors import InvalidValueError
 from visionscale.modelinfo import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
 from visionscale.nn.resnet import ResNet, ResNetConfig, resnet18
 from visionscale.registry import register_model
@@ -57,11 +58,12 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+            raise InvalidValueError(f"num_classes must be >= 1, got {self.num_classes}").about("num_classes")
         if not 0 < self.prior_prob < 1:
-            raise ValueError(f"prior_prob must be in (0, 1), got {self.prior_prob}")
+            raise InvalidValueError(f"prior_prob must be in (0, 1), got {self.prior_prob}").about("prior_prob")
         if not self.octave_scales or not self.aspect_ratios:
-            raise ValueError("need at least one octave scale and one aspect ratio")
+            raise InvalidValueError("need at least one octave scale and one aspect ratio").about(
+                "octave_scales", "aspect_ratios")
 
     @property
     def anchors_per_cell(self) -> int:

@@ -111,13 +111,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
-            raise InvalidValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+            raise InvalidValueError(f"loss must be one of {LOSSES}, got {self.loss!r}").about("loss")
         if self.data_format not in ("coco", "widerface"):
-            raise InvalidValueError(f"data_format must be 'coco' or 'widerface', got {self.data_format!r}")
+            raise InvalidValueError(f"data_format must be 'coco' or 'widerface', got {self.data_format!r}").about(
+                "data_format")
         if self.mf_grad not in ("paper", "constant", "full"):
-            raise InvalidValueError(f"mf_grad must be 'paper', 'constant' or 'full', got {self.mf_grad!r}")
+            raise InvalidValueError(f"mf_grad must be 'paper', 'constant' or 'full', got {self.mf_grad!r}").about(
+                "mf_grad")
         if self.eapm_xy not in ("plain", "gos"):
-            raise InvalidValueError(f"eapm_xy must be 'plain' or 'gos', got {self.eapm_xy!r}")
+            raise InvalidValueError(f"eapm_xy must be 'plain' or 'gos', got {self.eapm_xy!r}").about("eapm_xy")
         for name in ("mu", "theta", "focal_gamma", "weight_decay"):
             check_finite(name, getattr(self, name), minimum=0.0)
         check_finite("focal_alpha", self.focal_alpha, minimum=0.0, maximum=1.0)
@@ -133,7 +135,8 @@ class TrainConfig:
         check_int("eval_every", self.eval_every, minimum=0)
         check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)  # torch generator seeds
         if not self.neg_iou <= self.pos_iou:
-            raise InvalidValueError(f"need 0 <= neg_iou <= pos_iou <= 1, got {self.neg_iou}, {self.pos_iou}")
+            raise InvalidValueError(f"need 0 <= neg_iou <= pos_iou <= 1, got {self.neg_iou}, {self.pos_iou}").about(
+                "neg_iou", "pos_iou")
 
     def label(self) -> str:
         if self.loss == "eapm":
@@ -164,7 +167,7 @@ def load_dataset(ann: str | Path, images: str | Path | None, data_format: str, s
         if images is None:
             raise AnnotationError("WIDER FACE needs the images folder (WIDER_train/images)")
         return load_widerface(ann, images, strict=strict)
-    raise ValueError(f"unknown data format {data_format!r}")
+    raise InvalidValueError(f"data_format must be 'coco' or 'widerface', got {data_format!r}").about("data_format")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -521,7 +524,7 @@ def _train(cfg: TrainConfig, out: Path, progress: Progress | None, resume: bool,
             cls_logits, box_deltas = model(imgs)
             try:
                 cls_loss, reg_loss, num_pos = detection_loss(cfg, cls_logits, box_deltas, anchors, gtb, gtl, gti)
-            except ValueError as exc:
+            except InvalidValueError as exc:  # a diverged model (NaN predictions); other errors are bugs
                 raise TrainError(f"epoch {epoch + 1}, step {step + 1}: {exc}") from None
             loss = cls_loss + reg_loss
             opt.zero_grad(set_to_none=True)

@@ -13,6 +13,8 @@ import math
 import numpy as np
 import torch
 
+from visionscale.errors import InvalidValueError
+
 __all__ = ["align_face", "alignment_matrix"]
 
 
@@ -26,18 +28,19 @@ def alignment_matrix(keypoints: np.ndarray, size: int = 112, eye_distance: float
         eye_y: Height of the eyes in the crop, as a fraction of ``size``.
 
     Raises:
-        ValueError: Fewer than two keypoints, non-finite values, or the eyes coincide.
+        InvalidValueError: Fewer than two keypoints, non-finite values, or the eyes coincide.
     """
     kp = np.asarray(keypoints, dtype=np.float64)
     if kp.ndim != 2 or kp.shape[0] < 2 or kp.shape[1] != 2:
-        raise ValueError(f"keypoints must be (K >= 2, 2) with the eyes first, got shape {kp.shape}")
+        raise InvalidValueError(f"keypoints must be (K >= 2, 2) with the eyes first, got shape {kp.shape}").about(
+            "keypoints")
     if not np.isfinite(kp[:2]).all():
-        raise ValueError("eye keypoints are not finite")
+        raise InvalidValueError("eye keypoints are not finite").about("keypoints")
     right, left = kp[0], kp[1]
     d = left - right
     dist = math.hypot(d[0], d[1])
     if dist < 1e-6:
-        raise ValueError("the two eye keypoints coincide: cannot align")
+        raise InvalidValueError("the two eye keypoints coincide: cannot align").about("keypoints")
     angle = math.atan2(d[1], d[0])  # image-space angle of the eye line
     scale = eye_distance * size / dist
     c, s = math.cos(-angle) * scale, math.sin(-angle) * scale
@@ -51,9 +54,9 @@ def align_face(image: np.ndarray, keypoints: np.ndarray, size: int = 112, eye_di
                eye_y: float = 0.42) -> np.ndarray:
     """Crop an aligned ``(size, size, 3)`` uint8 face (see :func:`alignment_matrix` for the arguments)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        raise InvalidValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}").about("image")
     if size < 1:
-        raise ValueError(f"size must be positive, got {size}")
+        raise InvalidValueError(f"size must be positive, got {size}").about("size")
     m = alignment_matrix(keypoints, size, eye_distance, eye_y)
     inv = np.linalg.inv(np.vstack([m, [0.0, 0.0, 1.0]]))[:2]  # crop pixels -> image pixels
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)

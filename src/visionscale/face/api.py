@@ -18,7 +18,7 @@ checkpoint.
 
 from __future__ import annotations
 
-from visionscale.errors import VisionscaleError
+from visionscale.errors import InvalidValueError, MissingDependencyError, VisionscaleError
 
 import os
 import warnings
@@ -66,7 +66,8 @@ def _load(images: Sequence) -> tuple[list[np.ndarray], list[str]]:
         else:
             a = np.asarray(im)
             if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
-                raise ValueError(f"image {i}: expected an (H, W, 3) uint8 RGB array or a path, got {a.dtype} {a.shape}")
+                raise InvalidValueError(f"image {i}: expected an (H, W, 3) uint8 RGB array or a path, "
+                                        f"got {a.dtype} {a.shape}").about("images")
             arrays.append(a)
             labels.append(f"image {i}")
     return arrays, labels
@@ -131,12 +132,13 @@ class FaceRecognizer:
     def detector(self):
         if isinstance(self._detector, str):
             if self._detector != "auto":
-                raise ValueError(f"detector must be 'auto', None or a detector object, got {self._detector!r}")
+                raise InvalidValueError(f"detector must be 'auto', None or a detector object, "
+                                        f"got {self._detector!r}").about("detector")
             try:
                 from visionscale.face.detector import FaceDetector
             except ImportError as exc:
-                raise ImportError(f"face detection is unavailable ({exc}); pass detector=None "
-                                  f"to embed images that are face crops already") from None
+                raise MissingDependencyError(f"face detection is unavailable ({exc}); pass detector=None "
+                                             f"to embed images that are face crops already").about("detector") from None
             self._detector = FaceDetector(model="front", weights=None, device=self.device)
         return self._detector
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from visionscale.components import Component, State
+from visionscale.errors import InvalidValueError
 from visionscale.face.anchors import BACK_ANCHORS, FRONT_ANCHORS, SsdAnchorOptions, ssd_anchors
 from visionscale.face.blocks import BlazeBlock, SameConv2d, SeparableConv, conv_layers
 from visionscale.face.decode import DecodeOptions, decode_tensors
@@ -110,7 +111,7 @@ def config_for(model: str) -> BlazeFaceConfig:
     """The config of a variant name or alias (``front``/``short``, ``back``, ``paper``, ``tiny``)."""
     key = _ALIASES.get(model.lower())
     if key is None:
-        raise ValueError(f"unknown BlazeFace model {model!r}; choose one of {sorted(_ALIASES)}")
+        raise InvalidValueError(f"unknown BlazeFace model {model!r}; choose one of {sorted(_ALIASES)}").about("model")
     return VARIANTS[key]
 
 
@@ -149,11 +150,12 @@ class BlazeFace(nn.Module):
                                     dynamic_axes=(0,))
 
     def validate_input_size(self, h: int, w: int) -> None:
-        """Raise ValueError unless ``h x w`` is the size the anchors were generated for."""
+        """Raise InvalidValueError unless ``h x w`` is the size the anchors were generated for."""
         side = self.config.input_size
         if (h, w) != (side, side):
-            raise ValueError(f"{type(self).__name__}[{self.config.name}] runs at {side}x{side} only (its anchors are "
-                             f"generated for that size), got {h}x{w}")
+            name = f"{type(self).__name__}[{self.config.name}]"
+            raise InvalidValueError(f"{name} runs at {side}x{side} only (its anchors are generated for that size), "
+                                    f"got {h}x{w}").about("image_size")
 
     def tflite_conv_order(self) -> list[nn.Conv2d]:
         """Convolutions in the order MediaPipe's TFLite graphs execute them."""

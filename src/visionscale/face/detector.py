@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from visionscale.errors import InvalidValueError, check_finite
 from visionscale.face.blazeface import BlazeFace, config_for
 from visionscale.face.decode import RawDetections, decode, nms, weighted_nms
 from visionscale.face.letterbox import Letterbox, letterbox_tensor
@@ -75,7 +76,7 @@ def as_rgb_list(images) -> list[np.ndarray]:
     Grayscale ``(H, W)`` and ``(H, W, 1)`` become RGB, ``(H, W, 4)`` drops alpha.
 
     Raises:
-        TypeError / ValueError: naming the offending image's index.
+        TypeError / InvalidValueError: naming the offending image's index.
     """
     if isinstance(images, np.ndarray):
         images = [images]
@@ -84,18 +85,18 @@ def as_rgb_list(images) -> list[np.ndarray]:
         if not isinstance(img, np.ndarray):
             raise TypeError(f"image {i}: expected a numpy array (H, W, 3) uint8, got {type(img).__name__}")
         if img.dtype != np.uint8:
-            raise ValueError(f"image {i}: expected uint8 pixels, got {img.dtype}")
+            raise InvalidValueError(f"image {i}: expected uint8 pixels, got {img.dtype}").about("images")
         if img.ndim == 2:
             img = np.repeat(img[:, :, None], 3, axis=2)
         if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
-            raise ValueError(f"image {i}: expected shape (H, W, 3), got {img.shape}")
+            raise InvalidValueError(f"image {i}: expected shape (H, W, 3), got {img.shape}").about("images")
         if img.shape[2] == 1:
             img = np.repeat(img, 3, axis=2)
         elif img.shape[2] == 4:
             img = img[:, :, :3]
         if min(img.shape[:2]) < MIN_IMAGE_SIDE:
-            raise ValueError(f"image {i} is {img.shape[1]}x{img.shape[0]} px: too small for face detection "
-                             f"(need at least {MIN_IMAGE_SIDE} px per side)")
+            raise InvalidValueError(f"image {i} is {img.shape[1]}x{img.shape[0]} px: too small for face detection "
+                                    f"(need at least {MIN_IMAGE_SIDE} px per side)").about("images")
         out.append(img)
     return out
 
@@ -136,7 +137,7 @@ class FaceDetector:
 
         device = resolve_device(device)  # before any weights are read: a bad device fails at once
         if blending not in ("weighted", "nms"):
-            raise ValueError(f"blending must be 'weighted' or 'nms', got {blending!r}")
+            raise InvalidValueError(f"blending must be 'weighted' or 'nms', got {blending!r}").about("blending")
         if isinstance(model, BlazeFace):
             net = model
             if weights is not None:
@@ -154,9 +155,8 @@ class FaceDetector:
 
         size = net.config.input_size
         self._forward = accelerate(self.net, backend, precision, self.device, image_size=(size, size))
-        self.min_score = self.config.decode.min_score_thresh if min_score is None else float(min_score)
-        if not 0.0 <= self.min_score <= 1.0:
-            raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
+        self.min_score = self.config.decode.min_score_thresh if min_score is None else \
+            check_finite("min_score", min_score, minimum=0.0, maximum=1.0)
         self.blending = blending
         self.suppression_threshold = suppression_threshold
         self.batch_size = max(1, int(batch_size))

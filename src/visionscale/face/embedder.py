@@ -18,7 +18,7 @@ rule is "same person when distance < 0.5".
 
 from __future__ import annotations
 
-from visionscale.errors import VisionscaleError
+from visionscale.errors import InvalidValueError, MissingDependencyError, VisionscaleError
 
 import hashlib
 import json
@@ -86,11 +86,11 @@ class EmbedderConfig:
 
     def __post_init__(self) -> None:
         if self.embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be positive, got {self.embedding_dim}")
+            raise InvalidValueError(f"embedding_dim must be positive, got {self.embedding_dim}").about("embedding_dim")
         if self.image_size < 16:
-            raise ValueError(f"image_size must be at least 16 px, got {self.image_size}")
+            raise InvalidValueError(f"image_size must be at least 16 px, got {self.image_size}").about("image_size")
         if self.hidden_dim < 0:
-            raise ValueError(f"hidden_dim must be >= 0, got {self.hidden_dim}")
+            raise InvalidValueError(f"hidden_dim must be >= 0, got {self.hidden_dim}").about("hidden_dim")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -111,10 +111,10 @@ def _timm_backbone(name: str, pretrained: bool) -> nn.Module:
     try:
         import timm  # optional: seed 003's ViT lives there
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             f"backbone 'timm:{name}' needs the optional package timm (pip install timm); "
             f"without it use a registry backbone such as resnet18 or resnet50"
-        ) from None
+        ).about("backbone") from None
     # num_classes=0 removes the classifier: forward() returns pooled features (B, num_features).
     return timm.create_model(name, pretrained=pretrained, num_classes=0)
 
@@ -124,8 +124,8 @@ def _build_backbone(spec: str, weights) -> nn.Module:
         return _timm_backbone(spec[5:], pretrained=bool(weights))
     net = create(spec, weights=weights, num_classes=0)
     if not isinstance(getattr(net, "num_features", None), int):
-        raise ValueError(f"model {spec!r} cannot be an embedding backbone: it has no num_features "
-                         f"(use resnet18, resnet50, resnet_tiny or timm:<name>)")
+        raise InvalidValueError(f"model {spec!r} cannot be an embedding backbone: it has no num_features "
+                                f"(use resnet18, resnet50, resnet_tiny or timm:<name>)").about("backbone")
     return net
 
 
@@ -140,8 +140,8 @@ def _last_block(backbone: nn.Module) -> nn.Module:
             if attr == "stages" and isinstance(inner, (nn.Sequential, nn.ModuleList)) and len(inner) > 0:
                 return inner[-1]
             return last
-    raise ValueError(f"cannot find the last block of {type(backbone).__name__} (looked for layer4, blocks, "
-                     f"stages, layers); use freeze='none' or 'backbone'")
+    raise InvalidValueError(f"cannot find the last block of {type(backbone).__name__} (looked for layer4, blocks, "
+                            f"stages, layers); use freeze='none' or 'backbone'").about("freeze")
 
 
 class FaceEmbedder(nn.Module):
@@ -205,7 +205,7 @@ class FaceEmbedder(nn.Module):
         trains everything. Frozen parts also keep their BatchNorm statistics (eval mode).
         """
         if mode not in FREEZE_MODES:
-            raise ValueError(f"freeze must be one of {', '.join(FREEZE_MODES)}, got {mode!r}")
+            raise InvalidValueError(f"freeze must be one of {', '.join(FREEZE_MODES)}, got {mode!r}").about("freeze")
         last = _last_block(self.backbone) if mode == "all_but_last" else None
         for p in self.backbone.parameters():
             p.requires_grad_(mode == "none")
@@ -284,7 +284,7 @@ def preprocess(images: Sequence[np.ndarray] | Tensor, config: EmbedderConfig) ->
     if isinstance(images, Tensor):
         x = images.float()
         if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected a (B, 3, H, W) tensor, got {tuple(x.shape)}")
+            raise InvalidValueError(f"expected a (B, 3, H, W) tensor, got {tuple(x.shape)}").about("images")
         if x.shape[-2:] != (size, size):
             x = torch.stack([_resize_square(im, size) for im in x])
     else:
@@ -292,9 +292,11 @@ def preprocess(images: Sequence[np.ndarray] | Tensor, config: EmbedderConfig) ->
         for i, im in enumerate(images):
             a = np.asarray(im)
             if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
-                raise ValueError(f"image {i}: expected an (H, W, 3) uint8 RGB array, got {a.dtype} {a.shape}")
+                raise InvalidValueError(f"image {i}: expected an (H, W, 3) uint8 RGB array, "
+                                        f"got {a.dtype} {a.shape}").about("images")
             if min(a.shape[:2]) < 4:
-                raise ValueError(f"image {i} is too small ({a.shape[1]}x{a.shape[0]} px) to embed")
+                raise InvalidValueError(f"image {i} is too small ({a.shape[1]}x{a.shape[0]} px) "
+                                        f"to embed").about("images")
             batch.append(_resize_square(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float(), size))
         x = torch.stack(batch) if batch else torch.zeros((0, 3, size, size))
     m = torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -363,8 +365,8 @@ def build_embedder(model: str | os.PathLike | FaceEmbedder, device: str | torch.
         torch.manual_seed(seed)
         net = create(text)
     if not isinstance(net, FaceEmbedder):
-        raise ValueError(f"{text!r} is not a face embedder (try face_embedder_resnet18, face_embedder_tiny, "
-                         f"or a checkpoint from `visionscale face train`)")
+        raise InvalidValueError(f"{text!r} is not a face embedder (try face_embedder_resnet18, face_embedder_tiny, "
+                                f"or a checkpoint from `visionscale face train`)").about("model")
     return net.to(device).eval()
 
 

@@ -34,8 +34,9 @@ below ``threshold``, otherwise as unknown.
 
 from __future__ import annotations
 
-from visionscale.errors import VisionscaleError
+from visionscale.errors import InvalidValueError, MissingDependencyError, VisionscaleError
 
+import functools
 import os
 import sqlite3
 import time
@@ -100,6 +101,23 @@ class SchemaError(GalleryError):
 
 class ModelMismatchError(GalleryError):
     """Embeddings of a different model (or dimension) than the gallery's."""
+
+
+def _database_errors(method):
+    """Report SQLite's errors about the file (damaged, locked, not a database, disk full) as
+    :class:`GalleryError` naming the gallery; misuse of the sqlite3 API (``ProgrammingError``)
+    is a bug and stays as it is."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.ProgrammingError):
+                raise
+            raise GalleryError(f"gallery {self.path}: {exc}") from exc
+
+    return wrapper
 
 
 class Embedder(Protocol):
@@ -221,10 +239,10 @@ class Gallery:
         self.model = embedder.model_id if embedder is not None else model
         self.model_source = model_source
         if backend not in ("auto", "faiss", "numpy"):
-            raise ValueError(f"backend must be auto, faiss or numpy, got {backend!r}")
+            raise InvalidValueError(f"backend must be auto, faiss or numpy, got {backend!r}").about("backend")
         if backend == "faiss" and not faiss_available():
-            raise ImportError("backend='faiss' needs the faiss package (pip install faiss-cpu); "
-                              "backend='numpy' gives the same results")
+            raise MissingDependencyError("backend='faiss' needs the faiss package (pip install faiss-cpu); "
+                                         "backend='numpy' gives the same results").about("backend")
         self.backend = "faiss" if backend == "faiss" or (backend == "auto" and faiss_available()) else "numpy"
         self.cache_index = cache_index
         self.read_only = read_only
@@ -255,8 +273,10 @@ class Gallery:
             if self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
                 warnings.warn(f"{self.path}: could not switch to WAL mode; concurrent readers may wait for writers")
             self._init_schema()
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:
             self._conn.close()
+            if isinstance(exc, sqlite3.ProgrammingError):
+                raise
             raise GalleryError(f"cannot open gallery {self.path} for writing: {exc}") from None
         except BaseException:
             self._conn.close()
@@ -361,6 +381,7 @@ class Gallery:
         self.close()
 
     # -- meta ---------------------------------------------------------------------------
+    @_database_errors
     def _meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
@@ -436,6 +457,7 @@ class Gallery:
         return self.embedder.embed(images)
 
     # -- writing --------------------------------------------------------------------------
+    @_database_errors
     def enroll(self, name: str, embeddings=None, images=None, sources: Sequence[str] | None = None) -> int:
         """Add one or several embeddings (or images, embedded first) of one person.
 
@@ -462,6 +484,7 @@ class Gallery:
 
         return int(self._write(tx))
 
+    @_database_errors
     def enroll_many(self, names: Sequence[str], embeddings) -> int:
         """Bulk path: one new person per row of ``embeddings`` ``(n, D)``, in one transaction."""
         vecs = _normalise(embeddings, None)
@@ -495,6 +518,7 @@ class Gallery:
         except sqlite3.IntegrityError as exc:
             raise GalleryError(f"bulk enroll failed, nothing was added: {exc}") from None
 
+    @_database_errors
     def rename(self, old: str, new: str) -> None:
         _check_name(new)
 
@@ -506,6 +530,7 @@ class Gallery:
 
         self._write(tx)
 
+    @_database_errors
     def remove(self, name: str) -> int:
         """Delete a person and their embeddings; returns how many embeddings went."""
 
@@ -520,18 +545,22 @@ class Gallery:
         return int(self._write(tx))
 
     # -- reading --------------------------------------------------------------------------
+    @_database_errors
     def list(self) -> list[PersonInfo]:
         rows = self._conn.execute(
             "SELECT p.name, COUNT(e.id), p.created FROM people p LEFT JOIN embeddings e ON e.person_id = p.id "
             "GROUP BY p.id ORDER BY p.name").fetchall()
         return [PersonInfo(n, int(k), float(t)) for n, k, t in rows]
 
+    @_database_errors
     def __len__(self) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM people").fetchone()[0])
 
+    @_database_errors
     def __contains__(self, name: str) -> bool:
         return self._conn.execute("SELECT 1 FROM people WHERE name = ?", (name,)).fetchone() is not None
 
+    @_database_errors
     def embeddings_of(self, name: str) -> np.ndarray:
         rows = self._conn.execute("SELECT e.vector FROM embeddings e JOIN people p ON p.id = e.person_id "
                                   "WHERE p.name = ? ORDER BY e.id", (name,)).fetchall()
@@ -635,6 +664,7 @@ class Gallery:
         self._index = None
         self.cache_path.unlink(missing_ok=True)
 
+    @_database_errors
     def identify(self, embeddings=None, images=None, k: int = 5, threshold: float = 0.5) -> list[Identification]:
         """Nearest enrolled people for each query, best first.
 

@@ -20,7 +20,7 @@ pairs file has several sets.
 
 from __future__ import annotations
 
-from visionscale.errors import VisionscaleError
+from visionscale.errors import InvalidValueError, VisionscaleError, check_int
 
 import csv
 import io
@@ -240,7 +240,7 @@ def missing_images(root: Path, pairs: Sequence[Pair]) -> list[Path]:
 def write_pairs(path: str | os.PathLike, pairs: Sequence[Pair], n_sets: int, per_set: int, dev_header: bool = False) -> Path:
     """Write pairs in LFW order (per set: matched, then mismatched); atomically."""
     if len(pairs) != n_sets * 2 * per_set:
-        raise ValueError(f"{len(pairs)} pairs do not make {n_sets} sets of {per_set} + {per_set}")
+        raise InvalidValueError(f"{len(pairs)} pairs do not make {n_sets} sets of {per_set} + {per_set}").about("pairs")
     rows = [f"{per_set}" if dev_header else f"{n_sets}\t{per_set}"]
     for pr in pairs:
         rows.append(f"{pr.name1}\t{pr.n1}\t{pr.n2}" if pr.same else f"{pr.name1}\t{pr.n1}\t{pr.name2}\t{pr.n2}")
@@ -293,6 +293,7 @@ def evaluate_lfw(root: str | os.PathLike, pairs_file: str | os.PathLike, embed: 
     Raises:
         LFWError: Malformed pairs file, or images it names are missing (all listed, up to 20).
     """
+    check_int("batch_size", batch_size, minimum=1)
     pf = parse_pairs(pairs_file)
     names = list(dict.fromkeys(n for pr in pf.pairs for n in (pr.name1, pr.name2)))
     base = resolve_image_root(root, names)
@@ -308,7 +309,8 @@ def evaluate_lfw(root: str | os.PathLike, pairs_file: str | os.PathLike, embed: 
         imgs = [read_image(image_path(base, n, i)) for n, i in keys[s:s + batch_size]]
         e = np.asarray(embed(imgs), dtype=np.float32)
         if e.ndim != 2 or e.shape[0] != len(imgs):
-            raise ValueError(f"embed returned shape {e.shape} for {len(imgs)} images; expected (n, D)")
+            raise InvalidValueError(f"embed returned shape {e.shape} for {len(imgs)} images; "
+                                    f"expected (n, D)").about("embed")
         chunks.append(e)
         if progress is not None:
             progress(min(s + batch_size, len(keys)), len(keys))
@@ -400,7 +402,14 @@ def make_synthetic_lfw(out: str | os.PathLike, n_people: int = 24, images_per_pe
     from visionscale.io.outputs import OutputDir
 
     if n_people < 2 or images_per_person < 2:
-        raise LFWError("need at least 2 people with at least 2 images each")
+        raise LFWError("need at least 2 people with at least 2 images each").about(
+            *(["n_people"] if n_people < 2 else []), *(["images_per_person"] if images_per_person < 2 else []))
+    check_int("n_people", n_people, minimum=2)
+    check_int("images_per_person", images_per_person, minimum=2)
+    check_int("size", size, minimum=8)
+    for name, value in (("n_sets", n_sets), ("per_set", per_set), ("dev_pairs", dev_pairs)):
+        check_int(name, value, minimum=1)
+    check_int("seed", seed, minimum=0)
     final = Path(out).expanduser()
     with OutputDir(final, kind="lfw-demo", overwrite=overwrite) as staging:
         info = _write_synthetic_lfw(staging, n_people, images_per_person, size, n_sets, per_set, dev_pairs, seed, folder)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from visionscale.errors import InvalidValueError
+
 __all__ = ["contrastive_loss", "triplet_loss", "ContrastiveLoss", "TripletLoss", "CONTRASTIVE_FORMS"]
 
 CONTRASTIVE_FORMS = ("hadsell", "seed")
@@ -39,7 +41,7 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
         return loss.sum()
     if reduction == "none":
         return loss
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    raise InvalidValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}").about("reduction")
 
 
 def contrastive_loss(x1: Tensor, x2: Tensor, same: Tensor, margin: float = 1.0, form: str = "hadsell",
@@ -54,9 +56,9 @@ def contrastive_loss(x1: Tensor, x2: Tensor, same: Tensor, margin: float = 1.0, 
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per pair, ``(B,)``).
     """
     if form not in CONTRASTIVE_FORMS:
-        raise ValueError(f"form must be one of {CONTRASTIVE_FORMS}, got {form!r}")
+        raise InvalidValueError(f"form must be one of {CONTRASTIVE_FORMS}, got {form!r}").about("form")
     if margin <= 0:
-        raise ValueError(f"margin must be positive, got {margin}")
+        raise InvalidValueError(f"margin must be positive, got {margin}").about("margin")
     if x1.shape != x2.shape or x1.dim() != 2:
         raise ValueError(f"x1 and x2 must both be (B, D), got {tuple(x1.shape)} and {tuple(x2.shape)}")
     if same.shape != x1.shape[:1]:
@@ -77,7 +79,7 @@ def triplet_loss(anchor: Tensor, positive: Tensor, negative: Tensor, margin: flo
         raise ValueError(f"anchor, positive, negative must all be (B, D), got {tuple(anchor.shape)}, "
                          f"{tuple(positive.shape)}, {tuple(negative.shape)}")
     if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
+        raise InvalidValueError(f"margin must be >= 0, got {margin}").about("margin")
     dp = (anchor - positive).pow(2).sum(1)
     dn = (anchor - negative).pow(2).sum(1)
     return _reduce(torch.clamp(dp - dn + margin, min=0.0), reduction)
@@ -89,7 +91,7 @@ class ContrastiveLoss(nn.Module):
     def __init__(self, margin: float = 1.0, form: str = "hadsell", reduction: str = "mean") -> None:
         super().__init__()
         if form not in CONTRASTIVE_FORMS:
-            raise ValueError(f"form must be one of {CONTRASTIVE_FORMS}, got {form!r}")
+            raise InvalidValueError(f"form must be one of {CONTRASTIVE_FORMS}, got {form!r}").about("form")
         self.margin, self.form, self.reduction = margin, form, reduction
 
     def forward(self, x1: Tensor, x2: Tensor, same: Tensor) -> Tensor:

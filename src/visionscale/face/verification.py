@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from visionscale.errors import InvalidValueError
+
 __all__ = [
     "roc_curve",
     "roc_auc",
@@ -40,20 +42,21 @@ def _check(distances, same) -> tuple[np.ndarray, np.ndarray]:
     d = np.asarray(distances, dtype=np.float64).reshape(-1)
     y = np.asarray(same).reshape(-1)
     if d.shape != y.shape:
-        raise ValueError(f"distances ({d.size}) and same ({y.size}) must have the same length")
+        raise InvalidValueError(f"distances ({d.size}) and same ({y.size}) must have the same length").about(
+            "distances", "same")
     if d.size == 0:
-        raise ValueError("no pairs to evaluate")
+        raise InvalidValueError("no pairs to evaluate").about("distances")
     if not np.all(np.isfinite(d)):
-        raise ValueError(f"{int((~np.isfinite(d)).sum())} distances are NaN or infinite")
+        raise InvalidValueError(f"{int((~np.isfinite(d)).sum())} distances are NaN or infinite").about("distances")
     if not np.all((y == 0) | (y == 1)):
-        raise ValueError("same must hold only 0/1 (or False/True)")
+        raise InvalidValueError("same must hold only 0/1 (or False/True)").about("same")
     return d, y.astype(bool)
 
 
 def _need_both(y: np.ndarray, what: str) -> None:
     if y.all() or not y.any():
-        raise ValueError(f"{what} needs both same-person and different-person pairs "
-                         f"(got {int(y.sum())} same, {int((~y).sum())} different)")
+        raise InvalidValueError(f"{what} needs both same-person and different-person pairs "
+                                f"(got {int(y.sum())} same, {int((~y).sum())} different)").about("same")
 
 
 def roc_curve(distances, same) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -110,7 +113,7 @@ def tar_at_far(distances, same, far: float = 1e-3) -> tuple[float, float, float]
     ``-inf`` when even the closest different pair is closer than every same pair.
     """
     if not 0.0 <= far <= 1.0:
-        raise ValueError(f"far must be in [0, 1], got {far}")
+        raise InvalidValueError(f"far must be in [0, 1], got {far}").about("far")
     fpr, tpr, thr = roc_curve(distances, same)
     ok = np.nonzero(fpr <= far + 1e-15)[0]
     k = ok[np.argmax(tpr[ok])]
@@ -183,10 +186,10 @@ def kfold_accuracy(distances, same, folds) -> dict:
     d, y = _check(distances, same)
     f = np.asarray(folds).reshape(-1)
     if f.shape != d.shape:
-        raise ValueError(f"folds ({f.size}) and distances ({d.size}) must have the same length")
+        raise InvalidValueError(f"folds ({f.size}) and distances ({d.size}) must have the same length").about("folds")
     ids = sorted(set(f.tolist()))
     if len(ids) < 2:
-        raise ValueError(f"k-fold evaluation needs at least 2 folds, got {len(ids)}")
+        raise InvalidValueError(f"k-fold evaluation needs at least 2 folds, got {len(ids)}").about("folds")
     accs, thrs = [], []
     for k in ids:
         test = f == k

@@ -334,8 +334,9 @@ def download_to_cache(
     Raises:
         WeightsUnavailableError: The download failed (e.g. offline); the message says
             where to put the file by hand and what else to pass instead.
-        ValueError: ``sha256_prefix`` contradicts the file name, or the downloaded file's
-            hash does not match (nothing is written to the cache then).
+        WeightsFileError: The downloaded file's hash does not match (nothing is written to
+            the cache then).
+        ValueError: ``sha256_prefix`` contradicts the file name.
     """
     dst = cache_path_for(url, cache_dir)
     m = _HASH_IN_NAME.search(dst.name)
@@ -360,7 +361,8 @@ def download_to_cache(
         ) from e
     except RuntimeError as e:
         if "invalid hash" in str(e):
-            raise ValueError(f"download of {url} failed the sha256 check ({e}); nothing was cached at {dst}") from e
+            raise WeightsFileError(f"download of {url} failed the sha256 check ({e}); "
+                                   f"nothing was cached at {dst}") from e
         raise
     return dst
 

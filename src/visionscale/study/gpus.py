@@ -12,6 +12,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from visionscale.errors import InvalidValueError
+
 MiB = 1024**2
 GiB = 1024**3
 
@@ -54,7 +56,7 @@ def parse_size(text: str) -> int:
     """``"24GiB"``, ``"16000 MiB"``, ``"80GB"``, ``"1TiB"`` -> bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)\s*", text.lower())
     if not m:
-        raise ValueError(f"cannot read memory size {text!r}; use e.g. 24GiB, 16000MiB or 80GB")
+        raise InvalidValueError(f"cannot read memory size {text!r}; use e.g. 24GiB, 16000MiB or 80GB")
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
@@ -62,5 +64,5 @@ def parse_gpu(spec: str) -> GPU:
     """``"My card=24GiB"`` -> GPU."""
     name, sep, size = spec.partition("=")
     if not sep or not name.strip():
-        raise ValueError(f"GPU must be given as NAME=SIZE (e.g. 'RTX 6000 Ada=48GiB'), got {spec!r}")
+        raise InvalidValueError(f"GPU must be given as NAME=SIZE (e.g. 'RTX 6000 Ada=48GiB'), got {spec!r}")
     return GPU(name.strip(), parse_size(size))
