@@ -181,3 +181,31 @@ def test_tiled_fit_predict_eval_end_to_end(big_demo, tmp_path):
     # Same images, same model and tiling: the evaluation reproduces the fit's test metrics.
     assert ev.metrics.pixel_auroc == pytest.approx(res.metrics["pixel_auroc"], rel=1e-6)
     assert ev.metrics.image_auroc == pytest.approx(res.metrics["image_auroc"], rel=1e-6)
+
+
+def test_cli_tiled_fit_predict_and_bad_flags(big_demo, tmp_path):
+    from typer.testing import CliRunner
+
+    from ad_cli import ad_cli
+
+    app, runner = ad_cli(), CliRunner()
+    base = ["ad", "fit", "--model", "patchcore_tiny", "--data", str(big_demo), "--device", "cpu"]
+    for extra, says in ((["--tile", "96", "--image-size", "128"], "--pre-resize"),
+                        (["--tile", "auto"], "--memory-budget"),
+                        (["--tile-overlap", "8"], "--tile N"),
+                        (["--tile", "96", "--tile-overlap", "96"], "tile_overlap")):
+        res = runner.invoke(app, base + ["--out", str(tmp_path / "bad")] + extra)
+        assert res.exit_code == 2 and says in res.output, (extra, res.output)
+        assert not (tmp_path / "bad").exists()  # refused before anything was written
+    run = tmp_path / "run"
+    res = runner.invoke(app, base + ["--out", str(run), "--tile", "96", "--json"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["ad", "predict", str(run), str(big_demo / "test" / "good"), "--json", "--device", "cpu",
+                              "--target-fpr", "0.5", "--tile-overlap", "88", "--raw-maps"])
+    assert res.exit_code == 0, res.output
+    recs = json.loads(res.stdout[res.stdout.index("["):])
+    from visionscale.anomaly.regions import threshold_at_fpr
+
+    thr = threshold_at_fpr(json.loads((run / "calibration.json").read_text())["normal_scores"], 0.5)
+    assert all(r["label"] == ("anomalous" if r["score"] >= thr else "normal") for r in recs)
+    assert np.load(recs[0]["map_file"]).shape == (160, 160)
