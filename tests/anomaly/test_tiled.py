@@ -209,3 +209,20 @@ def test_cli_tiled_fit_predict_and_bad_flags(big_demo, tmp_path):
     thr = threshold_at_fpr(json.loads((run / "calibration.json").read_text())["normal_scores"], 0.5)
     assert all(r["label"] == ("anomalous" if r["score"] >= thr else "normal") for r in recs)
     assert np.load(recs[0]["map_file"]).shape == (160, 160)
+
+
+def test_ddad_tiled_fit_and_predict(tmp_path):
+    """DDAD trains on tiles and scores stitched maps at the image's size."""
+    from visionscale.anomaly.predict import load_run, predict
+    from visionscale.anomaly.synthetic import make_demo
+    from visionscale.anomaly.train import FitConfig, fit
+
+    make_demo(tmp_path / "demo", seed=0, size=64, categories=["brick"], num_train=2, num_test_good=1,
+              num_test_defect=1, defects=("stain",))
+    data = tmp_path / "demo" / "brick"
+    res = fit(data, tmp_path / "run", FitConfig(model="ddad_tiny", tile=48, steps=2, batch_size=4, device="cpu"))
+    assert res.metrics is not None
+    run = load_run(tmp_path / "run", "cpu")
+    assert run.tiling.tile == (48, 48)
+    recs, _ = predict(run, [data / "test" / "stain"], tmp_path / "pred", raw_maps=True)
+    assert np.load(recs[0]["map_file"]).shape == (64, 64)

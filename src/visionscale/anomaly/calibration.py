@@ -25,7 +25,7 @@ import torch
 
 from visionscale.anomaly.data import ADDataset, DataError, ReadLog, Sample
 from visionscale.anomaly.metrics import f1_optimal_threshold
-from visionscale.anomaly.streaming_metrics import PixelMetricAccumulator, evaluate_streaming
+from visionscale.anomaly.streaming_metrics import PixelStats
 from visionscale.anomaly.tiles import score_images
 from visionscale.tiling import Tiling
 
@@ -123,44 +123,6 @@ def calibrate(model, ds: ADDataset, normal: list[Sample], cfg, device: torch.dev
     cal["calibration_images"] = len(scored)
     cal["normal_scores"] = sorted(float(v) for v in scores[normal_mask])  # for a threshold at a target FPR
     return Calibration(cal, metrics, notes)
-
-
-class PixelStats:
-    """Extremes of the maps (all, and of normal images) as they come and, with masks, the pixel
-    metrics in bounded memory (:class:`~visionscale.anomaly.streaming_metrics.PixelMetricAccumulator`:
-    binned, within 1e-3 of the exact path; no map is kept)."""
-
-    def __init__(self, with_masks: bool):
-        self.with_masks = with_masks
-        self.min = self.normal_min = float("inf")
-        self.max = self.normal_max = -float("inf")
-        self.acc = PixelMetricAccumulator() if with_masks else None
-        self._result = None
-
-    def update(self, amap: np.ndarray, normal: bool, mask: np.ndarray | None) -> None:
-        lo, hi = float(amap.min()), float(amap.max())
-        self.min, self.max = min(self.min, lo), max(self.max, hi)
-        if normal:
-            self.normal_min, self.normal_max = min(self.normal_min, lo), max(self.normal_max, hi)
-        if self.acc is not None:
-            self.acc.update(amap, mask)
-            self._result = None
-
-    def _curves(self):
-        if self._result is None:
-            self._result = self.acc.result()
-        return self._result
-
-    def roc(self) -> tuple[np.ndarray, np.ndarray]:
-        r = self._curves()
-        return r.roc_fpr, r.roc_tpr
-
-    def pro(self) -> tuple[np.ndarray, np.ndarray]:
-        r = self._curves()
-        return r.pro_fpr, r.pro_overlap
-
-    def metrics(self, labels: np.ndarray, scores: np.ndarray):
-        return evaluate_streaming(labels, scores, self.acc)
 
 
 def _above_max(hi: float, lo: float, margin: float, signed: bool) -> tuple[float, str]:

@@ -46,7 +46,7 @@ from visionscale.anomaly.data import (
     iter_batches,
     load_dataset,
 )
-from visionscale.anomaly.calibration import PixelStats
+from visionscale.anomaly.streaming_metrics import PixelStats
 from visionscale.anomaly.regions import threshold_at_fpr, write_region_outputs
 from visionscale.anomaly.runs import LoadedRun, RunError, load_run, validate_run_files
 from visionscale.anomaly.tiles import score_images
@@ -247,7 +247,7 @@ def evaluate(
 
     Whole-image runs compare maps and masks at the model size (masks resized, nearest);
     tiled runs at the image's own size. Maps are folded into the pixel metrics image by image
-    (:class:`~visionscale.anomaly.calibration.PixelStats`). Pixel metrics need a mask for
+    (:class:`~visionscale.anomaly.streaming_metrics.PixelStats`). Pixel metrics need a mask for
     every anomalous image and are skipped, with a note, otherwise. ``out_dir`` is written all
     at once, like :func:`predict`'s (kind ``ad-eval``).
 

@@ -97,7 +97,7 @@ from visionscale.anomaly.metrics import (
 )
 from visionscale.errors import InvalidValueError, check_finite, check_int
 
-__all__ = ["DEFAULT_BINS", "PixelMetricAccumulator", "PixelMetrics", "evaluate_streaming"]
+__all__ = ["DEFAULT_BINS", "PixelMetricAccumulator", "PixelMetrics", "evaluate_streaming", "PixelStats"]
 
 DEFAULT_BINS = 2**16
 _BLOCK = 1 << 20  # pixels per block inside update(): bounds its temporaries for any map size
@@ -434,6 +434,44 @@ def evaluate_streaming(
         notes.extend(r.notes)
     m.notes = tuple(notes)
     return m
+
+
+class PixelStats:
+    """Extremes of the maps (all, and of normal images) as they come and, with masks, the pixel
+    metrics in bounded memory (:class:`PixelMetricAccumulator`:
+    binned, within 1e-3 of the exact path; no map is kept)."""
+
+    def __init__(self, with_masks: bool):
+        self.with_masks = with_masks
+        self.min = self.normal_min = float("inf")
+        self.max = self.normal_max = -float("inf")
+        self.acc = PixelMetricAccumulator() if with_masks else None
+        self._result = None
+
+    def update(self, amap: np.ndarray, normal: bool, mask: np.ndarray | None) -> None:
+        lo, hi = float(amap.min()), float(amap.max())
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        if normal:
+            self.normal_min, self.normal_max = min(self.normal_min, lo), max(self.normal_max, hi)
+        if self.acc is not None:
+            self.acc.update(amap, mask)
+            self._result = None
+
+    def _curves(self):
+        if self._result is None:
+            self._result = self.acc.result()
+        return self._result
+
+    def roc(self) -> tuple[np.ndarray, np.ndarray]:
+        r = self._curves()
+        return r.roc_fpr, r.roc_tpr
+
+    def pro(self) -> tuple[np.ndarray, np.ndarray]:
+        r = self._curves()
+        return r.pro_fpr, r.pro_overlap
+
+    def metrics(self, labels: np.ndarray, scores: np.ndarray):
+        return evaluate_streaming(labels, scores, self.acc)
 
 
 # ----------------------------------------------------------------------------------------
