@@ -244,3 +244,28 @@ def test_bad_dtype_is_refused(tmp_path):
     Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "z.png")
     with pytest.raises(InvalidValueError, match="dtype"):
         read_image_and_size(tmp_path / "z.png", dtype=np.float64)
+
+
+def test_reading_in_threads_leaves_the_warning_filters_as_they_were(tmp_path):
+    from visionscale.io.prefetch import ordered_map
+
+    paths = []
+    for i in range(24):
+        path = tmp_path / f"{i}.tif"
+        tifffile.imwrite(path, _u16((16, 16, 3), seed=i), photometric="rgb")
+        paths.append(path)
+    before = list(warnings.filters)
+    for _ in range(3):
+        out = list(ordered_map(read_image_float, paths, 4, lookahead=8))
+    assert len(out) == 24 and all(x.shape == (16, 16, 3) for x in out)
+    assert warnings.filters == before
+
+
+def test_precision_warning_is_not_swallowed_while_other_threads_read(tmp_path, monkeypatch):
+    from visionscale.io.prefetch import ordered_map
+
+    monkeypatch.setattr(I, "_cv2", lambda: None)
+    paths = [_png16(tmp_path / f"{i}.png", _u16((8, 8, 3), seed=i)) for i in range(12)]
+    with pytest.warns(PrecisionLossWarning) as record:
+        list(ordered_map(read_image_float, paths, 4))
+    assert len({str(w.message) for w in record if w.category is PrecisionLossWarning}) == 12

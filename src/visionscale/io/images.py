@@ -65,8 +65,10 @@ from visionscale.errors import InvalidValueError, VisionscaleError, check_finite
 
 import os
 import stat
+import threading
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -186,13 +188,7 @@ def read_image_and_size(path: str | os.PathLike, background: tuple[int, int, int
     lossy = None  # (format, Pillow's mode, how to read it fully) when 8 bits of a deeper file were read
     lossy_fix = None
     try:
-        with warnings.catch_warnings():
-            # A decompression-bomb warning is not an error for a local file we were asked to
-            # read; above twice the limit Pillow raises DecompressionBombError, kept below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            # Plug-ins warn about damaged metadata (TIFF/EXIF tags); the pixels decide: an
-            # array or an ImageReadError, not a warning printed in the middle of a command.
-            warnings.simplefilter("ignore", UserWarning)
+        with _quiet_pillow():
             try:
                 opened = Image.open(p)
             except UnidentifiedImageError:
@@ -241,6 +237,49 @@ def read_image_and_size(path: str | os.PathLike, background: tuple[int, int, int
         warnings.warn(f"{p}: 16-bit colour {fmt} read with 8 bits per sample (Pillow decodes it as {mode}); "
                       f"to keep its precision, {how}", PrecisionLossWarning, stacklevel=2)
     return np.ascontiguousarray(out), size
+
+
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved: list | None = None
+
+
+@contextmanager
+def _quiet_pillow():
+    """Silence Pillow's warnings while a file is read, safely when threads read at once.
+
+    A decompression-bomb warning is not an error for a local file we were asked to read
+    (above twice the limit Pillow raises DecompressionBombError, which we keep), and
+    plug-ins warn about damaged metadata (TIFF/EXIF tags): the pixels decide, an array or an
+    ImageReadError, not a warning printed in the middle of a command. ``warnings.catch_warnings``
+    saves and restores the global filter list, so overlapping uses from several threads
+    (``io.prefetch``) could leave the filters of one of them installed for good; here the
+    first reader installs the filters, the last one restores the list, and only warnings
+    issued by Pillow's own modules are ignored (a :class:`PrecisionLossWarning` from another
+    thread still shows).
+    """
+    global _quiet_depth, _quiet_saved
+    from PIL import Image
+
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_saved = list(warnings.filters)
+            warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                warnings.filters[:] = _quiet_saved
+                # What catch_warnings does on exit: invalidate the cached filter decisions
+                # (a private function, so only where this Python has it).
+                mutated = getattr(warnings, "_filters_mutated", None)
+                if mutated is not None:
+                    mutated()
+                _quiet_saved = None
 
 
 def _check_regular_file(p: Path) -> None:
