@@ -165,7 +165,8 @@ def read_image_and_size(path: str | os.PathLike, background: tuple[int, int, int
         dtype: ``np.uint8`` (:func:`read_image`), ``np.float32`` (:func:`read_image_float`), or
             None: the smallest array that loses nothing, uint8 for files with at most 8 bits
             per sample and float32 in ``[0, 1]`` for deeper ones (what a pipeline that accepts
-            both wants: 8-bit images stay 4x smaller).
+            both wants: 8-bit images stay 4x smaller); uint8 too for a deeper file that can only
+            be read with 8 bits (a 16-bit colour PNG without OpenCV, with its warning).
         white_level: See :func:`read_image_float`; ignored for uint8 output.
         path, background, min_size, max_side: As in :func:`read_image`.
 
@@ -184,7 +185,7 @@ def read_image_and_size(path: str | os.PathLike, background: tuple[int, int, int
         raise ValueError(f"max_side must be >= 1, got {max_side!r}")
     if white_level is not None:
         check_finite("white_level", white_level, minimum=0.0, min_inclusive=False)
-    opts = _Options(min_size, max_side, tuple(background), white_level, kind)
+    opts = _Options(min_size, max_side, tuple(background), None if kind == "uint8" else white_level, kind)
     lossy = None  # (format, Pillow's mode, how to read it fully) when 8 bits of a deeper file were read
     lossy_fix = None
     try:
