@@ -20,12 +20,28 @@ Plain folder layout::
 Without ``normal_test/``, when ``abnormal/`` exists, a seeded ``holdout_fraction`` (20%)
 of ``normal/`` is moved to the test set so image AUROC has normal images to rank.
 
-Every image becomes RGB uint8 through :func:`visionscale.io.images.read_image` (grayscale,
-RGBA, 16-bit, EXIF orientation), then :func:`to_model_input` resizes it to the model size
-and normalises it with the ImageNet mean and std, in torch. Before that,
-:func:`read_for_size` shrinks an image at least 2 x :data:`READ_MARGIN` times the model size
-by a whole factor in PIL, in 8 bits, so a huge file never becomes a full-size float tensor;
-smaller images (MVTec's 1024 px at 256, say) are read exactly as before.
+Every image becomes RGB through :func:`visionscale.io.images.read_image_and_size` (grayscale,
+RGBA, EXIF orientation): uint8 for files with at most 8 bits per sample, float32 in ``[0, 1]``
+for 16-bit and float files, so their precision reaches the model (8-bit files give the same
+tensors as before, bit for bit). Then :func:`to_model_input` resizes it to the model size and
+normalises it with the ImageNet mean and std, in torch. Before that, :func:`read_for_size`
+shrinks an image at least 2 x :data:`READ_MARGIN` times the model size by a whole factor
+(8-bit files in 8 bits, 16-bit files in 16 bits), so a huge file never becomes a full-size
+float tensor; smaller images (MVTec's 1024 px at 256, say) are read exactly as before.
+Masks are read as 8 bits: any channel > 127 is a defect (a 16-bit mask: a value above half
+its range, 32767).
+
+API for reading (the stages of ``ad fit / predict / eval`` build on these):
+
+* ``read_for_size(path, size, *, white_level=None) -> (array, (H, W))``: uint8 or float32
+  ``(H', W', 3)`` and the file's own size;
+* ``to_model_input(image, size) -> Tensor (3, h, w)``: uint8 or float ``[0, 1]`` input;
+* ``load_mask(path, size) -> Tensor (h, w) bool``;
+* ``iter_batches(samples, size, batch_size, *, skip_bad=False, log=None, with_masks=False,
+  workers=0, white_level=None) -> Iterator[Batch]``: ``workers`` >= 2 reads, resizes and
+  normalises that many images at once in threads (:func:`visionscale.io.prefetch.ordered_map`,
+  at most ``2 * workers`` images in flight), in the same order and with the same
+  ``skip_bad`` behaviour as ``workers=0``.
 """
 
 from __future__ import annotations
@@ -43,8 +59,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visionscale.errors import check_int
+from visionscale.errors import InvalidValueError, check_int
 from visionscale.io.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_image_and_size
+from visionscale.io.prefetch import ordered_map
 from visionscale.modelinfo import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -319,17 +336,37 @@ def check_mask_sizes(samples: Sequence[Sample]) -> None:
 # Tensors.
 
 
-def read_for_size(path: Path, size: int | tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
-    """(H', W', 3) uint8 RGB of ``path``, shrunk in PIL while it stays >= READ_MARGIN x ``size``,
-    and the file's own (H, W). Raises :class:`ImageReadError` naming the file."""
+def read_for_size(path: Path, size: int | tuple[int, int], *,
+                  white_level: float | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """``path`` as an (H', W', 3) RGB array shrunk while it stays >= READ_MARGIN x ``size``, and
+    the file's own (H, W).
+
+    The array is uint8 for files with at most 8 bits per sample and float32 in ``[0, 1]`` for
+    16-bit and float files (``white_level``: the value read as 1.0 in those, e.g. 4095 for
+    12-bit data; see :func:`visionscale.io.images.read_image_float`). Both go to
+    :func:`to_model_input`. Raises :class:`ImageReadError` naming the file.
+    """
     h, w = pair(size)
-    return read_image_and_size(path, min_size=(READ_MARGIN * h, READ_MARGIN * w))
+    return read_image_and_size(path, min_size=(READ_MARGIN * h, READ_MARGIN * w), dtype=None,
+                               white_level=white_level)
 
 
 def to_model_input(image: np.ndarray, size: int | tuple[int, int]) -> Tensor:
-    """(H, W, 3) uint8 RGB -> (3, h, w) float32: antialiased bilinear resize, ImageNet normalisation."""
+    """(H, W, 3) RGB -> (3, h, w) float32: antialiased bilinear resize, ImageNet normalisation.
+
+    ``image`` is uint8 (divided by 255) or float in ``[0, 1]`` (used as it is, in float32);
+    a uint8 array and the same array / 255 in float32 give bit-identical tensors.
+    """
     h, w = pair(size)
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float().div_(255)  # (1,3,H,W)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise InvalidValueError(f"image must be (H, W, 3), got shape {image.shape}").about("image")
+    if image.dtype == np.uint8:
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float().div_(255)
+    elif np.issubdtype(image.dtype, np.floating):
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
+    else:
+        raise InvalidValueError(f"image must be uint8 or float in [0, 1], got {image.dtype}").about("image")
+    # x: (1, 3, H, W) in [0, 1]
     if tuple(x.shape[-2:]) != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -338,9 +375,14 @@ def to_model_input(image: np.ndarray, size: int | tuple[int, int]) -> Tensor:
 
 
 def load_mask(path: Path, size: int | tuple[int, int]) -> Tensor:
-    """Mask file -> (h, w) bool at the model size (nearest neighbour); any channel > 127 = defect."""
+    """Mask file -> (h, w) bool at the model size (nearest neighbour); any channel > 127 = defect.
+
+    Read as 8 bits whatever the file holds, so a 16-bit mask marks values above half its
+    range (``round(v / 257) > 127``, i.e. ``v >= 32768``).
+    """
     h, w = pair(size)
-    m = read_for_size(path, (h, w))[0].max(axis=2) > 127  # (H, W); huge masks box-averaged first
+    # (H, W); huge masks box-averaged first
+    m = read_image_and_size(path, min_size=(READ_MARGIN * h, READ_MARGIN * w), dtype=np.uint8)[0].max(axis=2) > 127
     t = torch.from_numpy(m)[None, None].float()
     if tuple(t.shape[-2:]) != (h, w):
         t = F.interpolate(t, size=(h, w), mode="nearest")
@@ -396,30 +438,45 @@ def iter_batches(
     skip_bad: bool = False,
     log: ReadLog | None = None,
     with_masks: bool = False,
+    workers: int = 0,
+    white_level: float | None = None,
 ) -> Iterator[Batch]:
     """Read, resize and normalise ``samples`` in batches of ``batch_size``.
 
     A file that cannot be read raises :class:`DataError` naming it, unless ``skip_bad``:
     then it is left out and recorded in ``log.bad``. Masks of anomalous samples without a
     mask file (and of all normal samples) are all False.
+
+    ``workers`` >= 2 prepares that many images at once in threads (decoding, resizing and
+    normalising release the GIL), at most ``2 * workers`` ahead of the batch being built;
+    batches, their order, ``log`` and errors are the same as with ``workers=0`` (inline).
+    ``white_level``: see :func:`read_for_size`.
     """
     check_int("batch_size", batch_size, minimum=1)
+    check_int("workers", workers, minimum=0)
     hw = pair(size)
     log = log if log is not None else ReadLog()
+    samples = samples if isinstance(samples, Sequence) else list(samples)  # zipped with the results below
+
+    def prepare(s: Sample) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
+        arr, file_size = read_for_size(s.path, hw, white_level=white_level)
+        mask = load_mask(s.mask, hw) if (with_masks and s.mask is not None) else None
+        return to_model_input(arr, hw), mask, file_size
+
     imgs: list[Tensor] = []
     masks: list[Tensor] = []
     kept: list[Sample] = []
-    for s in samples:
-        try:
-            arr, file_size = read_for_size(s.path, hw)
-            mask = load_mask(s.mask, hw) if (with_masks and s.mask is not None) else None
-        except ImageReadError as exc:
+    for s, res in zip(samples, ordered_map(prepare, samples, workers, return_exceptions=True)):
+        if isinstance(res, ImageReadError):
             if not skip_bad:
-                raise DataError(f"{exc}; {SKIP_HINT}").about("skip_bad") from None
-            log.bad.append((s.path if str(s.path) in str(exc) else s.mask, _short_reason(exc)))
+                raise DataError(f"{res}; {SKIP_HINT}").about("skip_bad") from None
+            log.bad.append((s.path if str(s.path) in str(res) else s.mask, _short_reason(res)))
             continue
+        if isinstance(res, Exception):
+            raise res
+        x, mask, file_size = res
         log.sizes[file_size] += 1
-        imgs.append(to_model_input(arr, hw))
+        imgs.append(x)
         if with_masks:
             masks.append(mask if mask is not None else torch.zeros(hw, dtype=torch.bool))
         kept.append(s)

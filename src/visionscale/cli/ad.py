@@ -91,19 +91,23 @@ def _progress():
 def make_demo_cmd(
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Folder to write the categories into."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives identical files."),
-    size: int = typer.Option(256, help="Side of the square images, px."),
+    size: int = typer.Option(256, help="Side of the square images, px (32 to 8192; above 512 a larger field of the texture, not a blurrier one)."),
     categories: str = typer.Option("brick,grass,gravel", help="Comma-separated textures: brick, grass, gravel."),
     train: int = typer.Option(40, help="Good training images per category."),
     test_good: int = typer.Option(10, help="Good test images per category."),
     test_defect: int = typer.Option(5, help="Test images per defect type (scratch, stain, hole, color)."),
+    small_defects: bool = typer.Option(False, "--small-defects", help="Defects of 0.05-0.2% of the image area (at 2048 px about 50-100 px across) instead of a few percent."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing category folders."),
 ) -> None:
     """Build MVTec-layout demo categories from scikit-image's textures, with exact defect masks."""
     from visionscale.anomaly.synthetic import DemoExistsError, make_demo
 
     try:
-        written = make_demo(out_dir, seed=seed, size=size, categories=split_csv(categories), num_train=train,
-                            num_test_good=test_good, num_test_defect=test_defect, overwrite=overwrite)
+        with err.status("writing demo images") as status:
+            written = make_demo(out_dir, seed=seed, size=size, categories=split_csv(categories), num_train=train,
+                                num_test_good=test_good, num_test_defect=test_defect, small_defects=small_defects,
+                                overwrite=overwrite,
+                                progress=lambda done, total: status.update(f"writing demo images {done}/{total}"))
     except DemoExistsError as exc:
         fail(f"{exc}: pass --overwrite to replace them")
     for p in written:
