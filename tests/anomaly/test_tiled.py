@@ -226,3 +226,19 @@ def test_ddad_tiled_fit_and_predict(tmp_path):
     assert run.tiling.tile == (48, 48)
     recs, _ = predict(run, [data / "test" / "stain"], tmp_path / "pred", raw_maps=True)
     assert np.load(recs[0]["map_file"]).shape == (64, 64)
+
+
+def test_sixteen_bit_images_reach_the_tiles_with_their_precision(texture, tmp_path):
+    """Two 16-bit grayscale images that are equal in their high bytes (so equal after a
+    reduction to 8 bits) must give different maps: the low bits reach the model."""
+    path, arr = texture
+    model = _patchcore_with_bank(arr)
+    gray = np.minimum(arr.mean(axis=2), 254).astype(np.uint16) * 257  # k * 257: exactly 8-bit value k
+    paths = []
+    for i, low in enumerate((0, 1)):  # 1/65535 apart: round((k * 257 + 1) / 257) == k, the same 8 bits
+        p = tmp_path / f"g{i}.png"
+        Image.fromarray(gray + low).save(p)  # mode I;16
+        paths.append(p)
+    tiling = make_tiling(model, 128, 64)
+    maps = [_tiled(model, p, tiling).amap for p in paths]
+    assert np.abs(maps[0] - maps[1]).max() > 0

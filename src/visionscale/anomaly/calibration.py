@@ -71,7 +71,8 @@ def calibrate(model, ds: ADDataset, normal: list[Sample], cfg, device: torch.dev
     scored: list = []
     for r in score_images(model, samples, device, image_size=cfg.image_size, tiling=tiling,
                           batch_size=batch_size or cfg.batch_size or 8, skip_bad=cfg.skip_bad, log=read_log,
-                          with_masks=with_masks, progress=progress, stage="calibration"):
+                          with_masks=with_masks, progress=progress, stage="calibration",
+                          workers=getattr(cfg, "workers", 0)):
         pixels.update(r.amap, r.sample.label == 0 or not labelled, r.mask)
         scored.append((r.sample, r.score))
     if read_log.bad:

@@ -133,7 +133,8 @@ def _train(trainer, model, samples: list[Sample], dcfg, cfg: FitConfig, run: Fit
     def train_batches(epoch: int):
         g = torch.Generator().manual_seed(step_seed(cfg.seed, epoch, 8))
         order = shuffled(samples, g)
-        for b in iter_sample_batches(order, cfg.image_size, cfg.batch_size, skip_bad=cfg.skip_bad, log=read_log):
+        for b in iter_sample_batches(order, cfg.image_size, cfg.batch_size, skip_bad=cfg.skip_bad, log=read_log,
+                                     workers=cfg.workers):
             yield b.images
 
     run.save_state()

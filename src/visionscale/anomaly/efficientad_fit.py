@@ -158,7 +158,8 @@ def _teacher_statistics(model, samples: list[Sample], cfg: FitConfig, device: to
     n_done = [0]
 
     def stat_batches():
-        for b in iter_sample_batches(samples, cfg.image_size, 8, skip_bad=cfg.skip_bad, log=read_log):
+        for b in iter_sample_batches(samples, cfg.image_size, 8, skip_bad=cfg.skip_bad, log=read_log,
+                                     workers=cfg.workers):
             yield b.images
             n_done[0] += len(b.samples)
             run.tick("teacher stats", n_done[0], len(samples))

@@ -247,7 +247,7 @@ def _extract_features(model, samples: list[Sample], cfg: FitConfig, device: torc
     try:
         with torch.inference_mode():
             for batch in iter_sample_batches(samples[done:], cfg.image_size, cfg.batch_size, skip_bad=cfg.skip_bad,
-                                             log=read_log):
+                                             log=read_log, workers=cfg.workers):
                 emb = model.feature_extractor(batch.images.to(device))  # (B, D, h, w)
                 flat = emb.permute(0, 2, 3, 1).reshape(-1, dim).float()  # (B*h*w, D): patch rows, image-major
                 flat.cpu().numpy().tofile(files[0][0])

@@ -113,6 +113,7 @@ def predict(
     target_fpr: float | None = None,
     tiling: Tiling | None = None,
     memory_budget: int | None = None,
+    workers: int = 0,
     overwrite: bool = False,
 ) -> tuple[list[dict], ReadLog]:
     """Score images: one record per readable image; per image files in ``out_dir``.
@@ -138,6 +139,7 @@ def predict(
         tiling: Overrides the run's tiling (e.g. another overlap); None: the run's.
         memory_budget: Bytes; a tiled image whose own buffers exceed it is refused by name
             before it is decoded (pick the batch with :func:`~visionscale.anomaly.tiles.plan_batch`).
+        workers: Threads decoding the next images while the model runs (0: none).
 
     Raises:
         DataError: An image cannot be read and ``skip_bad`` is False (names the file).
@@ -159,7 +161,7 @@ def predict(
         for r in score_images(run.model, samples, run.device, image_size=run.image_size,
                               tiling=tiling or run.tiling, batch_size=batch_size, skip_bad=skip_bad, log=log,
                               keep_maps=write and (overlays or masks or regions or raw_maps), progress=progress,
-                              stage="predicting", budget_bytes=memory_budget):
+                              stage="predicting", budget_bytes=memory_budget, workers=workers):
             name = names[r.sample.path]
             rec = {"path": str(r.sample.path), "score": float(r.score),
                    "normalized_score": float(normalize(r.score, thr, cal["image_span"])),
@@ -241,6 +243,7 @@ def evaluate(
     progress: Progress | None = None,
     tiling: Tiling | None = None,
     memory_budget: int | None = None,
+    workers: int = 0,
     overwrite: bool = False,
 ) -> EvalResult:
     """Score a data set's test images; metrics, ROC/PRO PNGs and per-image scores in ``out_dir``.
@@ -271,7 +274,7 @@ def evaluate(
     for r in score_images(run.model, ds.test, run.device, image_size=run.image_size, tiling=tiling,
                           batch_size=batch_size, skip_bad=skip_bad, log=log, with_masks=with_masks,
                           keep_maps=with_masks, progress=progress, stage="evaluating",
-                          budget_bytes=memory_budget):
+                          budget_bytes=memory_budget, workers=workers):
         if with_masks:
             pixels.update(r.amap, r.sample.label == 0, r.mask)
         samples.append(r.sample)

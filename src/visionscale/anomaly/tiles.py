@@ -51,6 +51,7 @@ from visionscale.anomaly.data import (
 )
 from visionscale.errors import InvalidValueError, VisionscaleError, check_int
 from visionscale.io.images import ImageReadError, read_image_and_size
+from visionscale.io.prefetch import ordered_map
 from visionscale.modelinfo import model_info
 from visionscale.tiling import Stitcher, Tiling, default_overlap, parse_tile, tile_grid
 
@@ -136,16 +137,21 @@ def expand_tiles(samples: Sequence[Sample], tiling: Tiling) -> list[TileSample]:
 @functools.lru_cache(maxsize=2)
 def _decoded(path: str, resize: tuple[int, int] | None, mtime_ns: int) -> tuple[np.ndarray, tuple[int, int]]:
     """The whole image (tiles of one image are read one after another: decode it once)."""
-    arr, size = read_image_and_size(path)
+    arr, size = read_image_and_size(path, dtype=None)  # uint8, or float32 for 16-bit files
     if resize is not None and arr.shape[:2] != tuple(resize):
-        arr = _resize_uint8(arr, resize)
+        arr = _resize(arr, resize)
     return arr, size
 
 
-def _resize_uint8(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
+def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``pre_resize`` of a whole image: Pillow bilinear for 8 bits, torch (antialiased) for float."""
+    if arr.dtype == np.uint8:
+        from PIL import Image
 
-    return np.array(Image.fromarray(arr).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+        return np.array(Image.fromarray(arr).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
+    t = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    return t[0].permute(1, 2, 0).contiguous().numpy()
 
 
 def read_sample(s: Sample, size: int | tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
@@ -168,10 +174,11 @@ def read_sample(s: Sample, size: int | tuple[int, int]) -> tuple[np.ndarray, tup
 
 
 def iter_sample_batches(samples: Sequence[Sample], size: int | tuple[int, int], batch_size: int, *,
-                        skip_bad: bool = False, log: ReadLog | None = None) -> Iterator[Batch]:
-    """:func:`~visionscale.anomaly.data.iter_batches` for image or tile samples (training)."""
+                        skip_bad: bool = False, log: ReadLog | None = None, workers: int = 0) -> Iterator[Batch]:
+    """:func:`~visionscale.anomaly.data.iter_batches` for image or tile samples (training).
+    ``workers`` decode whole images in parallel; tiles of one image share one decode."""
     if not any(isinstance(s, TileSample) for s in samples):
-        yield from iter_batches(samples, size, batch_size, skip_bad=skip_bad, log=log)
+        yield from iter_batches(samples, size, batch_size, skip_bad=skip_bad, log=log, workers=workers)
         return
     check_int("batch_size", batch_size, minimum=1)
     hw = pair(size)
@@ -235,7 +242,7 @@ def score_images(model, samples: Sequence[Sample], device: torch.device, *, imag
                  tiling: Tiling | None = None, batch_size: int = 8, skip_bad: bool = False,
                  log: ReadLog | None = None, with_masks: bool = False, keep_maps: bool = True,
                  progress: Progress | None = None, stage: str = "scoring",
-                 budget_bytes: int | None = None) -> Iterator[ImageScore]:
+                 budget_bytes: int | None = None, workers: int = 0) -> Iterator[ImageScore]:
     """Score images one by one (see the module doc); unreadable ones go to ``log.bad`` with ``skip_bad``.
 
     Args:
@@ -247,13 +254,16 @@ def score_images(model, samples: Sequence[Sample], device: torch.device, *, imag
         keep_maps: Yield the maps (False: scores only, cheaper).
         budget_bytes: Tiled: refuse (:class:`MemoryBudgetError`) an image whose own buffers
             (:func:`image_overhead_bytes`) exceed this, before decoding it.
+        workers: Threads decoding the next images while the model runs (0: none). Tiled, at
+            most ``workers`` decoded images wait at a time, each costing its own buffers.
     """
     check_int("batch_size", batch_size, minimum=1)
     log = log if log is not None else ReadLog()
     total = len(samples)
     done = 0
     if tiling is None:
-        for batch in iter_batches(samples, image_size, batch_size, skip_bad=skip_bad, log=log, with_masks=with_masks):
+        for batch in iter_batches(samples, image_size, batch_size, skip_bad=skip_bad, log=log, with_masks=with_masks,
+                                  workers=workers):
             res = model(batch.images.to(device))
             scores = res["pred_score"].float().cpu().tolist()
             maps = res["anomaly_map"][:, 0].float().cpu().numpy() if keep_maps else [None] * len(scores)
@@ -266,29 +276,37 @@ def score_images(model, samples: Sequence[Sample], device: torch.device, *, imag
         return
     by_tile = image_scores_from_tiles(model)
     shrunk_said = False
-    for s in samples:
+
+    def decode(s: Sample):
         size = tiling.resize or image_size_of(s.path)  # from the header: refuse before decoding
-        if budget_bytes is not None and size is not None and image_overhead_bytes(*size) > budget_bytes:
+        if budget_bytes is not None and size is not None and image_overhead_bytes(*size, _deep(s.path)) > budget_bytes:
             h, w = size
             raise MemoryBudgetError(
                 f"{s.path} is {w}x{h} px: holding it and its stitched map takes "
-                f"{image_overhead_bytes(h, w) / 2**20:,.0f} MiB, more than the memory budget of "
+                f"{image_overhead_bytes(h, w, _deep(s.path)) / 2**20:,.0f} MiB, more than the memory budget of "
                 f"{budget_bytes / 2**20:,.0f} MiB; raise memory_budget or set pre_resize").about("memory_budget",
                                                                                                   "pre_resize")
-        try:
-            arr, file_size = read_image_and_size(s.path)
-            if tiling.resize is not None and arr.shape[:2] != tuple(tiling.resize):
-                arr = _resize_uint8(arr, tiling.resize)
-            h, w = arr.shape[:2]
-            mask = None
-            if with_masks:
-                mask = load_mask(s.mask, (h, w)).numpy() if s.mask is not None else np.zeros((h, w), dtype=bool)
-        except ImageReadError as exc:
+        arr, file_size = read_image_and_size(s.path, dtype=None)  # uint8, or float32 for 16-bit files
+        if tiling.resize is not None and arr.shape[:2] != tuple(tiling.resize):
+            arr = _resize(arr, tiling.resize)
+        h, w = arr.shape[:2]
+        mask = None
+        if with_masks:
+            mask = load_mask(s.mask, (h, w)).numpy() if s.mask is not None else np.zeros((h, w), dtype=bool)
+        return arr, file_size, mask
+
+    for s, got in zip(samples, ordered_map(decode, samples, workers, lookahead=max(1, workers),
+                                           return_exceptions=True)):
+        if isinstance(got, ImageReadError):
             if not skip_bad:
-                raise DataError(f"{exc}; {SKIP_HINT}").about("skip_bad") from None
-            log.bad.append((s.path, _short_reason(exc)))
+                raise DataError(f"{got}; {SKIP_HINT}").about("skip_bad") from None
+            log.bad.append((s.path, _short_reason(got)))
             done += 1
             continue
+        if isinstance(got, Exception):
+            raise got
+        arr, file_size, mask = got
+        h, w = arr.shape[:2]
         log.sizes[file_size] += 1
         grid = tile_grid(h, w, tiling.tile, tiling.overlap, tiling.align)
         if grid.shrunk and not shrunk_said:
@@ -321,14 +339,28 @@ class MemoryBudgetError(VisionscaleError, ValueError):
     """An image, or the smallest useful tile, does not fit the memory budget."""
 
 
-# Bytes per pixel a tiled image holds while scored: the decoded RGB (3 x uint8), the stitcher's
-# weighted sum and weight (2 x float32) and the stitched map (float32).
+# Bytes per pixel a tiled image holds while scored: the decoded RGB (3 x uint8, or 3 x float32
+# for files of more than 8 bits per sample), the stitcher's weighted sum and weight (2 x
+# float32) and the stitched map (float32).
 IMAGE_BYTES_PER_PIXEL = 3 + 2 * 4 + 4
+DEEP_IMAGE_BYTES_PER_PIXEL = 12 + 2 * 4 + 4
 
 
-def image_overhead_bytes(height: int, width: int) -> int:
-    """Bytes a ``height x width`` image costs outside the model when scored tile by tile."""
-    return height * width * IMAGE_BYTES_PER_PIXEL
+def image_overhead_bytes(height: int, width: int, deep: bool = False) -> int:
+    """Bytes a ``height x width`` image costs outside the model when scored tile by tile
+    (``deep``: a 16-bit or float file, decoded to float32 to keep its precision)."""
+    return height * width * (DEEP_IMAGE_BYTES_PER_PIXEL if deep else IMAGE_BYTES_PER_PIXEL)
+
+
+def _deep(path) -> bool:
+    """Whether the file stores more than 8 bits per sample (from its header)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.mode.startswith(("I", "F")) or "16" in img.mode
+    except Exception:  # noqa: BLE001 - unreadable: the decode names the file
+        return False
 
 
 def retile(model, tiling: Tiling, overlap: int) -> Tiling:

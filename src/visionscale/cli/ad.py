@@ -251,6 +251,7 @@ def predict_cmd(
     target_fpr: Optional[float] = typer.Option(None, "--target-fpr", help="Set the image threshold so at most this share of the run's normal calibration images score above it (e.g. 0.01)."),
     tile_overlap: Optional[int] = typer.Option(None, "--tile-overlap", help="Tiled runs: another overlap than the run's."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Tiled runs: memory one forward pass may use (e.g. 2GiB); picks the batch of tiles."),
+    workers: int = typer.Option(0, "--workers", help="Threads decoding images in parallel (0: none)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out folder that holds other files (same names are replaced)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and list them."),
@@ -275,7 +276,7 @@ def predict_cmd(
         records, log = predict(run, images, dest, batch_size=batch_size, skip_bad=skip_bad, overlays=heatmaps,
                                masks=masks, regions=regions, raw_maps=raw_maps, progress=progress,
                                threshold=threshold, target_fpr=target_fpr, tiling=tiling, overwrite=overwrite,
-                               memory_budget=budget)
+                               memory_budget=budget, workers=workers)
     for n in (log.size_note(run.image_size), log.bad_note()):
         if n:
             note(n)
@@ -306,6 +307,7 @@ def eval_cmd(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write ROC and PRO curves as PNG."),
     tile_overlap: Optional[int] = typer.Option(None, "--tile-overlap", help="Tiled runs: another overlap than the run's."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Tiled runs: memory one forward pass may use (e.g. 2GiB); picks the batch of tiles."),
+    workers: int = typer.Option(0, "--workers", help="Threads decoding images in parallel (0: none)."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics as JSON on stdout."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out folder that holds other files (same names are replaced)."),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -327,7 +329,8 @@ def eval_cmd(
     tiling, batch_size = _tiling_and_batch(run, tile_overlap, budget, batch_size, [data])
     with _progress() as progress:
         res = evaluate(run, data, category, dest, batch_size=batch_size, skip_bad=skip_bad, plots=plots,
-                       progress=progress, tiling=tiling, overwrite=overwrite, memory_budget=budget)
+                       progress=progress, tiling=tiling, overwrite=overwrite, memory_budget=budget,
+                       workers=workers)
     for n in res.metrics.notes:
         note(n)
     if as_json:
