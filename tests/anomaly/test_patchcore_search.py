@@ -306,3 +306,10 @@ def test_build_patchcore_no_longer_picks_faiss_because_it_is_installed(monkeypat
     with pytest.raises(InvalidValueError) as info:
         build_patchcore("patchcore_tiny", (64, 64), 0.1, None, search="fast")
     assert info.value.fields == ("search",)
+
+
+def test_probe_rows_shrink_for_large_banks():
+    search = pc.MemoryBankSearch(1, 4, search="torch")
+    assert search.probe_rows_for(4096, 1024) == pc.DEFAULT_PROBE_ROWS  # 256 x 4M multiply-adds: within the budget
+    assert search.probe_rows_for(65_536, 1024) == 2**32 // 2**26 == 64  # the same work as 256 rows x 16k x 1024
+    assert search.probe_rows_for(327_680, 1024) == 32  # PatchCore-10 of 200 images at 1024 px: the floor
