@@ -153,9 +153,11 @@ def render(raw: dict, command: str) -> str:
     choice, pchoice = s["choice"], p["choice"]
     probe = ", ".join(f"{k} {v:.0f} ms" for k, v in choice["probe_ms"].items())
     pprobe = ", ".join(f"{k} {v:.0f} ms" for k, v in pchoice["probe_ms"].items())
+    end = f", {raw['load_end']:.1f} at the end" if "load_end" in raw else ""
     lines = [
-        f"Machine: {raw['machine']}. CPU numbers: {raw['threads']} threads for torch and faiss "
-        f"(faiss {raw['faiss']}). Command: `{command}`. Medians of {raw['repeats']} interleaved repetitions.",
+        f"Machine: {raw['machine']}{end}. CPU numbers: {raw['threads']} threads for torch and faiss "
+        f"(faiss {raw['faiss']}). Command: `{command}`. Medians of {raw['repeats']} interleaved repetitions; "
+        "the machine is shared, so compare the variants within a table (ratios), not across runs.",
         "",
         f"### The search alone: bank {s['bank'][0]:,} x {s['bank'][1]}, a batch of 8 images at 256 px "
         f"(8 x 1024 patches)",
@@ -172,7 +174,7 @@ def render(raw: dict, command: str) -> str:
         "",
         f"`auto` probe (once per bank and device, on the first batch): {s['probe_s']:.2f} s in all; "
         f"{choice['probe_rows']} query rows timed: {probe}. The three give the same scores "
-        f"(largest difference {s['same_scores']:.1e}).",
+        f"(largest difference {s['same_scores']:.1e}).{_same_backend(choice)}",
         "",
         "Distance accuracy on the first image's 1024 patches against a float64 `cdist` (largest "
         "absolute error; nearest-neighbour distances 0.2-0.5, `||q||^2` ~ 700):",
@@ -198,9 +200,14 @@ def render(raw: dict, command: str) -> str:
     lines += [
         "",
         f"First `auto` predict, probe included: {p['auto_first_s']:.1f} s for {p['batches']} batches "
-        f"(probe: {pprobe}). Scores of the three agree to {p['score_spread']:.1e}.",
+        f"(probe: {pprobe}). Scores of the three agree to {p['score_spread']:.1e}.{_same_backend(pchoice)}",
     ]
     return "\n".join(lines)
+
+
+def _same_backend(choice: dict) -> str:
+    return (f" `auto` runs the same code as `{choice['backend']}` after its probe: the difference between "
+            "their rows is the machine's noise.")
 
 
 def main() -> None:
@@ -234,6 +241,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             raw["predict"] = bench_predict(Path(tmp), args.model, 256, args.train_images, args.repeats)
         print(json.dumps(raw["predict"], default=str), flush=True)
+        raw["load_end"] = os.getloadavg()[0]
         Path(os.environ.get("BENCH_RAW", os.devnull)).write_text(json.dumps(raw, default=str))
     block = render(raw, command)
     print(block)

@@ -50,19 +50,19 @@ Where this differs from the official code (on purpose, and why):
 * Accuracy of the distances. The official code (faiss ``IndexFlatL2``) and a plain torch
   search both compute ``||q||^2 - 2 q.b + ||b||^2`` in float32. For WRN features
   ``||q||^2`` is about 700 while nearest-neighbour distances are 0.2-0.5, so the result
-  loses most of its digits: on features shaped like that (D = 1536) the distances were
-  off by up to 1.5e-3 (3e-3 when the queries were a transposed view of the feature map),
-  and 140 of 9216 k = 9 neighbour ranks were wrong. Here queries and bank are compared
-  relative to the bank's mean (without a centred copy of the bank, see
-  :func:`nearest_neighbors`), which ranks with errors around 1e-5, and the k distances
-  found are then recomputed from the differences ``q - b`` (exact to float rounding:
-  7e-8 on the same data against a float64 ``cdist``). faiss, when used, searches the
-  centred bank and its distances are refined the same way.
+  loses most of its digits: on features shaped like that (bank 16k x 1536) the distances
+  were off by up to 1.5e-3 against a float64 ``cdist`` (faiss: 8e-4), and k = 9
+  neighbour ranks came out wrong. Here queries and bank are compared relative to the
+  bank's mean (without a centred copy of the bank, see :func:`nearest_neighbors`), which
+  ranks with errors around 1e-5, and the k distances found are then recomputed from the
+  differences ``q - b``: 7e-8 on the same data, for both backends (docs/benchmarks.md,
+  "PatchCore nearest-neighbour search").
 * Which search runs. The official code uses faiss whenever it can (on the GPU when there
   is one). Here the search is chosen by measurement (``search="auto"``, see
-  :func:`choose_search`): faiss-cpu's flat search was measured several times slower than
-  the torch search on a 2-core CPU (docs/benchmarks.md, "PatchCore nearest-neighbour
-  search"), so "faiss is installed" is not a reason to use it.
+  :func:`choose_search`): on a 2-core CPU faiss-cpu's flat search took 4.5-6x the time of
+  the torch search for a batch of 8 images against a 16k x 1536 bank, and ``ad predict``
+  with WRN-50 1.7x the time per batch (docs/benchmarks.md), so "faiss is installed" is
+  not a reason to use it.
 * The backbone keeps only the stages it runs (stem..layer3); layer4 and fc are dropped
   so their parameters are not counted. The official code keeps the whole network.
 """
@@ -689,7 +689,8 @@ class MemoryBankSearch(nn.Module):
 
     ``search`` says how the bank is searched: ``"torch"`` (the chunked search of
     :func:`nearest_neighbors`, any device), ``"faiss"`` (faiss-cpu ``IndexFlatL2``, built
-    once per forward; CPU only, torch elsewhere) or ``"auto"``: the first forward for a
+    once per forward, a copy of the bank while it runs; CPU only, torch elsewhere) or
+    ``"auto"``: the first forward for a
     bank tensor runs :func:`choose_search` on its batch's first ``probe_rows`` patches and
     keeps the faster backend until the bank is replaced or moved; :meth:`choose` makes the
     decision eagerly. The probe costs about as much as searching ``probe_rows`` (256)
