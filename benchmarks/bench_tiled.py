@@ -140,6 +140,8 @@ def accuracy(args) -> dict:
     rows = []
     for name in args.models.split(","):
         kw = {} if name.startswith("patchcore") else dict(steps=args.steps)
+        if name.startswith("ddad"):
+            kw["batch_size"] = 4  # the trainer's default 32 tiles of 256 px runs out of memory on a small CPU box
         for mode, cfg in (("tiled", FitConfig(model=name, tile=args.tile, **kw)),
                           ("resized 256", FitConfig(model=name, image_size=(256, 256), **kw))):
             run = work / f"run_{name}_{mode.split()[0]}"

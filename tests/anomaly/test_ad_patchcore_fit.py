@@ -90,6 +90,25 @@ def test_pruned_coreset_makes_the_same_picks_from_fewer_distances():
         assert full["candidate_fraction"] == 1.0 and pruned["candidate_fraction"] < 0.4
 
 
+def test_coreset_float32_follows_float64_on_offset_features():
+    """Points with a large common offset, like projected WRN features (||x||^2 ~ 700) around
+    low-dimensional structure: the float32 selection equals the float64 one for all 500
+    picks, pruned or not. Before distances were taken relative to the points' mean, the
+    two parted after 230 picks on these very points (measured)."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.rand(64, generator=g, dtype=torch.float64) + 0.3
+    mu *= (700 / mu.square().sum()).sqrt()
+    basis = torch.randn(16, 3, 64, generator=g, dtype=torch.float64)
+    coef = torch.randn(2000, 3, generator=g, dtype=torch.float64)
+    x = mu + 0.3 * torch.einsum("nk,nkd->nd", coef, basis[torch.randint(0, 16, (2000,), generator=g)])
+    x = (x + 0.05 * torch.randn(2000, 64, generator=g, dtype=torch.float64)).float()
+    assert 650 < float(x.square().sum(1).mean()) < 800
+    for prune in (True, False):
+        f32 = C.greedy_kcenter(x, 500, 10, seed=1, prune=prune)
+        f64 = C.greedy_kcenter(x.double(), 500, 10, seed=1, prune=prune)  # same points, float64 arithmetic
+        assert torch.equal(f32, f64)
+
+
 def test_coreset_covers_better_than_random():
     g = torch.Generator().manual_seed(1)
     centres = torch.randn(20, 256, generator=g) * 4
@@ -116,6 +135,14 @@ def test_coreset_is_deterministic_and_handles_edge_cases():
     dup[0] = 1.0  # two distinct points only: the repeats argmax would make are dropped
     picks = C.greedy_kcenter(dup, 10).tolist()
     assert len(picks) == 2 and 0 in picks
+    # Duplicates away from the origin: their distance comes out as rounding, not an exact 0,
+    # and must still count as 0 (before the fix: all 20 picks, copies of 4 points).
+    g = torch.Generator().manual_seed(0)
+    four = (torch.randn(4, 64, generator=g) + 3.0)[torch.randint(0, 4, (400,), generator=g)]
+    for starts in (10, 0):
+        for prune in (True, False):
+            picks = C.greedy_kcenter(four, 20, starts, prune=prune)
+            assert picks.numel() == 4 and four[picks].unique(dim=0).shape[0] == 4
     assert C.random_projection(64, 128) is None
     with pytest.raises(ValueError, match="ratio"):
         C.coreset_size(10, 0.0)

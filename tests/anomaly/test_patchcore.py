@@ -110,13 +110,14 @@ def test_k_larger_than_bank_is_clipped():
 
 
 @pytest.mark.parametrize(
-    "nq,nb,k,budget,esize",
-    [(100, 500, 3, 8192, 8), (1, 1, 1, 128, 4), (5000, 70_000, 1, 2**20, 4), (64, 64, 9, 10**9, 4)],
+    "nq,nb,k,budget,esize,dim",
+    [(100, 500, 3, 8192, 8, 0), (1, 1, 1, 128, 4, 0), (5000, 70_000, 1, 2**20, 4, 1024), (64, 64, 9, 10**9, 4, 1536),
+     (100, 500, 3, 8192, 8, 16)],
 )
-def test_chunk_sizes_respect_budget(nq, nb, k, budget, esize):
-    q_rows, b_rows = pc.nn_chunk_sizes(nq, nb, k, budget, esize)
+def test_chunk_sizes_respect_budget(nq, nb, k, budget, esize, dim):
+    q_rows, b_rows = pc.nn_chunk_sizes(nq, nb, k, budget, esize, dim)
     assert 1 <= q_rows <= nq and 1 <= b_rows <= nb
-    assert pc.nn_step_bytes(q_rows, b_rows, min(k, nb), esize) <= budget
+    assert pc.nn_step_bytes(q_rows, b_rows, min(k, nb), esize, dim) <= budget
 
 
 def test_chunk_sizes_prefer_whole_bank_then_chunk_it():
@@ -147,8 +148,9 @@ def test_search_allocations_respect_budget(k):
     with tracker:
         dist, idx = pc.nearest_neighbors(q, b, k=k, max_chunk_bytes=budget)
     out_bytes = dist.numel() * 4 + idx.numel() * 8
+    stats_bytes = (500 + 16) * 4  # the bank's centred norms (N,) and mean (D,), computed once per call
     assert tracker.largest <= budget < full_matrix
-    assert tracker.peak <= budget + 2 * out_bytes  # chunk results + their concatenation
+    assert tracker.peak <= budget + 2 * out_bytes + stats_bytes  # + chunk results and their concatenation
     ref_d, ref_i = _brute_knn(q, b, k)
     torch.testing.assert_close(dist, ref_d, rtol=1e-4, atol=1e-4)
 
@@ -175,9 +177,9 @@ def test_faiss_path_uses_index_and_returns_l2(monkeypatch):
         def __init__(self, d):
             self.d = d
 
-        def add(self, x):
+        def add(self, x):  # faiss appends: the bank may come in row chunks
             assert x.dtype == np.float32 and x.flags["C_CONTIGUOUS"]
-            self.x = x
+            self.x = np.concatenate([self.x, x]) if hasattr(self, "x") else x
 
         def search(self, q, k):
             calls.append(k)
@@ -187,14 +189,14 @@ def test_faiss_path_uses_index_and_returns_l2(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(IndexFlatL2=IndexFlatL2))
     q, b = torch.randn(20, 6), torch.randn(50, 6)
-    dist, idx = pc.nearest_neighbors(q, b, k=2, use_faiss=True)
-    assert calls == [2]
+    dist, idx = pc.nearest_neighbors(q, b, k=2, use_faiss=True, max_chunk_bytes=400)  # bank added in 16-row chunks
+    assert calls == [2, 2]  # queries searched in 16-row chunks too
     ref_d, ref_i = _brute_knn(q, b, 2)
     torch.testing.assert_close(dist, ref_d, rtol=1e-4, atol=1e-4)
     assert torch.equal(idx, ref_i)
     # meta tensors never go to faiss
     d, i = pc.nearest_neighbors(q.to("meta"), b.to("meta"), k=2, use_faiss=True)
-    assert calls == [2] and d.device.type == "meta" and d.shape == (20, 2)
+    assert calls == [2, 2] and d.device.type == "meta" and d.shape == (20, 2)
 
 
 def test_faiss_missing_falls_back(monkeypatch):

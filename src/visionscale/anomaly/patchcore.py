@@ -8,8 +8,21 @@ as a second reading of the paper's Eq. 7.
 
 Only inference is here: the memory bank is a random buffer of the size a 10% coreset of
 ``num_train_images`` training images would have (PatchCore-10); ``set_memory_bank`` puts a
-real one in. :func:`nearest_neighbors` is the exact, chunked L2 search meant to be reused
-by coreset subsampling.
+real one in.
+
+The search API (used by :class:`MemoryBankSearch`, reusable on its own):
+
+* ``nearest_neighbors(queries, bank, k=1, max_chunk_bytes=..., use_faiss=False, *,
+  stats=None, refine=True) -> (dist, idx)``: exact k-NN in L2, in bounded memory, on any
+  device including ``meta``.
+* ``bank_stats(bank, max_chunk_bytes=...) -> BankStats(mean, sq)``: what the search
+  precomputes per bank; pass it as ``stats`` to search one bank many times.
+* ``choose_search(bank, sample_queries, k=1, *, repeats=2, backends=None, timer=...) ->
+  {"backend", "reason", "probe_ms", "probe_rows"}``: the faster of torch and faiss for
+  this bank on this machine, by timing both (torch off the CPU or without faiss).
+* ``PatchCoreConfig.search`` / ``MemoryBankSearch(search=...)``: ``"auto"`` (probe on the
+  first batch, or eagerly with ``model.nn_search.choose()``), ``"torch"`` or ``"faiss"``;
+  the decision and its timings are in ``model.nn_search.search_choice``.
 
 Where this differs from the official code (on purpose, and why):
 
@@ -33,21 +46,44 @@ Where this differs from the official code (on purpose, and why):
   with b = ``num_neighbors`` = 9 neighbours (anomalib's default; b is unspecified in
   the paper); ``num_neighbors=1`` gives the official max.
 * Distances are true L2 norms, as in the paper's equations (faiss ``IndexFlatL2`` returns
-  squared distances; the faiss path here takes their square root).
+  squared distances).
+* Accuracy of the distances. The official code (faiss ``IndexFlatL2``) and a plain torch
+  search both compute ``||q||^2 - 2 q.b + ||b||^2`` in float32. For WRN features
+  ``||q||^2`` is about 700 while nearest-neighbour distances are 0.2-0.5, so the result
+  loses most of its digits: on features shaped like that (bank 16k x 1536) the distances
+  were off by up to 1.5e-3 against a float64 ``cdist`` (faiss: 8e-4), and k = 9
+  neighbour ranks came out wrong. Here queries and bank are compared relative to the
+  bank's mean (without a centred copy of the bank, see :func:`nearest_neighbors`), which
+  ranks with errors around 1e-5, and the k distances found are then recomputed from the
+  differences ``q - b``: 7e-8 on the same data, for both backends (docs/benchmarks.md,
+  "PatchCore nearest-neighbour search").
+* Which search runs. The official code uses faiss whenever it can (on the GPU when there
+  is one). Here the search is chosen by measurement (``search="auto"``, see
+  :func:`choose_search`): on a 2-core CPU faiss-cpu's flat search took 4.5-6x the time of
+  the torch search for a batch of 8 images against a 16k x 1536 bank, and ``ad predict``
+  with WRN-50 1.7x the time per batch (docs/benchmarks.md), so "faiss is installed" is
+  not a reason to use it.
 * The backbone keeps only the stages it runs (stem..layer3); layer4 and fc are dropped
   so their parameters are not counted. The official code keeps the whole network.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.util
+import sys
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionscale.components import Component, State, run_components
+from visionscale.errors import InvalidValueError
 from visionscale.modelinfo import imagenet
 from visionscale.nn import resnet
 from visionscale.nn.filters import gaussian_blur, gaussian_kernel1d
@@ -55,6 +91,12 @@ from visionscale.registry import register_model
 
 __all__ = [
     "DEFAULT_MAX_CHUNK_BYTES",
+    "DEFAULT_PROBE_ROWS",
+    "SEARCH_MODES",
+    "BankStats",
+    "bank_stats",
+    "choose_search",
+    "faiss_installed",
     "PatchCore",
     "PatchCoreConfig",
     "PatchFeatureExtractor",
@@ -88,19 +130,51 @@ _BACKBONES: dict[str, Callable[..., nn.Module]] = {
 # Exact nearest-neighbour search in bounded memory.
 
 
-def nn_step_bytes(query_rows: int, bank_rows: int, k: int, element_size: int) -> int:
+class BankStats(NamedTuple):
+    """What the search precomputes once per memory bank (see :func:`bank_stats`).
+
+    Attributes:
+        mean: (D,) mean of the bank rows; queries and bank are compared relative to it.
+        sq: (N,) ``||b - mean||^2`` of every bank row.
+    """
+
+    mean: Tensor
+    sq: Tensor
+
+
+def bank_stats(bank: Tensor, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> BankStats:
+    """Mean and centred squared norms of an (N, D) bank, the latter from the differences themselves.
+
+    Costs one pass over the bank; the (rows, D) differences are made in row chunks whose
+    temporaries fit ``max_chunk_bytes``. Works on ``meta`` (shapes only).
+    """
+    if bank.dim() != 2 or bank.shape[0] < 1:
+        raise ValueError(f"expected a non-empty (N, D) bank, got {tuple(bank.shape)}")
+    mean = bank.mean(dim=0)  # (D,)
+    sq = bank.new_empty(bank.shape[0])  # (N,)
+    rows = max(1, max_chunk_bytes // ((bank.shape[1] + 2) * bank.element_size()))
+    for s in range(0, bank.shape[0], rows):
+        sq[s : s + rows] = torch.linalg.vector_norm(bank[s : s + rows] - mean, dim=1).square()
+    return BankStats(mean, sq)
+
+
+def nn_step_bytes(query_rows: int, bank_rows: int, k: int, element_size: int, dim: int = 0) -> int:
     """Bytes of temporaries held at once in one step of :func:`nearest_neighbors`.
 
-    One step compares ``query_rows`` queries with ``bank_rows`` bank vectors: the distance
-    block, both squared norms and the top-k bookkeeping (the block's top-k, the running
-    top-k, their concatenation and the merged result, values plus int64 indices).
+    One step compares ``query_rows`` queries with ``bank_rows`` bank vectors: the centred
+    query chunk (``query_rows x dim``; the refinement's (rows, D) gather takes its place
+    once it is freed), the distance block, per-query scalars and the top-k bookkeeping
+    (the block's top-k, the running top-k, their concatenation and the merged result,
+    values plus int64 indices). ``dim=0`` leaves the (rows, D) temporaries out. The bank's
+    :class:`BankStats` are made once per bank, not per step.
     """
     topk = 5 * k * (element_size + _INDEX_BYTES)
-    return query_rows * bank_rows * element_size + bank_rows * element_size + query_rows * (element_size + topk)
+    return query_rows * ((bank_rows + dim + 4) * element_size + topk)
 
 
 def nn_chunk_sizes(
-    num_queries: int, bank_size: int, k: int = 1, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, element_size: int = 4
+    num_queries: int, bank_size: int, k: int = 1, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    element_size: int = 4, dim: int = 0,
 ) -> tuple[int, int]:
     """Query rows and bank rows per step so one step's temporaries fit ``max_chunk_bytes``.
 
@@ -118,25 +192,23 @@ def nn_chunk_sizes(
         raise ValueError(f"need at least one query and one bank vector, got {num_queries} and {bank_size}")
     k = min(k, bank_size)
 
-    def fits(q: int, b: int) -> bool:
-        return nn_step_bytes(q, b, k, element_size) <= max_chunk_bytes
+    def step(q: int, b: int) -> int:
+        return nn_step_bytes(q, b, k, element_size, dim)
 
-    if not fits(1, 1):
+    if step(1, 1) > max_chunk_bytes:
         raise ValueError(
             f"max_chunk_bytes={max_chunk_bytes} cannot hold one step of the search "
-            f"({nn_step_bytes(1, 1, k, element_size)} bytes for a single query and bank vector)"
+            f"({step(1, 1)} bytes for a single query and bank vector)"
         )
-    # Largest query chunk that fits next to the whole bank (cost is linear in q).
-    per_row = nn_step_bytes(1, bank_size, k, element_size) - bank_size * element_size
-    q_full = (max_chunk_bytes - bank_size * element_size) // per_row if fits(1, bank_size) else 0
+    # Largest query chunk that fits next to the whole bank (the cost is linear in q).
+    q_full = max_chunk_bytes // step(1, bank_size)
     if q_full >= min(num_queries, _MIN_QUERY_ROWS):
         return min(num_queries, q_full), bank_size
     # Chunk the bank too: keep the query chunk at most 1024 rows and roughly no larger than
     # the bank chunk, so tiny budgets still give balanced blocks.
     q = min(num_queries, _MIN_QUERY_ROWS)
     while True:
-        fixed = nn_step_bytes(q, 0, k, element_size)
-        b = (max_chunk_bytes - fixed) // ((q + 1) * element_size) if max_chunk_bytes > fixed else 0
+        b = (max_chunk_bytes - step(q, 0)) // (q * element_size) if max_chunk_bytes > step(q, 0) else 0
         if q == 1 or b >= q:
             break
         q = max(1, q // 2)
@@ -149,25 +221,38 @@ def nearest_neighbors(
     k: int = 1,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     use_faiss: bool = False,
+    *,
+    stats: BankStats | None = None,
+    refine: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Exact k nearest neighbours in L2 without building the (queries x bank) matrix.
 
-    Loops over query chunks and bank chunks sized by :func:`nn_chunk_sizes`; each step
-    computes ``||q||^2 - 2 q.b + ||b||^2`` with one matmul, clamps it at 0 (rounding can
-    make it slightly negative) and merges its top-k into a running top-k. Loops depend on
-    shapes only, so the search runs on ``meta``, where only the first query chunk is
-    computed and the others just allocate their results (same live tensors, far fewer
-    steps). ``queries`` may be a strided view, e.g.
-    ``emb[i].flatten(1).T`` of a (B, D, h, w) map; matmul reads it without a copy.
+    Loops over query chunks and bank chunks sized by :func:`nn_chunk_sizes`. Each step
+    computes squared distances with one matmul, relative to the bank's mean ``m`` (see
+    :class:`BankStats`): with ``q' = q - m`` and ``b' = b - m``,
+    ``||q' - b'||^2 = (||q'||^2 + 2 q'.m) - 2 q'.b + ||b'||^2``, so the bank is used as
+    stored (no centred copy of it) while the large common offset of patch features no
+    longer cancels the digits of the result. It clamps at 0, and merges the step's top-k
+    into a running top-k. With ``refine`` the k distances found are then recomputed as
+    ``||q - b||`` from the differences (a (rows, D) gather per neighbour), which makes them
+    exact to float rounding; the matmul form only has to rank the candidates.
+
+    Loops depend on shapes only, so the search runs on ``meta``, where only the first
+    query chunk is computed and the others just allocate their results (same live tensors,
+    far fewer steps). ``queries`` may be a strided view, e.g. ``emb[i].flatten(1).T`` of a
+    (B, D, h, w) map: each chunk is centred into a contiguous copy.
 
     Args:
         queries: (Q, D).
         bank: (N, D), same dtype and device.
         k: Neighbours per query; clipped to N.
         max_chunk_bytes: Budget for one step's temporaries (see :func:`nn_step_bytes`);
-            the (Q, k) results come on top of it.
-        use_faiss: Use faiss ``IndexFlatL2`` when importable and both tensors are on CPU
-            (never on ``meta``). Its index is built per call.
+            the (Q, k) results and the bank's (N,) + (D,) stats come on top of it.
+        use_faiss: Rank with faiss ``IndexFlatL2`` (built per call from the centred bank)
+            when importable and both tensors are on CPU (never on ``meta``).
+        stats: The bank's :func:`bank_stats`, if already computed (they are otherwise
+            computed here, one pass over the bank).
+        refine: Recompute the k distances from the differences (see above).
 
     Returns:
         ``(dist, idx)``: L2 distances (Q, k) ascending, and int64 bank indices (Q, k).
@@ -176,14 +261,19 @@ def nearest_neighbors(
         raise ValueError(f"expected queries (Q, D) and bank (N, D), got {tuple(queries.shape)} and {tuple(bank.shape)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    num_q, num_b = queries.shape[0], bank.shape[0]
-    k = min(k, num_b)
-    if use_faiss and queries.device.type == "cpu" and bank.device.type == "cpu":
-        found = _faiss_search(queries, bank, k)
-        if found is not None:
-            return found
+    if stats is None:
+        stats = bank_stats(bank, max_chunk_bytes)
+    if use_faiss and queries.device.type == "cpu" and bank.device.type == "cpu" and faiss_installed():
+        index = _faiss_index(bank, stats.mean, max_chunk_bytes)
+        return _faiss_knn(index, queries, bank, stats.mean, min(k, bank.shape[0]), max_chunk_bytes, refine)
+    return _torch_knn(queries, bank, stats, k, max_chunk_bytes, refine)
 
-    q_rows, b_rows = nn_chunk_sizes(num_q, num_b, k, max_chunk_bytes, queries.element_size())
+
+def _torch_knn(queries: Tensor, bank: Tensor, stats: BankStats, k: int, max_chunk_bytes: int,
+               refine: bool) -> tuple[Tensor, Tensor]:
+    num_q, (num_b, dim) = queries.shape[0], bank.shape
+    k = min(k, num_b)
+    q_rows, b_rows = nn_chunk_sizes(num_q, num_b, k, max_chunk_bytes, queries.element_size(), dim)
     on_meta = queries.device.type == "meta"
     dists: list[Tensor] = []
     idxs: list[Tensor] = []
@@ -196,7 +286,7 @@ def nearest_neighbors(
             dists.append(queries.new_empty((rows, k)))
             idxs.append(torch.empty((rows, k), dtype=torch.int64, device=queries.device))
             continue
-        d, i = _knn_rows(queries[qs : qs + q_rows], bank, k, b_rows)  # its temporaries die here
+        d, i = _knn_rows(queries[qs : qs + q_rows], bank, stats, k, b_rows, refine)  # its temporaries die here
         dists.append(d)
         idxs.append(i)
     if len(dists) == 1:
@@ -204,16 +294,19 @@ def nearest_neighbors(
     return torch.cat(dists), torch.cat(idxs)
 
 
-def _knn_rows(q: Tensor, bank: Tensor, k: int, b_rows: int) -> tuple[Tensor, Tensor]:
+def _knn_rows(q: Tensor, bank: Tensor, stats: BankStats, k: int, b_rows: int, refine: bool) -> tuple[Tensor, Tensor]:
     """k nearest bank rows of one query chunk (q, D), bank chunks of ``b_rows`` at a time."""
     num_b = bank.shape[0]
-    q_sq = torch.linalg.vector_norm(q, dim=1).square().unsqueeze(1)  # (q, 1), no (q, D) temp
+    # (q, D) centred into a row-major buffer: ``q - mean`` alone would keep the layout of a
+    # transposed view, and the matmul on that layout was measured 2x less accurate.
+    qc = q.new_empty(q.shape).copy_(q).sub_(stats.mean)
+    # (q, 1) ||q'||^2 + 2 q'.m: with the bank's ||b'||^2 and -2 q'.b this is ||q' - b'||^2.
+    q_const = torch.linalg.vector_norm(qc, dim=1).square_().add_(qc @ stats.mean, alpha=2).unsqueeze(1)
     best_d = best_i = None
     for bs in range(0, num_b, b_rows):
         b = bank[bs : bs + b_rows]  # (b, D) view
-        b_sq = torch.linalg.vector_norm(b, dim=1).square()  # (b,)
-        block = torch.addmm(b_sq.unsqueeze(0), q, b.T, alpha=-2)  # (q, b) = ||b||^2 - 2 q.b
-        block.add_(q_sq).clamp_min_(0)  # squared distances, in place: no second block
+        block = torch.addmm(stats.sq[bs : bs + b_rows].unsqueeze(0), qc, b.T, alpha=-2)  # (q, b)
+        block.add_(q_const).clamp_min_(0)  # squared distances, in place: no second block
         if k == 1:
             d, i = block.min(dim=1, keepdim=True)  # (q, 1), first index on ties
         else:
@@ -229,20 +322,189 @@ def _knn_rows(q: Tensor, bank: Tensor, k: int, b_rows: int) -> tuple[Tensor, Ten
         else:
             best_d, pos = torch.cat([best_d, d], dim=1).topk(k, dim=1, largest=False)  # (q, k)
             best_i = torch.cat([best_i, i], dim=1).gather(1, pos)
-    return best_d.sqrt(), best_i
+    del qc
+    if refine:
+        return _exact_distances(q, bank, best_i)
+    return best_d.sqrt_(), best_i
 
 
-def _faiss_search(queries: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
-    """faiss IndexFlatL2 search on CPU, or None when faiss is not installed."""
+def _exact_distances(q: Tensor, bank: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """``||q - bank[idx]||`` (q, k) from the differences, re-sorted ascending with ``idx``.
+
+    One (q, D) gather per neighbour column. The difference of two nearby vectors is exact
+    to rounding of its own (small) entries, so the distance keeps float precision however
+    large the vectors' common offset is.
+    """
+    dist = q.new_empty(idx.shape)  # (q, k)
+    for j in range(idx.shape[1]):
+        diff = bank.index_select(0, idx[:, j]).sub_(q)  # (q, D)
+        dist[:, j] = torch.linalg.vector_norm(diff, dim=1)
+        del diff
+    if idx.shape[1] > 1:
+        dist, order = dist.sort(dim=1, stable=True)
+        idx = idx.gather(1, order)
+    return dist, idx
+
+
+def faiss_installed() -> bool:
+    """True when the optional ``faiss`` package can be imported (checked without importing it)."""
+    if "faiss" in sys.modules:
+        return sys.modules["faiss"] is not None  # None: imports of it are blocked
     try:
-        import faiss  # optional dependency, imported only when asked for
-    except ImportError:
-        return None
+        return importlib.util.find_spec("faiss") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _faiss_index(bank: Tensor, mean: Tensor, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES):
+    """faiss ``IndexFlatL2`` over the centred bank, added in row chunks (no centred (N, D) copy)."""
+    import faiss  # optional dependency, imported only when asked for
+
     index = faiss.IndexFlatL2(bank.shape[1])
-    index.add(bank.detach().to(torch.float32).contiguous().numpy())
-    sq, idx = index.search(queries.detach().to(torch.float32).contiguous().numpy(), k)
-    dist = torch.from_numpy(sq).clamp_min_(0).sqrt_().to(queries.dtype)  # faiss gives squared L2
-    return dist, torch.from_numpy(idx).to(torch.int64)
+    rows = max(1, max_chunk_bytes // (bank.shape[1] * 4))
+    for s in range(0, bank.shape[0], rows):
+        index.add((bank[s : s + rows].detach() - mean).to(torch.float32).contiguous().numpy())
+    return index
+
+
+def _faiss_knn(index, queries: Tensor, bank: Tensor, mean: Tensor, k: int, max_chunk_bytes: int,
+               refine: bool) -> tuple[Tensor, Tensor]:
+    """Rank with a :func:`_faiss_index`; distances refined like the torch search's, in row chunks."""
+    rows = max(1, max_chunk_bytes // (queries.shape[1] * 4))
+    dists, idxs = [], []
+    for s in range(0, queries.shape[0], rows):
+        q = queries[s : s + rows].detach()
+        sq, idx = index.search((q - mean).to(torch.float32).contiguous().numpy(), k)
+        idx = torch.from_numpy(idx).to(torch.int64)
+        if refine:
+            d, idx = _exact_distances(q, bank, idx)
+        else:
+            d = torch.from_numpy(sq).clamp_min_(0).sqrt_().to(queries.dtype)  # faiss gives squared L2
+        dists.append(d)
+        idxs.append(idx)
+    if len(dists) == 1:
+        return dists[0], idxs[0]
+    return torch.cat(dists), torch.cat(idxs)
+
+
+# ----------------------------------------------------------------------------------------
+# Choosing the search backend by measurement.
+
+SEARCH_MODES = ("auto", "torch", "faiss")
+DEFAULT_PROBE_ROWS = 256
+_WARMUP_ROWS = 8
+# Multiply-adds one probe run may cost (rows x N x D): 256 rows against a 16k x 1024 bank.
+# Measured on 2 loaded CPU cores: ~0.3 s for torch and ~1 s for faiss-cpu at this size, so
+# large banks (high resolution) are probed with fewer rows, never fewer than 32.
+_PROBE_WORK = 2**32
+_MIN_PROBE_ROWS = 32
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def choose_search(
+    bank: Tensor,
+    sample_queries: Tensor,
+    k: int = 1,
+    *,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    stats: BankStats | None = None,
+    repeats: int = 2,
+    backends: Mapping[str, Callable[[Tensor], object]] | None = None,
+    timer: Callable[[], float] = time.perf_counter,
+) -> dict:
+    """Pick the faster exact search for this bank on this machine, by timing both.
+
+    Rules: a bank that is not on the CPU (CUDA, ``meta``...) is searched with torch, since
+    faiss-cpu only reads CPU memory; on the CPU without faiss installed, torch. Otherwise
+    every backend runs once untimed on a few rows (imports, thread pools, the faiss
+    index), then ``repeats`` times on ``sample_queries`` (a few hundred rows are enough:
+    both search by matrix products over the whole bank), and the smallest time counts. A
+    backend whose first timed run takes more than twice the best so far is not repeated.
+    Ties go to torch (listed first).
+
+    Args:
+        bank: (N, D) memory bank, on the device it will be searched on.
+        sample_queries: (S, D) queries like those to come (same D, dtype and device).
+        k: Neighbours per query.
+        max_chunk_bytes: Budget of the torch search's steps.
+        stats: The bank's :func:`bank_stats`, if already computed.
+        repeats: Timed runs per backend (>= 1).
+        backends: Name -> callable searching given queries; default torch and, when
+            installed, faiss. For tests: fake backends, with a fake ``timer``.
+        timer: Seconds, monotonic.
+
+    Returns:
+        ``{"backend": name, "reason": text, "probe_ms": {name: ms}, "probe_rows": S}``;
+        ``probe_ms`` is empty when nothing was timed.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    rows = int(sample_queries.shape[0])
+    if backends is None:
+        if bank.device.type != "cpu":
+            return _choice("torch", f"faiss-cpu cannot search {bank.device.type} tensors")
+        if not faiss_installed():
+            return _choice("torch", "faiss is not installed")
+        backends = _default_backends(bank, k, max_chunk_bytes, stats)
+    if len(backends) == 1 or rows == 0:
+        name = next(iter(backends))
+        return _choice(name, "the only backend" if len(backends) == 1 else "no sample queries to time")
+    for fn in backends.values():
+        fn(sample_queries[:_WARMUP_ROWS])  # untimed: imports, thread pools, indexes
+    probe: dict[str, float] = {}
+    for name, fn in backends.items():
+        best = float("inf")
+        for r in range(repeats):
+            t0 = timer()
+            fn(sample_queries)
+            best = min(best, timer() - t0)
+            if r == 0 and probe and best > 2 * min(probe.values()):
+                break  # clearly slower: a second run would not change the choice
+        probe[name] = best
+    fastest = min(probe, key=probe.get)  # first on ties
+    return _choice(fastest, f"fastest in a probe of {rows} query rows against {bank.shape[0]} bank rows",
+                   {n: round(s * 1000, 3) for n, s in probe.items()}, rows)
+
+
+def _choice(backend: str, reason: str, probe_ms: dict | None = None, rows: int = 0) -> dict:
+    return {"backend": backend, "reason": reason, "probe_ms": probe_ms or {}, "probe_rows": rows}
+
+
+def _default_backends(bank: Tensor, k: int, max_chunk_bytes: int,
+                      stats: BankStats | None) -> dict[str, Callable[[Tensor], object]]:
+    """torch and faiss searches of the bank as :class:`MemoryBankSearch` runs them (faiss index built once)."""
+    stats = stats if stats is not None else bank_stats(bank, max_chunk_bytes)
+    index: list = []
+
+    def faiss_search(q: Tensor):
+        if not index:
+            index.append(_faiss_index(bank, stats.mean, max_chunk_bytes))  # in the untimed warm-up
+        return _faiss_knn(index[0], q, bank, stats.mean, min(k, bank.shape[0]), max_chunk_bytes, True)
+
+    return {
+        "torch": lambda q: _torch_knn(q, bank, stats, k, max_chunk_bytes, True),
+        "faiss": faiss_search,
+    }
+
+
+def _search_mode(search: str | bool, use_faiss: bool | None, owner: str) -> str:
+    """Validate ``search`` and fold the deprecated ``use_faiss`` flag into it."""
+    if isinstance(search, bool):  # the old positional use_faiss argument
+        use_faiss, search = search, "auto"
+    if use_faiss is not None:
+        warnings.warn(f"{owner}: use_faiss is deprecated, use search='auto' (measured), 'torch' or 'faiss'",
+                      DeprecationWarning, stacklevel=3)
+        forced = "faiss" if use_faiss else "torch"
+        if search not in ("auto", forced):
+            raise InvalidValueError(f"use_faiss={use_faiss} contradicts search={search!r}").about("search",
+                                                                                               "use_faiss")
+        search = forced
+    if search not in SEARCH_MODES:
+        raise InvalidValueError(f"search must be one of {', '.join(SEARCH_MODES)}, got {search!r}").about("search")
+    return search
 
 
 def reweighted_image_score(
@@ -252,6 +514,8 @@ def reweighted_image_score(
     bank: Tensor,
     num_neighbors: int = 9,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    *,
+    stats: BankStats | None = None,
 ) -> Tensor:
     """Image score of the paper's Eq. 7.
 
@@ -267,6 +531,8 @@ def reweighted_image_score(
         patch_idx: Bank index of that neighbour (B, h*w), int64.
         bank: Memory bank (N, D).
         num_neighbors: b.
+        max_chunk_bytes: Budget of the search for ``N_b(m*)``.
+        stats: The bank's :func:`bank_stats`, if already computed.
 
     Returns:
         (B,) scores.
@@ -278,7 +544,8 @@ def reweighted_image_score(
     m_star = bank[patch_idx.gather(1, pos.unsqueeze(1)).squeeze(1)]  # (B, D)
     flat = embedding.flatten(2)  # (B, D, h*w) view
     m_test = flat.gather(2, pos.view(batch, 1, 1).expand(batch, dim, 1)).squeeze(2)  # (B, D)
-    _, support = nearest_neighbors(m_star, bank, k=num_neighbors, max_chunk_bytes=max_chunk_bytes)  # (B, b)
+    _, support = nearest_neighbors(m_star, bank, k=num_neighbors, max_chunk_bytes=max_chunk_bytes,
+                                   stats=stats, refine=False)  # (B, b): only the indices are used
     d_support = torch.linalg.vector_norm(m_test.unsqueeze(1) - bank[support], dim=2)  # (B, b)
     d_star = torch.linalg.vector_norm(m_test - m_star, dim=1)  # (B,) == s* up to rounding
     # exp(d*) / sum exp(d) computed as exp(d* - logsumexp(d)): no overflow for large d.
@@ -316,7 +583,10 @@ class PatchCoreConfig:
         num_neighbors: b of Eq. 7; 1 = plain max (the official code).
         sigma: Gaussian smoothing of the anomaly map (paper: 4).
         max_chunk_bytes: Temporaries budget of the nearest-neighbour search.
-        use_faiss: Search with faiss on CPU when it is installed.
+        search: ``"auto"`` (the faster of torch and faiss by a probe, see
+            :class:`MemoryBankSearch`), ``"torch"`` or ``"faiss"``.
+        use_faiss: Deprecated alias: True means ``search="faiss"``, False ``"torch"``;
+            folded into ``search`` (and reset to None) on construction.
     """
 
     backbone: str = "wide_resnet101_2"
@@ -331,9 +601,12 @@ class PatchCoreConfig:
     num_neighbors: int = 9
     sigma: float = 4.0
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
-    use_faiss: bool = False
+    search: str = "auto"
+    use_faiss: bool | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "search", _search_mode(self.search, self.use_faiss, "PatchCoreConfig"))
+        object.__setattr__(self, "use_faiss", None)
         if self.backbone not in _BACKBONES:
             raise ValueError(f"backbone must be one of {sorted(_BACKBONES)}, got {self.backbone!r}")
         if not self.layers or any(n not in resnet.STAGES for n in self.layers):
@@ -412,33 +685,138 @@ class PatchFeatureExtractor(nn.Module):
 
 
 class MemoryBankSearch(nn.Module):
-    """Holds the memory bank; patch scores by exact nearest-neighbour search, image score by Eq. 7."""
+    """Holds the memory bank; patch scores by exact nearest-neighbour search, image score by Eq. 7.
+
+    ``search`` says how the bank is searched: ``"torch"`` (the chunked search of
+    :func:`nearest_neighbors`, any device), ``"faiss"`` (faiss-cpu ``IndexFlatL2``, built
+    once per forward, a copy of the bank while it runs; CPU only, torch elsewhere) or
+    ``"auto"``: the first forward for a
+    bank tensor runs :func:`choose_search` on its batch's first ``probe_rows`` patches and
+    keeps the faster backend until the bank is replaced or moved; :meth:`choose` makes the
+    decision eagerly. The probe costs about as much as searching ``probe_rows`` (256)
+    patches with each backend; banks larger than 16k x 1024 are probed with fewer rows
+    (:meth:`probe_rows_for`, at least 32), so its cost stays bounded at high resolution. :attr:`search_choice` holds the decision (``None`` until made):
+    ``{"search", "backend", "reason", "probe_ms", "probe_rows"}``, e.g. for a log line.
+    Both backends rank exactly and refine the distances the same way, so they give the
+    same scores up to ties between equidistant bank rows. Graph capture (``torch.export``,
+    ``torch.compile``, tracing) always records the torch search.
+
+    The bank's :func:`bank_stats` are computed on first use and cached while the bank
+    tensor is neither replaced nor changed in place. They are not buffers: the state dict
+    holds ``memory_bank`` only, as in runs saved before they existed.
+    """
 
     memory_bank: Tensor
 
     def __init__(self, bank_size: int, dim: int, num_neighbors: int = 9,
-                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, use_faiss: bool = False) -> None:
+                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, search: str = "auto", *,
+                 use_faiss: bool | None = None, probe_rows: int = DEFAULT_PROBE_ROWS) -> None:
         super().__init__()
         # Random stand-in for a coreset of nominal patch features (N, D): same size and
         # cost as the real bank; built on whatever device is the default (meta is free).
         self.register_buffer("memory_bank", torch.randn(bank_size, dim))
         self.num_neighbors = num_neighbors
         self.max_chunk_bytes = max_chunk_bytes
-        self.use_faiss = use_faiss
+        self.search = _search_mode(search, use_faiss, "MemoryBankSearch")
+        if self.search == "faiss" and not faiss_installed():
+            raise InvalidValueError("search='faiss' needs the faiss package (faiss-cpu), which is not installed; "
+                                    "use search='auto' or 'torch'").about("search")
+        self.probe_rows = probe_rows
+        self.search_choice: dict | None = None
+        self._choice_for: weakref.ref | None = None  # the bank tensor search_choice was made for
+        self._stats: tuple | None = None  # (weakref to the bank, its version, BankStats)
+
+    @property
+    def use_faiss(self) -> bool:
+        """Deprecated: True when forward searches with faiss. Setting it forces ``search``."""
+        if self.search != "auto":
+            return self.search == "faiss"
+        return self.search_choice is not None and self.search_choice["backend"] == "faiss"
+
+    @use_faiss.setter
+    def use_faiss(self, value: bool) -> None:
+        self.search = "faiss" if value else "torch"
+        self.search_choice = self._choice_for = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_choice_for"] = state["_stats"] = None  # weak references do not pickle; recomputed
+        return state
+
+    def bank_stats(self) -> BankStats:
+        """:func:`bank_stats` of the current bank, cached."""
+        bank = self.memory_bank
+        if _tracing():
+            return bank_stats(bank, self.max_chunk_bytes)  # in the graph, not a constant
+        try:
+            version = bank._version
+        except RuntimeError:  # an inference-mode tensor has no version counter
+            version = -1
+        cached = self._stats
+        if cached is None or cached[0]() is not bank or cached[1] != version:
+            cached = self._stats = (weakref.ref(bank), version, bank_stats(bank, self.max_chunk_bytes))
+        return cached[2]
+
+    def choose(self, sample_queries: Tensor | None = None) -> dict:
+        """Decide now how the current bank is searched; sets and returns :attr:`search_choice`.
+
+        Args:
+            sample_queries: (S, D) patches like those to come; the first ``probe_rows`` are
+                timed. None: bank rows stand in for them (the search's cost does not
+                depend on the values).
+        """
+        bank = self.memory_bank
+        device = bank.device.type
+        if self.search == "torch":
+            choice = _choice("torch", "search='torch'")
+        elif self.search == "faiss":
+            if device != "cpu":
+                choice = _choice("torch", f"search='faiss', but faiss-cpu cannot search {device} tensors")
+            elif not faiss_installed():
+                choice = _choice("torch", "search='faiss', but faiss is not installed")
+            else:
+                choice = _choice("faiss", "search='faiss'")
+        else:
+            rows = self.probe_rows_for(bank.shape[0], bank.shape[1])
+            if sample_queries is None:
+                sample_queries = bank[:: max(1, bank.shape[0] // rows)]
+            choice = choose_search(bank, sample_queries[:rows], 1, max_chunk_bytes=self.max_chunk_bytes,
+                                   stats=self.bank_stats() if device == "cpu" else None)
+        self.search_choice = {"search": self.search, **choice}
+        self._choice_for = weakref.ref(bank)
+        return self.search_choice
+
+    def probe_rows_for(self, bank_rows: int, dim: int) -> int:
+        """Query rows the auto probe times: ``probe_rows``, fewer for large banks (bounded work)."""
+        return min(self.probe_rows, max(_MIN_PROBE_ROWS, _PROBE_WORK // max(1, bank_rows * dim)))
+
+    def _backend(self, embedding: Tensor) -> str:
+        if _tracing():
+            return "torch"
+        if self.search_choice is None or self._choice_for is None or self._choice_for() is not self.memory_bank:
+            self.choose(embedding[0].flatten(1).T)  # (h*w, D) view: the first image's patches
+        return self.search_choice["backend"]
 
     def forward(self, embedding: Tensor) -> tuple[Tensor, Tensor]:
         """(B, D, h, w) -> patch scores (B, 1, h, w) and image scores (B,)."""
         batch, dim, h, w = embedding.shape
         bank = self.memory_bank
+        stats = self.bank_stats()
+        index = _faiss_index(bank, stats.mean, self.max_chunk_bytes) if self._backend(embedding) == "faiss" else None
         dists, idxs = [], []
         for i in range(batch):
             queries = embedding[i].flatten(1).T  # (h*w, D) strided view, no copy
-            d, j = nearest_neighbors(queries, bank, 1, self.max_chunk_bytes, self.use_faiss)
+            if index is None:
+                d, j = _torch_knn(queries, bank, stats, 1, self.max_chunk_bytes, True)
+            else:
+                d, j = _faiss_knn(index, queries, bank, stats.mean, 1, self.max_chunk_bytes, True)
             dists.append(d.T)  # (1, h*w)
             idxs.append(j.T)
+        del index
         patch_dist = torch.cat(dists) if batch > 1 else dists[0]  # (B, h*w)
         patch_idx = torch.cat(idxs) if batch > 1 else idxs[0]
-        score = reweighted_image_score(embedding, patch_dist, patch_idx, bank, self.num_neighbors, self.max_chunk_bytes)
+        score = reweighted_image_score(embedding, patch_dist, patch_idx, bank, self.num_neighbors,
+                                       self.max_chunk_bytes, stats=stats)
         return patch_dist.view(batch, 1, h, w), score
 
 
@@ -484,7 +862,7 @@ class PatchCore(nn.Module):
         self.embed_dim = self.feature_extractor.out_channels
         self.bank_size = self.bank_size_for(cfg.image_size)
         self.nn_search = MemoryBankSearch(
-            self.bank_size, self.embed_dim, cfg.num_neighbors, cfg.max_chunk_bytes, cfg.use_faiss
+            self.bank_size, self.embed_dim, cfg.num_neighbors, cfg.max_chunk_bytes, cfg.search
         )
         self.postprocess = AnomalyMapPostprocess(cfg.sigma)
         # The memory-bank search loops over the batch in Python, so a graph fixes the batch
@@ -533,6 +911,7 @@ class PatchCore(nn.Module):
             raise ValueError("memory bank must not be empty")
         old = self.nn_search.memory_bank
         self.nn_search.memory_bank = bank.detach().to(device=old.device, dtype=old.dtype)
+        self.nn_search.search_choice = None  # made again for the new bank (its size changes the timings)
         self.bank_size = int(bank.shape[0])
 
     def components(self) -> list[Component]:

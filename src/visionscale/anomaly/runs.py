@@ -179,31 +179,32 @@ def _runner(model: torch.nn.Module, config: dict, backend: str, precision: str, 
 
 
 
-def build_patchcore(name: str, image_size: tuple[int, int], coreset_ratio: float, weights: str | None, seed: int = 0):
+def build_patchcore(name: str, image_size: tuple[int, int], coreset_ratio: float, weights: str | None, seed: int = 0,
+                    search: str = "auto", use_faiss: bool | None = None):
     """PatchCore from the registry with a placeholder bank (replaced by the fitted one).
 
     Random weights are drawn from ``seed`` so a resumed fit sees the same backbone.
+    ``search`` is the nearest-neighbour search (``"auto"``: the faster of torch and faiss,
+    measured on the first batch, see :class:`visionscale.anomaly.patchcore.MemoryBankSearch`;
+    ``"torch"``; ``"faiss"``); ``use_faiss`` is its deprecated alias. Whether faiss is
+    installed no longer decides it: on a 2-core CPU faiss's flat search was measured
+    slower than the torch search (docs/benchmarks.md).
     """
     from visionscale import registry
 
-    try:
-        import faiss  # noqa: F401  (exact IndexFlatL2 search when installed)
-
-        use_faiss = True
-    except ImportError:
-        use_faiss = False
     torch.manual_seed(seed)
     try:
         # num_train_images=1: the placeholder bank is one image's coreset, not the data's.
         return registry.create(name, image_size=image_size, coreset_ratio=coreset_ratio, num_train_images=1,
-                               backbone_weights=weights, use_faiss=use_faiss)
+                               backbone_weights=weights, search=search, use_faiss=use_faiss)
     except WeightsUnavailableError as exc:
         raise FitError(str(exc)).about("weights") from None
+    except InvalidValueError:
+        raise  # search / use_faiss: already about its field
     except FileNotFoundError as exc:
         raise FitError(f"weights: {exc}").about("weights") from None
     except (ValueError, RuntimeError) as exc:  # unreadable file, keys that do not fit the backbone
         raise FitError(f"weights {weights}: {exc}").about("weights") from None
-
 
 
 class SignedInput(torch.nn.Module):
