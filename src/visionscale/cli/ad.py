@@ -216,6 +216,16 @@ def _print_metrics(m: dict) -> None:
     out.print(t)
 
 
+def _note_search(run) -> None:
+    """Which nearest-neighbour search PatchCore's probe chose (measured, not by what is installed)."""
+    inner = run.model
+    while not hasattr(inner, "nn_search") and hasattr(inner, "model"):
+        inner = inner.model
+    choice = getattr(getattr(inner, "nn_search", None), "search_choice", None)
+    if choice:
+        note(f"nearest-neighbour search: {choice.get('backend')} ({choice.get('reason')})")
+
+
 def _tiling_and_batch(run, tile_overlap: int | None, budget: int | None, batch_size: int, inputs):
     """The tiling to score with (the run's, or another overlap) and the batch of tiles a budget allows."""
     from visionscale.anomaly.tiles import plan_batch, retile
@@ -277,6 +287,7 @@ def predict_cmd(
                                masks=masks, regions=regions, raw_maps=raw_maps, progress=progress,
                                threshold=threshold, target_fpr=target_fpr, tiling=tiling, overwrite=overwrite,
                                memory_budget=budget, workers=workers)
+    _note_search(run)
     for n in (log.size_note(run.image_size), log.bad_note()):
         if n:
             note(n)
@@ -331,6 +342,7 @@ def eval_cmd(
         res = evaluate(run, data, category, dest, batch_size=batch_size, skip_bad=skip_bad, plots=plots,
                        progress=progress, tiling=tiling, overwrite=overwrite, memory_budget=budget,
                        workers=workers)
+    _note_search(run)
     for n in res.metrics.notes:
         note(n)
     if as_json:
