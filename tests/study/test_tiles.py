@@ -131,6 +131,28 @@ def test_a_factory_is_built_per_tile_and_rejected_sizes_do_not_fit():
         tile_need_bytes(build, 192)
 
 
+def test_a_model_with_a_minimum_size_starts_there():
+    class AtLeast128(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def validate_input_size(self, h, w):
+            if min(h, w) < 128:
+                raise ValueError("needs 128 px")
+
+        def forward(self, x):
+            return self.conv(x)
+
+    m = AtLeast128()
+    with pytest.raises(BudgetTooSmallError, match=r"smallest useful tile \(128x128\)") as info:
+        plan_tiles(m, 100_000)
+    assert plan_tiles(m, info.value.min_budget_bytes).tile == (128, 128)
+    with pytest.raises(InvalidValueError, match="needs 128 px; no tile side") as info:
+        plan_tiles(m, 1024 * MiB, max_tile=96)
+    assert info.value.fields == ("min_tile", "step")
+
+
 def test_bad_arguments():
     m = net()
     for kw, field in ((dict(safety=1.0), "safety"), (dict(max_batch=0), "max_batch"), (dict(min_tile=0), "min_tile"),

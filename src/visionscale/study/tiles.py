@@ -49,10 +49,11 @@ The search
 ----------
 Tile sides are multiples of ``step`` (default: the least common multiple of the model's
 ``ModelInfo.tile_align`` and 32, so tiles line up with the model's stride and suit models that
-need multiples of 32) from ``min_tile`` (raised, if need be, to the smallest side whose default
-overlap covers twice the model's ``tile_margin``, below which stitching has no trusted pixels) to
-``max_tile``. Memory grows with the side, so the largest side that fits is found by bisection
-(about ten analytic passes). With ``image_size`` no side beyond the image is tried, and each
+need multiples of 32) from ``min_tile`` to ``max_tile``. ``min_tile`` is raised, if need be, to
+the smallest side whose default overlap covers twice the model's ``tile_margin`` (below it
+stitching has no trusted pixels), then to the smallest side the model accepts (EfficientAD's
+autoencoder needs 256 px); that side is the *smallest useful tile*. Memory grows with the side,
+so the largest side that fits is found by bisection (about ten analytic passes). With ``image_size`` no side beyond the image is tried, and each
 candidate is evaluated at the tile that really runs, ``(min(side, H), min(side, W))``; sizes the
 model rejects (``validate_input_size``) count as not fitting.
 
@@ -217,6 +218,10 @@ class _MetaModel:
             # Only the last one is kept (a factory's model may grow with the size: PatchCore's bank).
             self.built = {tile: m.to(device="meta", dtype=self.dtype).eval()}
         return self.built[tile]
+
+    def problem(self, tile: tuple[int, int]) -> str | None:
+        """Why the model cannot run on ``tile`` (its ``validate_input_size``), or None; no forward pass."""
+        return input_size_problem(self.at(tile), *tile)
 
     def need(self, tile: tuple[int, int], batch: int) -> int:
         model = self.at(tile)
@@ -388,6 +393,10 @@ def plan_tiles(
     if k_hi < k_lo:
         raise InvalidValueError(f"max_tile ({max_tile} px) is below the smallest useful tile ({k_lo * step} px, "
                                 f"a multiple of the step {step} px)").about("max_tile")
+    # A model with a minimum size (EfficientAD's autoencoder needs 256 px) starts where it runs:
+    # the sizes are only validated here, no pass is made.
+    while k_lo < k_hi and meta.problem(effective(k_lo * step)) is not None:
+        k_lo += 1
     smallest = effective(k_lo * step)
 
     if fixed_tile is not None:
@@ -401,8 +410,8 @@ def plan_tiles(
             try:
                 meta.need(smallest, batch or 1)
             except InvalidValueError as exc:
-                raise InvalidValueError(f"{exc}; give a min_tile or step the model accepts").about("min_tile", "step") \
-                    from None
+                raise InvalidValueError(f"{exc}; no tile side from min_tile to max_tile in multiples of step "
+                                        f"({step} px) suits it").about("min_tile", "step") from None
         if not fits(smallest, batch or 1):
             raise too_small(smallest, batch or 1, "the smallest useful tile")
         k = _largest(lambda k: fits(effective(k * step), batch or 1), k_lo, k_hi)
