@@ -189,3 +189,17 @@ def test_to_meta_leaves_the_module_and_copies_no_data():
     assert all(t.device.type == "meta" and t.dtype == torch.float16 for t in copy.state_dict().values())
     assert m.bank.device.type == "cpu" and m.bank.dtype == torch.float32 and bool((m.bank == 1).all())
     assert copy[0].weight.shape == m[0].weight.shape and not copy.training
+
+
+def test_a_factory_that_refuses_small_sizes_is_planned_from_where_it_builds():
+    def build(side):
+        if side < 100:
+            raise ValueError("image_size must be >= 100")
+        return nn.Conv2d(3, 4, 3, padding=1)
+
+    assert plan_tiles(build, 1024 * MiB, max_tile=512).tile == (512, 512)
+    with pytest.raises(BudgetTooSmallError, match=r"smallest useful tile \(128x128\)"):
+        plan_tiles(build, 100_000)
+    with pytest.raises(InvalidValueError, match="cannot be built for a 64x64 tile: image_size must be >= 100") as info:
+        tile_need_bytes(build, 64)
+    assert info.value.fields == ("tile",)

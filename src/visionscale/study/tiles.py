@@ -210,8 +210,11 @@ class _MetaModel:
             return self.fixed
         if tile not in self.built:
             h, w = tile
-            with torch.device("meta"):
-                m = self.build(h if h == w else (h, w))
+            try:
+                with torch.device("meta"):
+                    m = self.build(h if h == w else (h, w))
+            except ValueError as exc:  # a factory that refuses the size itself
+                raise InvalidValueError(f"{self.name} cannot be built for a {h}x{w} tile: {exc}").about("tile") from exc
             if not isinstance(m, nn.Module):
                 raise InvalidValueError(f"model({h if h == w else (h, w)}) returned {type(m).__name__}, "
                                         "not an nn.Module").about("model")
@@ -220,8 +223,12 @@ class _MetaModel:
         return self.built[tile]
 
     def problem(self, tile: tuple[int, int]) -> str | None:
-        """Why the model cannot run on ``tile`` (its ``validate_input_size``), or None; no forward pass."""
-        return input_size_problem(self.at(tile), *tile)
+        """Why the model cannot run on ``tile`` (its ``validate_input_size``, or a factory that
+        refuses the size), or None; no forward pass."""
+        try:
+            return input_size_problem(self.at(tile), *tile)
+        except InvalidValueError as exc:
+            return str(exc)
 
     def need(self, tile: tuple[int, int], batch: int) -> int:
         model = self.at(tile)
@@ -260,6 +267,19 @@ def _largest(fits: Callable[[int], bool], lo: int, hi: int) -> int:
         else:
             hi = mid
     return lo
+
+
+def _first_built(meta: _MetaModel, min_tile: int, max_tile: int) -> nn.Module:
+    """A factory's model at the smallest size it builds (min_tile, doubling up to max_tile): the
+    one whose ModelInfo (stride, margin) the plan uses."""
+    side = min_tile
+    while True:
+        try:
+            return meta.at((side, side))
+        except InvalidValueError:
+            if side * 2 > max(max_tile, min_tile):
+                raise
+            side *= 2
 
 
 def _mib_up(b: int) -> str:
@@ -333,8 +353,7 @@ def plan_tiles(
 
     meta = _MetaModel(model, dtype)
     label = name or meta.name
-    # ModelInfo of the model as it would run at the smallest size (a factory's may depend on it).
-    info = model_info(meta.at((min_tile, min_tile)) if meta.fixed is None else meta.fixed)
+    info = model_info(meta.fixed if meta.fixed is not None else _first_built(meta, min_tile, max_tile))
     align, margin = info.tile_align, info.tile_margin
     if step is None:
         step = math.lcm(align, STEP_MULTIPLE)
