@@ -35,9 +35,14 @@ def test_scale_on_tiny_models_writes_every_output(tmp_path):
     assert {g["gpu"] for g in data["gpu_limits"]} >= {"Toy", "H100 80GB"}
     assert any(f["component"] == "total" and f["metric"] == "total_peak_bytes" for f in data["fits"])
     for name in ("report.md", "rows.csv", "fits.csv", "gpu_limits.csv", "memory_extrapolated.png",
-                 "components_ddad_tiny.png"):
+                 "components_ddad_tiny.png", "tile_plans.csv", "tile_plans.png"):
         assert (out / name).stat().st_size > 0
     assert "Largest square resolution" in res.output
+    # the second table: the tile that fits and the tiles of a 12 MP image, with where the times come from
+    assert "Tile that fits per GPU" in res.output and "12 MP image (3464 px)" in res.output
+    assert "times on the CPU that ran the study" in " ".join(res.output.split())
+    toy = next(p for p in data["tile_plans"] if p["gpu"] == "Toy" and p["model"] == "ddad_tiny" and p["megapixels"] == 12)
+    assert toy["tiles"] > 1 and f"{toy['tile_limit_px']}: " in res.output  # (cells may wrap after this)
 
 
 def test_json_output_and_no_timing(tmp_path):

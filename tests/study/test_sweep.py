@@ -171,3 +171,79 @@ def test_single_dtype_study_is_unchanged():
 def test_bad_dtype_in_the_axis_fails_before_any_work():
     with pytest.raises(StudyError, match="dtype must be one of .*'fp8'"):
         run_study(cfg(dtype=("fp32", "fp8")), modules={"net": small_net()})
+
+
+def test_tile_plans_give_the_tile_that_fits_and_the_time_per_image(tmp_path):
+    import math
+
+    from visionscale.study.gpus import TILE_SENSORS_MP, sensor_side
+    from visionscale.study.report import plot_tile_plans
+    from visionscale.tiling import default_overlap, tile_count
+
+    # "small": the 64 MiB card minus the 1 MiB context holds ~1400 px, less than a 5 MP image (2236 px);
+    # "huge" holds far more than a 20 MP image.
+    gpus = (GPU("small", 64 * 1024**2), GPU("huge", 80 * 1024**3))
+    # (a cap of 8192 px keeps the search short and is still above a 20 MP image's 4472 px)
+    result = run_study(cfg(gpus=gpus, resolutions=(32, 64, 128), limit_cap=8192), modules={"net": small_net()})
+    plans = {(p["gpu"], p["megapixels"]): p for p in result.tile_plans}
+    assert set(plans) == {(g.name, mp) for g in gpus for mp in TILE_SENSORS_MP}
+    limit = {g["gpu"]: g["max_resolution_analytic"] for g in result.gpu_limits}
+    time_fit = next(f for f in result.fits if f["component"] == "total" and f["metric"] == "time_ms_mean")
+    for (gpu, mp), p in plans.items():
+        side = sensor_side(mp)
+        assert p["image_side_px"] == side and p["tile_limit_px"] == limit[gpu] and p["tile_limit_source"] == "analytic"
+        if gpu == "huge":
+            assert p["tile_limit_capped"] and (p["tiles"], p["tile_px"], p["whole_image"]) == (1, side, True)
+        else:
+            assert not p["whole_image"] and p["tile_px"] == limit[gpu] < side
+            assert p["overlap_px"] == default_overlap(p["tile_px"], 0, 1) > 0
+            assert p["tiles"] == tile_count(side, side, (p["tile_px"],) * 2, (p["overlap_px"],) * 2) > 1
+        ms = time_fit["beta0"] + time_fit["beta1"] * p["tile_px"] + time_fit["beta2"] * p["tile_px"] ** 2
+        if ms > 0:  # the CPU fit is noisy; where it extrapolates below zero there is no estimate
+            # same formula as the study's, so only float rounding separates them
+            assert p["seconds_per_image"] == pytest.approx(p["tiles"] * ms / 1e3, rel=1e-9)
+            assert p["time_device"] == "cpu"
+        else:
+            assert p["seconds_per_image"] is None
+    # more pixels need at least as many tiles
+    counts = [plans[("small", mp)]["tiles"] for mp in TILE_SENSORS_MP]
+    assert counts == sorted(counts) and math.prod(counts) > 1
+    # (plots off: they take seconds; the CLI test writes every plot, tile_plans.png included)
+    files = {p.name for p in write_outputs(result, tmp_path, plots=False)}
+    assert "tile_plans.csv" in files
+    assert plot_tile_plans(result)[:4] == b"\x89PNG"
+    report = (tmp_path / "report.md").read_text()
+    assert "## Tiles that fit: native-resolution images on each GPU" in report
+    assert "times on the CPU that ran the study" in report
+    small = plans[("small", 12.0)]
+    assert f"| net | small | {small['tile_limit_px']} |" in report and f"{small['tiles']} × {small['tile_px']} px" in report
+    assert json.loads((tmp_path / "results.json").read_text())["tile_plans"][0].keys() == result.tile_plans[0].keys()
+
+
+def test_tile_plans_without_timing_and_below_the_smallest_resolution():
+    # 1 MiB context + 0.5 MB: a 128 px pass (input + conv + relu outputs, ~1.2 MB) does not fit, 64 px (0.3 MB) does
+    result = run_study(cfg(timing=False, resolutions=(128, 256, 512), gpus=(GPU("crumb", 1024**2 + 500_000),)),
+                       modules={"net": small_net()})
+    assert result.gpu_limits[0]["max_resolution_analytic"] is None
+    p = result.tile_plans[0]
+    assert 64 <= p["tile_limit_px"] < 128 and p["tiles"] > 100
+    assert p["seconds_per_image"] is None and p["time_device"] is None
+
+
+def test_whole_image_the_model_does_not_accept_is_tiled():
+    class Needs32(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+
+        def validate_input_size(self, h, w):
+            if h % 32 or w % 32:
+                raise ValueError("needs multiples of 32")
+
+        def forward(self, x):
+            return self.conv(x)
+
+    result = run_study(cfg(timing=False, resolutions=(32, 64, 96), gpus=(GPU("huge", 80 * 1024**3),)),
+                       modules={"net": Needs32()})
+    p = next(p for p in result.tile_plans if p["megapixels"] == 5.0)  # 2236 px: not a multiple of 32
+    assert p["tile_px"] == 2208 and p["tiles"] == 4 and not p["whole_image"]

@@ -154,6 +154,38 @@ def _print_summary(result) -> None:
                 cells.append(fit)
         t.add_row(name, *cells)
     out.print(t)
+    if result.tile_plans:
+        _print_tiles(result, columns, multi)
+
+
+def _print_tiles(result, columns, multi: bool) -> None:
+    """The tile that fits on each GPU, and the tiles (and estimated time) of one 12 MP image."""
+    from rich.table import Table
+
+    from visionscale.study.report import tile_cell, timing_device_text
+
+    plans = result.tile_plans
+    mp = 12.0 if any(p["megapixels"] == 12.0 for p in plans) else plans[0]["megapixels"]
+    side = next(p["image_side_px"] for p in plans if p["megapixels"] == mp)
+    timed = any(p["seconds_per_image"] is not None for p in plans)
+    title = f"Tile that fits per GPU, px: tiles{' and estimated time' if timed else ''} per {mp:g} MP image ({side} px)"
+    t = Table(title=title, caption=f"times on {timing_device_text(result)}" if timed else
+              "no estimated times: the runtime fit needs three timed resolutions (see report.md)")
+    t.add_column("GPU")
+    for m, d in columns:
+        t.add_column(m if d is None else f"{m} {d}", justify="right")
+    for name in dict.fromkeys(p["gpu"] for p in plans):
+        cells = []
+        for m, d in columns:
+            p = next((x for x in plans if x["gpu"] == name and x["model"] == m and x["megapixels"] == mp
+                      and (d is None or x.get("dtype") == d)), None)
+            if p is None or p["tile_limit_px"] is None:
+                cells.append("–")
+                continue
+            limit = (">= " if p.get("tile_limit_capped") else "") + str(p["tile_limit_px"])
+            cells.append(f"{limit}: " + tile_cell(p, short=True))
+        t.add_row(name, *cells)
+    out.print(t)
 
 
 from visionscale.cli import ad as _ad, classify as _classify, detect as _detect, face as _face  # noqa: E402

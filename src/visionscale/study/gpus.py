@@ -42,6 +42,9 @@ CUDA_CONTEXT_BYTES = 512 * MiB
 # Camera sensors as square images (seed 000 assumes 1:1, as most AD models expect).
 SENSORS_MP: tuple[float, ...] = (2.0, 5.0, 12.0, 20.0)
 
+# The sensors the study's tile plans are given for: the sizes that need tiles on most cards.
+TILE_SENSORS_MP: tuple[float, ...] = (5.0, 12.0, 20.0)
+
 
 def sensor_side(megapixels: float) -> int:
     """Side length in px of a square image with ``megapixels`` million pixels."""

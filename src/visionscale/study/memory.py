@@ -19,6 +19,7 @@ Running on ``meta`` allocates nothing, so a 3000x3000 px pass costs the same as 
 
 from __future__ import annotations
 
+import copy
 import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from visionscale.components import Component, State, module_bytes
+from visionscale.components import Component, State, components_of, module_bytes
 
 
 @dataclass
@@ -214,3 +215,32 @@ def model_totals(estimates: dict[str, MemoryEstimate], params_bytes: int | None 
         "total_sum_bytes": params + act_sum,
         "total_peak_bytes": params + worst,
     }
+
+
+def parts_totals(estimates: dict[str, MemoryEstimate], parts: list[Component]) -> dict[str, int]:
+    """:func:`model_totals` of a model's components, a module shared by two components (one
+    backbone used twice) counting once in the parameters."""
+    return model_totals(estimates, module_bytes(nn.ModuleList([p.module for p in parts])))
+
+
+def peak_bytes(model: nn.Module, image: Tensor) -> int:
+    """Analytic peak of one forward of ``model`` (on ``meta``) on ``image``: parameters and buffers
+    once, plus the worst component's inputs and live activations (``total_peak_bytes``)."""
+    parts = components_of(model)
+    return parts_totals(estimate_model(parts, image), parts)["total_peak_bytes"]
+
+
+def to_meta(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of ``module`` on the ``meta`` device (in ``dtype``, floating tensors only), in eval mode.
+
+    Parameters and buffers are replaced by meta tensors of the same shape *before* the copy, so a
+    fitted model's large buffers (a PatchCore memory bank) are never duplicated in host memory;
+    ``module`` itself is left as it was.
+    """
+    memo: dict[int, object] = {}
+    for t in module.parameters():
+        memo[id(t)] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+    for t in module.buffers():
+        memo[id(t)] = torch.empty_like(t, device="meta")
+    copied = copy.deepcopy(module, memo)
+    return copied.to(device="meta", dtype=dtype).eval() if dtype is not None else copied.to("meta").eval()

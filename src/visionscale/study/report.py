@@ -22,6 +22,7 @@ from visionscale.errors import OutputError  # re-exported: other commands catch 
 from visionscale.io.figures import figure_png
 from visionscale.io.outputs import OutputDir, ensure_output_dir, read_manifest
 from visionscale.study.sweep import StudyResult
+from visionscale.study.tiles import square_tiles
 
 MiB = 1024**2
 OUTPUT_KIND = "scale"
@@ -37,8 +38,8 @@ def check_output_dir(path: Path) -> Path:
 
 # What a study writes (before outputs had a manifest): a folder holding only these is an
 # earlier study's, replaced without asking like one with a manifest.
-_STUDY_FILES = re.compile(r"(results\.json|report\.md|(rows|fits|gpu_limits|checks|totals)\.csv|"
-                          r"components_.+\.png|(memory_extrapolated(_seed_sum)?|runtime_extrapolated)\.png)")
+_STUDY_FILES = re.compile(r"(results\.json|report\.md|(rows|fits|gpu_limits|checks|totals|tile_plans)\.csv|"
+                          r"components_.+\.png|(memory_extrapolated(_seed_sum)?|runtime_extrapolated|tile_plans)\.png)")
 
 
 def _earlier_study(folder: Path) -> bool:
@@ -85,7 +86,8 @@ def subset(result: StudyResult, dtype: str) -> StudyResult:
     config = dict(result.config, dtype=dtype, dtypes=[dtype])
     return StudyResult(config=config, environment=result.environment, rows=pick(result.rows), fits=pick(result.fits),
                        gpu_limits=pick(result.gpu_limits), checks=pick(result.checks), totals=pick(result.totals),
-                       analytic_points=pick(result.analytic_points), sensors=result.sensors)
+                       analytic_points=pick(result.analytic_points), sensors=result.sensors,
+                       tile_plans=pick(result.tile_plans))
 
 
 # Line style per dtype in the comparison plots (colour is the model).
@@ -265,6 +267,125 @@ def plot_comparison(result: StudyResult, metric: str) -> bytes:
     return data
 
 
+def seconds_text(seconds: float | None) -> str:
+    """``0.123 s``, ``12.3 s``, ``1,234 s`` (three significant digits below 100 s), or ``–``."""
+    if seconds is None:
+        return "–"
+    if seconds >= 100:
+        return f"{seconds:,.0f} s"
+    return f"{seconds:.3g} s" if seconds >= 1e-3 else f"{seconds:.1e} s"
+
+
+def tile_cell(plan: dict[str, Any], short: bool = False) -> str:
+    """One tile plan as text: ``whole image, 0.52 s``, ``9 × 1792 px (overlap 224), 31.4 s``, or
+    with ``short`` (the tile side shown elsewhere) ``whole, 0.52 s`` and ``9 tiles, 31.4 s``."""
+    if plan.get("tiles") is None:
+        return "–" if short else "– (no tile fits)"
+    if plan["whole_image"]:
+        text = "whole" if short else "whole image"
+    elif short:
+        text = f"{plan['tiles']} tiles"
+    else:
+        text = f"{plan['tiles']} × {plan['tile_px']} px (overlap {plan['overlap_px']})"
+    if plan.get("seconds_per_image") is not None:
+        text += f", {seconds_text(plan['seconds_per_image'])}"
+    return text
+
+
+def timing_device_text(result: StudyResult) -> str:
+    """Where the study's times come from, for the sentence under a table of estimated times."""
+    env = result.environment
+    if env.get("device") == "cuda":
+        return f"the GPU that ran the study ({env.get('gpu')}), not on the GPU in each row"
+    threads = env.get("cpu_count")
+    return (f"the CPU that ran the study ({env.get('processor')}, {threads} thread{'s' if threads != 1 else ''}), "
+            "not on the GPU in each row")
+
+
+def _tile_time_gaps(result: StudyResult) -> list[str]:
+    """Why a model has no estimated times: no runtime fit (timing off, too few timed sizes)."""
+    gaps = []
+    for model in _models(result):
+        for dt in dtypes_of(result):
+            if any(f["model"] == model and f["component"] == "total" and f["metric"] == "time_ms_mean"
+                   and f.get("dtype", dt) == dt for f in result.fits):
+                continue
+            timed = {r["resolution"] for r in result.rows if r["model"] == model and r.get("dtype", dt) == dt
+                     and r["time_ms_mean"] is not None}
+            tag = f" ({dt})" if len(dtypes_of(result)) > 1 else ""
+            gaps.append(f"{model}{tag}: {len(timed)} timed resolution{'s' if len(timed) != 1 else ''}")
+    return gaps
+
+
+def reference_gpu(result: StudyResult) -> str | None:
+    """The GPU the tile plot is drawn for: the smallest card of the study on which some model has a
+    tile that fits (where tiles matter most)."""
+    with_tiles = {p["gpu"] for p in result.tile_plans if p["tile_limit_px"] is not None}
+    gpus = sorted((g for g in result.config.get("gpus") or [] if g["name"] in with_tiles), key=lambda g: g["vram_bytes"])
+    return gpus[0]["name"] if gpus else None
+
+
+def plot_tile_plans(result: StudyResult) -> bytes:
+    """Tiles and estimated seconds per native-resolution image vs megapixels, on the reference GPU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gpu = reference_gpu(result)
+    plans = [p for p in result.tile_plans if p["gpu"] == gpu and p["tile_limit_px"] is not None]
+    timed = any(p["seconds_per_image"] is not None for p in plans)
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6.5, 4.4), squeeze=False)
+    mps = np.linspace(0.5, max([24.0, *(p["megapixels"] for p in plans)]), 96)
+    colors = plt.get_cmap("tab10")
+    dts = dtypes_of(result)
+    multi = len(dts) > 1
+    for i, model in enumerate(_models(result)):
+        for dt in dts:
+            mine = [p for p in plans if p["model"] == model and p.get("dtype", dt) == dt]
+            if not mine:
+                continue
+            p0 = mine[0]
+            fit = _fit(subset(result, dt) if multi else result, model, "total", "time_ms_mean")
+            counts, secs = [], []
+            for mp in mps:
+                side = int(round(math.sqrt(mp * 1e6)))
+                # The whole image fits when the limit reaches it; the study's rows also check the
+                # model accepts that size, which the curve between the sensors does not.
+                tile, _, n = square_tiles(side, p0["tile_limit_px"], p0["tile_margin"], p0["tile_align"])
+                counts.append(n)
+                ms = None if fit is None else fit["beta0"] + fit["beta1"] * tile + fit["beta2"] * tile**2
+                secs.append(np.nan if ms is None or ms <= 0 else
+                            -(-n // result.config.get("batch_size", 1)) * ms / 1e3)
+            label = f"{model} {dt}" if multi else model
+            style = DTYPE_STYLES.get(dt, "-.") if multi else "-"
+            axes[0][0].step(mps, counts, where="post", color=colors(i), ls=style, label=label)
+            axes[0][0].scatter([p["megapixels"] for p in mine], [p["tiles"] for p in mine], color=colors(i), zorder=3)
+            if timed:
+                axes[0][1].plot(mps, secs, color=colors(i), ls=style, label=label)
+                pts = [p for p in mine if p["seconds_per_image"] is not None]
+                axes[0][1].scatter([p["megapixels"] for p in pts], [p["seconds_per_image"] for p in pts],
+                                   color=colors(i), zorder=3)
+    axes[0][0].set_yscale("log")
+    axes[0][0].set_ylabel("tiles per image (log scale)")
+    axes[0][0].set_title(f"tiles per image with the tile that fits on {gpu}", fontsize=10)
+    if timed:
+        axes[0][1].set_yscale("log")
+        device = "GPU" if result.environment.get("device") == "cuda" else "CPU"
+        axes[0][1].set_ylabel(f"estimated s per image on the study's {device} (log)")
+        axes[0][1].set_title(f"time per image with those tiles (timed on the study's {device}, not on {gpu})",
+                             fontsize=9)
+    for ax in axes[0]:
+        ax.set_xlabel("megapixels (square image at native resolution)")
+        for mp in sorted({p["megapixels"] for p in plans}):
+            ax.axvline(mp, color="tab:red", lw=0.8, ls=":")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
 def _sensor_for(side: int | None, sensors: list[dict[str, Any]]) -> str:
     if side is None:
         return "–"
@@ -350,9 +471,54 @@ def render_markdown(result: StudyResult, images: list[str]) -> str:
                      f"{analytic_limit_text(g)} | {_sensor_for(best, result.sensors)} | "
                      f"{g['max_resolution'] or '–'} | {g['max_resolution_seed_sum'] or '–'} |")
     lines += ["", "Camera sensors (1:1): " + ", ".join(f"{s['megapixels']:g} MP = {s['side_px']} px" for s in result.sensors), ""]
+    lines += _tile_section(result, dhead, dsep, dcol)
     if images:
         lines += ["## Plots", ""] + [f"![{Path(i).stem}]({i})" for i in images] + [""]
     return "\n".join(lines)
+
+
+def _tile_section(result: StudyResult, dhead: str, dsep: str, dcol) -> list[str]:
+    """The report's section on the tile that fits and the time per native-resolution image."""
+    plans = result.tile_plans
+    if not plans:
+        return []
+    cfg = result.config
+    sensors = list(dict.fromkeys((p["megapixels"], p["image_side_px"]) for p in plans))
+    sources = {p["tile_limit_source"] for p in plans if p["tile_limit_source"]}
+    limit = "the analytic limit of the table above" if sources <= {"analytic"} else \
+        "the limit from the quadratic fit of the peak (exact limits were off)"
+    info = {}
+    for p in plans:
+        info.setdefault(p["model"], (p["tile_margin"], p["tile_align"]))
+    lines = [
+        "## Tiles that fit: native-resolution images on each GPU", "",
+        f"The *tile that fits* is the largest square tile whose analytic peak at batch {cfg['batch_size']} plus the "
+        f"CUDA context allowance fits the GPU ({limit}), capped at the image side: a whole image that fits is one "
+        "tile. Tiles overlap by 2 × margin + tile / 8 px rounded up to the model's stride "
+        "(`visionscale.tiling.default_overlap`), start at multiples of the stride, and the last one ends at the "
+        "border; the count is `visionscale.tiling.tile_count` on a square image of the sensor's side. Margin / "
+        "stride from each model's ModelInfo: " + ", ".join(f"{m} {mg} / {al} px" for m, (mg, al) in info.items())
+        + ". The estimated time is the number of forward passes (tiles / batch) × the runtime fit of the model "
+        f"total at the tile side: **times on {timing_device_text(result)}**; the fit is extrapolated beyond "
+        f"{max(cfg['resolutions'])} px, like the one in the fits table.",
+    ]
+    gaps = _tile_time_gaps(result)
+    if gaps:
+        lines += ["", "No estimated time where the runtime fit is missing (it needs three timed resolutions; "
+                      + ("timing was off" if not cfg.get("timing") else "; ".join(gaps)) + ")."]
+    lines += ["", "Planning for a memory budget of your own, with a safety margin for what the analytic pass "
+                  "does not see: `visionscale.study.tiles.plan_tiles`.", "",
+              f"| {dhead}model | GPU | tile px | " + " | ".join(f"{mp:g} MP ({side} px)" for mp, side in sensors) + " |",
+              f"|{dsep}---|---|---:|" + "---|" * len(sensors)]
+    keys = list(dict.fromkeys((p.get("dtype"), p["model"], p["gpu"]) for p in plans))
+    for key in keys:
+        mine = {p["megapixels"]: p for p in plans if (p.get("dtype"), p["model"], p["gpu"]) == key}
+        p0 = next(iter(mine.values()))
+        tile = "–" if p0["tile_limit_px"] is None else \
+            (">= " if p0.get("tile_limit_capped") else "") + str(p0["tile_limit_px"])
+        lines.append(f"| {dcol(p0)}{p0['model']} | {p0['gpu']} | {tile} | "
+                     + " | ".join(tile_cell(mine[mp]) for mp, _ in sensors) + " |")
+    return lines + [""]
 
 
 def _json_default(o):
@@ -379,6 +545,8 @@ def write_outputs(result: StudyResult, out_dir: str | os.PathLike | OutputDir, p
     files["gpu_limits.csv"] = _csv_bytes(result.gpu_limits)
     files["checks.csv"] = _csv_bytes(result.checks)
     files["totals.csv"] = _csv_bytes(result.totals)
+    if result.tile_plans:
+        files["tile_plans.csv"] = _csv_bytes(result.tile_plans)
     images: list[str] = []
     if plots:
         dts = dtypes_of(result)
@@ -395,6 +563,9 @@ def write_outputs(result: StudyResult, out_dir: str | os.PathLike | OutputDir, p
             if any(f["component"] == "total" and f["metric"] == metric for f in result.fits):
                 files[name] = plot_comparison(result, metric)
                 images.append(name)
+        if any(p["tile_limit_px"] is not None for p in result.tile_plans):
+            files["tile_plans.png"] = plot_tile_plans(result)
+            images.append("tile_plans.png")
     files["report.md"] = render_markdown(result, images).encode()
     with target as staging:
         for name, data in files.items():

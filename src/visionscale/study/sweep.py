@@ -9,7 +9,6 @@ checked first, then the analytic pass (free, on the ``meta`` device), then timin
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import platform
@@ -21,13 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionscale.components import Component, State, components_of, module_bytes
+from visionscale.components import Component, State, components_of
 from visionscale.errors import InvalidValueError, VisionscaleError, check_finite, check_int
 from visionscale.study.fit import QuadraticFit, fit_quadratic
-from visionscale.study.gpus import CUDA_CONTEXT_BYTES, GPU, GPUS, SENSORS_MP, sensor_side
-from visionscale.study.memory import MemoryEstimate, estimate_model, model_totals
+from visionscale.study.gpus import CUDA_CONTEXT_BYTES, GPU, GPUS, SENSORS_MP, TILE_SENSORS_MP, sensor_side
+from visionscale.study.memory import MemoryEstimate, estimate_model, parts_totals, to_meta
+from visionscale.study.tiles import MIN_TILE, square_tiles
 from visionscale.study.timing import TimingStats, is_oom, measure_cuda_memory, time_component
-from visionscale.modelinfo import input_size_problem
+from visionscale.modelinfo import ModelInfo, input_size_problem, model_info
 from visionscale.registry import get_model_factory, import_model
 from visionscale.runtime.precision import PRECISIONS, PrecisionError, parse_precisions, torch_dtype
 
@@ -158,6 +158,9 @@ class StudyResult:
     totals: list[dict[str, Any]]
     analytic_points: list[dict[str, Any]]
     sensors: list[dict[str, Any]]
+    # Per model, GPU, dtype and sensor: the tile that fits and the estimated time per image
+    # (see :func:`tile_plan_rows`).
+    tile_plans: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,8 +194,9 @@ class _Source:
 
     def build(self, resolution: int, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
         if self.module is not None:
-            model = copy.deepcopy(self.module) if torch.device(device).type == "meta" else self.module
-            return model.to(device=device, dtype=dtype).eval()
+            if torch.device(device).type == "meta":  # a copy: the user's module stays where it is
+                return to_meta(self.module, dtype)
+            return self.module.to(device=device, dtype=dtype).eval()
         assert self.factory is not None
         kw = dict(self.kwargs)
         if _accepts(self.factory, "image_size"):
@@ -237,8 +241,7 @@ def analytic(source: _Source, cfg: StudyConfig, resolution: int) -> tuple[dict[s
 
 
 def _totals_of(estimates: dict[str, MemoryEstimate], parts: list[Component]) -> dict[str, int]:
-    # Shared modules (one backbone used by two components) count once in the total.
-    return model_totals(estimates, module_bytes(nn.ModuleList([p.module for p in parts])))
+    return parts_totals(estimates, parts)
 
 
 def _totals(source: _Source, cfg: StudyConfig, resolution: int) -> dict[str, int]:
@@ -436,7 +439,7 @@ def run_study(
     merged = StudyResult(config=config, environment=first.environment, rows=[], fits=[], gpu_limits=[], checks=[],
                          totals=[], analytic_points=[], sensors=first.sensors)
     for d, part in zip(dtypes, parts):
-        for key in ("rows", "fits", "gpu_limits", "checks", "totals", "analytic_points"):
+        for key in ("rows", "fits", "gpu_limits", "checks", "totals", "analytic_points", "tile_plans"):
             getattr(merged, key).extend(getattr(part, key))
     return merged
 
@@ -588,10 +591,23 @@ def _run_single(
             checks.append(dict(model=name, metric=metric, dtype=cfg.dtype, resolution=target, fitted_bytes=predicted,
                                analytic_bytes=actual, relative_error=(predicted - actual) / actual if actual else None))
 
-    # 6. The largest square resolution each model fits into on each GPU.
+    # 6. The largest square resolution each model fits into on each GPU, and from it the
+    # tile that fits and the tiles (and time) a native-resolution sensor image needs.
+    tile_plans: list[dict[str, Any]] = []
     for name, src in sources.items():
         passes: dict[int, int | None] = {}
         floor = resolutions[0]
+        info = model_info(src.build(resolutions[0], "meta", dtype))
+        time_fit = fitted.get((name, "total", "time_ms_mean"))
+        accepted: dict[int, bool] = {}
+
+        def accepts(side: int, src: _Source = src, accepted: dict[int, bool] = accepted) -> bool:
+            if side not in accepted:
+                try:
+                    accepted[side] = input_size_problem(src.build(side, "meta", dtype), side, side) is None
+                except (StudyError, ValueError, RuntimeError):  # a factory that refuses the size itself
+                    accepted[side] = False
+            return accepted[side]
         for gpu in sorted(cfg.gpus, key=lambda g: g.vram_bytes):
             budget_bytes = gpu.vram_bytes - cfg.cuda_context_bytes
             entry: dict[str, Any] = dict(model=name, gpu=gpu.name, dtype=cfg.dtype, vram_bytes=gpu.vram_bytes,
@@ -607,6 +623,10 @@ def _run_single(
                 entry["capped"] = is_capped(cfg, found)
                 floor = found or floor  # a bigger card holds at least as much
             limits.append(entry)
+            tile_limit, tile_source = _tile_limit(src, cfg, gpu, entry, resolutions[0], passes)
+            capped = tile_limit is not None and tile_limit == entry.get("max_resolution_analytic") and entry["capped"]
+            tile_plans += tile_plan_rows(name, gpu, cfg, tile_limit, tile_source, info, time_fit, device.type, accepts,
+                                         capped)
         points += [dict(model=name, dtype=cfg.dtype, resolution=r, total_peak_bytes=b) for r, b in sorted(passes.items()) if b is not None]
 
     sensors = [dict(megapixels=mp, side_px=sensor_side(mp)) for mp in SENSORS_MP]
@@ -617,4 +637,68 @@ def _run_single(
     total_rows = [dict(model=n, dtype=cfg.dtype, resolution=r, **totals[n][r]) for n in sources for r in resolutions]
     return StudyResult(config=config, environment=_environment(device), rows=rows, fits=fits,
                        gpu_limits=limits, checks=checks, totals=total_rows, analytic_points=points,
-                       sensors=sensors)
+                       sensors=sensors, tile_plans=tile_plans)
+
+
+def _tile_limit(source: _Source, cfg: StudyConfig, gpu: GPU, entry: dict[str, Any], smallest: int,
+                cache: dict[int, int | None]) -> tuple[int | None, str | None]:
+    """The largest square tile that fits ``gpu`` at the study's batch, and where it comes from.
+
+    With exact limits it is the analytic limit of the GPU table (``"analytic"``), searched
+    further down to :data:`~visionscale.study.tiles.MIN_TILE` px when not even the study's
+    smallest resolution fits; without, the quadratic fit's limit rounded down to the limit
+    step (``"peak fit"``). ``(None, None)`` when no tile fits.
+    """
+    if cfg.exact_limits:
+        found = entry.get("max_resolution_analytic")
+        if found is None and smallest > MIN_TILE:
+            found = exact_limit(source, cfg, gpu.vram_bytes, lo=MIN_TILE, hi=smallest - 1, cache=cache)
+        return found, ("analytic" if found is not None else None)
+    fitted = entry.get("max_resolution")
+    if fitted is None or fitted < cfg.limit_step:
+        return None, None
+    return fitted // cfg.limit_step * cfg.limit_step, "peak fit"
+
+
+def tile_plan_rows(
+    name: str, gpu: GPU, cfg: StudyConfig, tile_limit: int | None, tile_source: str | None, info: ModelInfo,
+    time_fit: QuadraticFit | None, time_device: str, accepts: Callable[[int], bool], capped: bool = False,
+) -> list[dict[str, Any]]:
+    """One row per sensor of :data:`~visionscale.study.gpus.TILE_SENSORS_MP`: how a square image of
+    that many megapixels runs at native resolution on ``gpu`` with the tile that fits.
+
+    The *tile that fits* is ``tile_limit``, the largest square tile whose analytic peak plus the
+    CUDA context allowance fits the GPU, capped at the image side: a whole image that fits (and
+    that the model accepts at its size) is one tile. Otherwise tiles overlap by
+    :func:`~visionscale.tiling.default_overlap` (``2 * tile_margin + tile / 8`` rounded up to
+    ``tile_align``, both from the model's ModelInfo) and are counted by
+    :func:`~visionscale.tiling.tile_count` (:func:`~visionscale.study.tiles.square_tiles`).
+    ``seconds_per_image`` is the number of forward passes, ``ceil(tiles / batch_size)`` (``tiles``
+    at the default batch of 1), times the model total's runtime fit at the tile side
+    (``ms_per_tile``; the fit is of a whole forward at the study's batch size): times on
+    ``time_device``, the device that ran the study, not on ``gpu``. None without a runtime fit
+    (timing off, or fewer than three timed resolutions) or where the fit is not positive.
+    ``tile_limit_capped``: the limit is the search's cap (the model fits at least there).
+    """
+    rows = []
+    for mp in TILE_SENSORS_MP:
+        side = sensor_side(mp)
+        row: dict[str, Any] = dict(
+            model=name, gpu=gpu.name, dtype=cfg.dtype, vram_bytes=gpu.vram_bytes, cuda_context_bytes=cfg.cuda_context_bytes,
+            megapixels=mp, image_side_px=side, tile_limit_px=tile_limit, tile_limit_source=tile_source,
+            tile_limit_capped=bool(capped),
+            tile_align=info.tile_align, tile_margin=info.tile_margin, tile_px=None, overlap_px=None, tiles=None,
+            whole_image=None, ms_per_tile=None, seconds_per_image=None, time_device=None)
+        limit = tile_limit
+        if limit is not None and limit >= side and not accepts(side):
+            # The model does not take the image at its own size: tile it with the largest step multiple below.
+            limit = side // cfg.limit_step * cfg.limit_step or None
+        if limit is not None:
+            tile, overlap, count = square_tiles(side, limit, info.tile_margin, info.tile_align)
+            ms = float(time_fit(tile)) if time_fit is not None else None
+            ms = ms if ms is not None and ms > 0 else None
+            row.update(tile_px=tile, overlap_px=overlap, tiles=count, whole_image=count == 1, ms_per_tile=ms,
+                       seconds_per_image=None if ms is None else -(-count // cfg.batch_size) * ms / 1e3,
+                       time_device=time_device if ms is not None else None)
+        rows.append(row)
+    return rows
