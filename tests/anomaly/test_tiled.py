@@ -242,3 +242,30 @@ def test_sixteen_bit_images_reach_the_tiles_with_their_precision(texture, tmp_pa
     tiling = make_tiling(model, 128, 64)
     maps = [_tiled(model, p, tiling).amap for p in paths]
     assert np.abs(maps[0] - maps[1]).max() > 0
+
+
+def test_memory_budget_picks_the_tile_and_refuses_a_tiny_budget(big_demo, tmp_path):
+    from typer.testing import CliRunner
+
+    from ad_cli import ad_cli
+    from visionscale.study.tiles import plan_tiles
+
+    app, runner = ad_cli(), CliRunner()
+    base = ["ad", "fit", "--model", "patchcore_tiny", "--data", str(big_demo), "--device", "cpu", "--batch-size", "2"]
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "small"), "--memory-budget", "1MiB"])
+    assert res.exit_code == 2 and "too small for patchcore_tiny" in res.output and "needs at least" in res.output
+    assert not (tmp_path / "small").exists()
+    run = tmp_path / "run"
+    res = runner.invoke(app, base + ["--out", str(run), "--memory-budget", "48MiB", "--json"])
+    assert res.exit_code == 0, res.output
+    tile = json.loads((run / "config.json").read_text())["tiling"]["tile"]
+    # The planner's own answer for this model, budget and batch (the images are 160 px: the cap).
+    from visionscale.anomaly.tiles import image_overhead_bytes
+
+    plan = plan_tiles(lambda s: registry.create("patchcore_tiny", image_size=s if isinstance(s, tuple) else (s, s)),
+                      48 * 2**20, batch=2, overhead_bytes=image_overhead_bytes(160, 160), image_size=(160, 160),
+                      min_tile=96)
+    assert tuple(tile) == plan.tile
+    res = runner.invoke(app, ["ad", "predict", str(run), str(big_demo / "test" / "good"), "--memory-budget", "48MiB",
+                              "--device", "cpu", "--json"])
+    assert res.exit_code == 0 and "per forward pass" in res.output, res.output

@@ -412,7 +412,7 @@ def choose_fit_tile(cfg, largest_image: tuple[int, int] | None):
 
     overhead = image_overhead_bytes(*largest_image) if largest_image is not None else 0
     plan = plan_tiles(model_at, cfg.memory_budget, batch=cfg.batch_size or 1, overhead_bytes=overhead,
-                      image_size=largest_image, min_tile=_min_tile(model_at))
+                      image_size=largest_image, min_tile=_min_tile(model_at), name=cfg.model)
     log.info("memory budget %.2f GiB: tile %dx%d px, %d per forward pass (analytic need %.0f MiB)",
              cfg.memory_budget / 2**30, plan.tile[1], plan.tile[0], plan.batch, plan.need_bytes / 2**20)
     return dataclasses.replace(cfg, tile=tuple(plan.tile))
