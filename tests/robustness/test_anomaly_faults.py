@@ -214,7 +214,9 @@ def test_predict_replaces_its_earlier_files_and_refuses_foreign_ones(run_dir, br
     res = cli("ad", "predict", run_dir, tmp_path / "other.png", "--out", out, "--device", "cpu")
     assert res.exit_code == 0, res.stderr
     files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    assert files == ["other_heatmap.png", "predictions.csv", "predictions.json"]  # no stale 000_heatmap.png
+    # No stale 000_* files of the first prediction; each image has its heatmap, mask and regions.
+    assert files == ["other_heatmap.png", "other_mask.png", "other_regions.json", "predictions.csv",
+                     "predictions.json"]
     assert [r["path"] for r in json.loads((out / "predictions.json").read_text())] == [str(tmp_path / "other.png")]
     # A folder with the user's own files is refused before any work, and left alone ...
     mine = tmp_path / "mine"

@@ -196,6 +196,8 @@ class OutputDir:
 
     def __enter__(self) -> Path:
         parent = self.target.parent
+        # Folders this creates on the way, so that a failure can take them away again.
+        self._created = [p for p in [parent, *parent.parents] if not p.exists()]
         parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".partial", dir=parent))
         return self.path
@@ -205,6 +207,11 @@ class OutputDir:
         assert staging is not None
         if exc_type is not None:
             shutil.rmtree(staging, ignore_errors=True)
+            for folder in self._created:  # deepest first; only while empty (another process may use it)
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
             return False
         try:
             self._commit(staging)
