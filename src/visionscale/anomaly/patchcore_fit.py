@@ -58,7 +58,7 @@ from visionscale.anomaly.coreset import (
     random_projection,
 )
 from visionscale.anomaly.data import DataError, ReadLog, Sample, pair
-from visionscale.anomaly.tiles import expand_tiles, fit_tiling, iter_sample_batches, tiling_fields
+from visionscale.anomaly.tiles import TileSample, expand_tiles, fit_tiling, iter_sample_batches, tiling_fields
 from visionscale.anomaly.run import FitRun, out_of_memory_as, peak_rss_bytes, write_json
 from visionscale.anomaly.runs import build_patchcore
 from visionscale.device import resolve_device
@@ -107,12 +107,13 @@ def fit_patchcore(data: str | os.PathLike, out: str | os.PathLike, config: FitCo
                          random_weights="backbone" if cfg.weights is None else None, **tiling_fields(tiling))
         bank_items = expand_tiles(bank_samples, tiling) if tiling is not None else bank_samples
         run.state["rss_after_model_bytes"] = peak_rss_bytes()
-        run.state["memory_estimate"] = fit_memory_estimate(len(bank_samples), cfg.image_size, model.embed_dim,
+        # Tiled: every tile is one input of the model's size (tiles.expand_tiles).
+        run.state["memory_estimate"] = fit_memory_estimate(len(bank_items), cfg.image_size, model.embed_dim,
                                                            cfg.coreset_ratio, cfg.projection_dim)
         if run.done("coreset"):
             _load_bank(model, run, device)
         else:
-            _build_bank(model, bank_samples, cfg, device, run, keep_cache)
+            _build_bank(model, bank_items, cfg, device, run, keep_cache)
         t0 = time.perf_counter()
         with out_of_memory_as(lambda: _oom_error("calibration", cfg, device)):
             calibration = calibrate(model, ds, holdout or bank_samples, cfg, device, run.tick, tiling=tiling,
@@ -125,7 +126,8 @@ def _build_bank(model, samples: list[Sample], cfg: FitConfig, device: torch.devi
     """Stages 1-2: features streamed to ``RUN/cache``, coreset -> ``model.safetensors``."""
     with out_of_memory_as(lambda: _oom_error("features", cfg, device)):
         rows, emb_path, proj_path, read_log = _extract_features(model, samples, cfg, device, run)
-    run.note(read_log.size_note(cfg.image_size))
+    if not any(isinstance(s, TileSample) for s in samples[:1]):  # tiles are cut, never resized
+        run.note(read_log.size_note(cfg.image_size))
     run.note(read_log.bad_note())
     run.state["bad_images"] = [[str(p), why] for p, why in read_log.bad]
     run.save_state()
