@@ -13,6 +13,12 @@ Stages (each is skipped when a rerun finds it finished):
 2. ``coreset``: the projected features (rows x 128 float32) are loaded, greedy k-center
    picks ``round(ratio * rows)`` of them, and just those rows are read back from the full
    features file into the memory bank. ``model.safetensors`` is written; the cache goes.
+   Per-position banks (``tile_bank="per-position"``, tiled fits whose images all have one
+   size): stage 1 writes each tile's rows to the files of its grid position
+   (``cache/positions/P/``), and stage 2 runs the coreset per position (``coreset_ratio``
+   of that position's rows), keeping each finished bank in ``cache/banks/`` so a rerun
+   resumes at the next position; ``model.safetensors`` holds the banks one after another
+   and their row offsets (``nn_search.bank_offsets``).
 3. ``calibration``: images are scored to set the thresholds and score normalisation
    (``calibration.json``) and, on a labelled test set, the metrics (``metrics.json``);
    see :mod:`visionscale.anomaly.calibration`.

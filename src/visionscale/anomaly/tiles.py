@@ -8,11 +8,16 @@ image to the model: the image is used at its native resolution (or after the opt
   (:func:`expand_tiles` turns image samples into :class:`TileSample` s, which every stage of
   every method reads through :func:`read_sample`): PatchCore's memory bank holds the patches
   of all tiles (one bank for all positions: a scratch looks the same wherever it lies, and
-  the bank does not need aligned parts), EfficientAD and DDAD train on tiles;
+  the bank does not need aligned parts; ``tile_bank="per-position"`` instead builds one bank
+  per position of one fixed grid, for a fixed camera and aligned parts), EfficientAD and
+  DDAD train on tiles;
 * **scoring** (:func:`score_images`: calibration, ``ad predict``, ``ad eval``) runs each tile
   through the model, in batches of tiles, and blends the tile maps into one map of the
   image's size with :class:`~visionscale.tiling.Stitcher`: outputs within the model's
   ``tile_margin`` of an interior tile edge get weight 0, the rest of the overlap cross-fades.
+  A model with per-position banks (:func:`position_grid`) searches tile j of the grid in
+  bank j only, and refuses an image whose grid is not the fitted one (another size, or a
+  ``tile_overlap`` that moves the tiles).
   The image score is the maximum of the stitched map for models whose score is their map's
   maximum (EfficientAD, DDAD), and the largest tile score for PatchCore, whose score is its
   own (Eq. 7's reweighting of the most anomalous patch).
