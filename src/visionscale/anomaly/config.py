@@ -16,7 +16,8 @@ from visionscale.anomaly.data import pair
 from visionscale.errors import VisionscaleError, check_finite, check_int
 from visionscale.tiling import parse_tile
 
-__all__ = ["TILE_BANKS", "PATCHCORE_MODELS", "EFFICIENTAD_MODELS", "DDAD_MODELS", "FIT_MODELS", "method_of", "FitConfig",
+__all__ = ["TILE_BANKS", "PATCHCORE_MODELS", "EFFICIENTAD_MODELS", "DDAD_MODELS", "FIT_MODELS", "method_of",
+           "FitConfig",
            "FitError", "FitResult", "Progress", "Log"]
 
 PATCHCORE_MODELS = ("patchcore", "patchcore_wrn50", "patchcore_tiny")

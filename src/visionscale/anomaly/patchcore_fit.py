@@ -327,7 +327,7 @@ def _extract_features(model, samples: list[Sample], cfg: FitConfig, device: torc
         except ValueError:
             prog = None
         if prog is not None:
-            pos_rows = prog.get("position_rows", [prog.get("rows", -1)]) if route is not None else [prog.get("rows", -1)]
+            pos_rows = prog.get("position_rows") if route is not None else [prog.get("rows", -1)]
             files_ok = isinstance(pos_rows, list) and len(pos_rows) == num_pos and all(
                 emb.is_file() and emb.stat().st_size >= r * dim * 4
                 and (pj is None or (pj.is_file() and pj.stat().st_size >= r * pdim * 4))

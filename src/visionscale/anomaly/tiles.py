@@ -62,7 +62,8 @@ from visionscale.modelinfo import model_info
 from visionscale.tiling import Stitcher, TileGrid, Tiling, default_overlap, parse_tile, tile_grid
 
 __all__ = ["TileSample", "ImageScore", "fit_tiling", "tiling_fields", "expand_tiles", "read_sample", "iter_sample_batches", "score_images",
-           "make_tiling", "tile_facts", "position_grid", "shuffled", "MemoryBudgetError", "image_overhead_bytes", "retile", "plan_batch",
+           "make_tiling", "tile_facts", "position_grid",
+           "shuffled", "MemoryBudgetError", "image_overhead_bytes", "retile", "plan_batch",
            "choose_fit_tile", "image_scores_from_tiles"]
 
 log = logging.getLogger(__name__)
