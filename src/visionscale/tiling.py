@@ -136,6 +136,20 @@ class TileGrid:
     def __len__(self) -> int:
         return len(self.ys) * len(self.xs)
 
+    def as_dict(self) -> dict:
+        """What ``config.json`` records of a fixed grid (per-position banks): sizes as [H, W]."""
+        return {"image_size": [self.height, self.width], "tile": list(self.tile), "ys": list(self.ys),
+                "xs": list(self.xs), "positions": len(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TileGrid:
+        h, w = (int(v) for v in d["image_size"])
+        grid = cls(h, w, tuple(int(v) for v in d["tile"]), tuple(int(v) for v in d["ys"]),
+                   tuple(int(v) for v in d["xs"]))
+        if not grid.ys or not grid.xs or "positions" in d and int(d["positions"]) != len(grid):
+            raise ValueError(f"a tile grid needs starts on both axes and positions = len(ys) x len(xs), got {d!r}")
+        return grid
+
     @property
     def shrunk(self) -> bool:
         """The tile was larger than the image on some axis (the image is used whole there)."""

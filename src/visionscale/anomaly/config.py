@@ -16,7 +16,8 @@ from visionscale.anomaly.data import pair
 from visionscale.errors import VisionscaleError, check_finite, check_int
 from visionscale.tiling import parse_tile
 
-__all__ = ["PATCHCORE_MODELS", "EFFICIENTAD_MODELS", "DDAD_MODELS", "FIT_MODELS", "method_of", "FitConfig",
+__all__ = ["TILE_BANKS", "PATCHCORE_MODELS", "EFFICIENTAD_MODELS", "DDAD_MODELS", "FIT_MODELS", "method_of",
+           "FitConfig",
            "FitError", "FitResult", "Progress", "Log"]
 
 PATCHCORE_MODELS = ("patchcore", "patchcore_wrn50", "patchcore_tiny")
@@ -32,6 +33,9 @@ RANDOM_TEACHER_WARNING = (
     ".safetensors, e.g. teacher_small.pth), or distill_teacher with imagenet set to a folder of generic "
     "images (distils one from Wide-ResNet-101-2 features), for meaningful anomaly scores"
 )
+
+# PatchCore's memory banks of a tiled fit: one over all tiles, or one per tile position.
+TILE_BANKS = ("shared", "per-position")
 
 MAX_IMAGE_SIDE = 16384  # px: a larger model input is a typo, not a plan
 
@@ -97,6 +101,10 @@ class FitConfig:
             largest tile that fits (the study's analytic memory, see
             :func:`visionscale.study.tiles.plan_tiles`), and the batch of tiles.
         workers: Threads decoding images in parallel (0: in the main thread).
+        tile_bank: PatchCore with tiles: ``"shared"`` (one memory bank over the patches of
+            all tiles, wherever they lie) or ``"per-position"`` (one bank per tile position of
+            a fixed grid, for a fixed camera and aligned parts; every image must have the same
+            size). See :data:`TILE_BANKS`.
     """
 
     model: str = "patchcore"
@@ -123,6 +131,7 @@ class FitConfig:
     pre_resize: tuple[int, int] | None = None
     memory_budget: int | None = None
     workers: int = 0
+    tile_bank: str = "shared"
 
     def __post_init__(self) -> None:
         if self.tile is not None:
@@ -181,6 +190,13 @@ class FitConfig:
             if self.steps is not None:
                 raise FitError("steps does not apply to PatchCore (it has no training loop)").about("steps")
             check_finite("coreset_ratio", self.coreset_ratio, minimum=0.0, maximum=1.0, min_inclusive=False)
+        if self.tile_bank not in TILE_BANKS:
+            raise FitError(f"tile_bank must be one of {', '.join(TILE_BANKS)}, got {self.tile_bank!r}"
+                           ).about("tile_bank")
+        if self.tile_bank == "per-position" and (method != "patchcore" or not self.tiled):
+            raise FitError(f"tile_bank per-position builds one PatchCore memory bank per tile position: it needs "
+                           f"a PatchCore model and a tiled fit (tile or memory_budget), got model {self.model} "
+                           f"{'with' if self.tiled else 'without'} tiles").about("tile_bank", "tile", "model")
         if method == "efficientad":
             if self.teacher is not None and self.distill_teacher:
                 raise FitError("teacher and distill_teacher exclude each other: load a teacher or distil "
@@ -217,6 +233,8 @@ class FitConfig:
             keep += ["tile", "tile_overlap", "pre_resize"]
             d["tile"] = list(self.tile) if self.tile is not None else "auto"
             d["pre_resize"] = list(self.pre_resize) if self.pre_resize is not None else None
+        if self.tile_bank != "shared":  # only then: shared-bank runs keep their identity
+            keep.append("tile_bank")
         return {k: d[k] for k in keep}
 
     @property

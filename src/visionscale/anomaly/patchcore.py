@@ -704,6 +704,13 @@ class MemoryBankSearch(nn.Module):
     The bank's :func:`bank_stats` are computed on first use and cached while the bank
     tensor is neither replaced nor changed in place. They are not buffers: the state dict
     holds ``memory_bank`` only, as in runs saved before they existed.
+
+    Per-position banks (tiled runs fitted with ``tile_bank="per-position"``): ``memory_bank``
+    holds P banks one after another and the buffer ``bank_offsets`` (P + 1,) their row
+    offsets (it is None, and not in the state dict, with one bank). Each forward then needs
+    ``positions``, the tile position of every input, and searches input ``i`` in bank
+    ``positions[i]`` only (:meth:`search_positions`); the backend decision is made once, on
+    the whole bank.
     """
 
     memory_bank: Tensor
@@ -725,6 +732,12 @@ class MemoryBankSearch(nn.Module):
         self.search_choice: dict | None = None
         self._choice_for: weakref.ref | None = None  # the bank tensor search_choice was made for
         self._stats: tuple | None = None  # (weakref to the bank, its version, BankStats)
+        # Per-position banks (a tiled fit with tile_bank "per-position"): bank p is
+        # memory_bank[bank_offsets[p]:bank_offsets[p + 1]]. None: one bank for every input; a
+        # None buffer is not in the state dict, so runs with one bank save what they always did.
+        self.register_buffer("bank_offsets", None)
+        self.positions: list[int] | None = None  # position of each input of the next forward
+        self._position_stats: tuple | None = None  # (weakref to the bank, its version, {p: BankStats})
 
     @property
     def use_faiss(self) -> bool:
@@ -756,6 +769,42 @@ class MemoryBankSearch(nn.Module):
         if cached is None or cached[0]() is not bank or cached[1] != version:
             cached = self._stats = (weakref.ref(bank), version, bank_stats(bank, self.max_chunk_bytes))
         return cached[2]
+
+    @property
+    def num_positions(self) -> int:
+        """Banks held: 1, or the number of tile positions of a per-position run."""
+        return 1 if self.bank_offsets is None else int(self.bank_offsets.shape[0]) - 1
+
+    def position_bank(self, position: int) -> Tensor:
+        """(N_p, D) view of position ``position``'s bank (the whole bank without per-position banks)."""
+        if self.bank_offsets is None:
+            return self.memory_bank
+        lo, hi = self._bounds(position)
+        return self.memory_bank[lo:hi]
+
+    def _bounds(self, position: int) -> tuple[int, int]:
+        offsets = self.bank_offsets
+        if not 0 <= position < offsets.shape[0] - 1:
+            raise InvalidValueError(f"tile position {position} is out of range: this model has "
+                                    f"{offsets.shape[0] - 1} per-position banks").about("positions")
+        if offsets.device.type == "meta":  # shapes only: every bank as large as the whole one
+            return 0, self.memory_bank.shape[0]
+        return int(offsets[position]), int(offsets[position + 1])
+
+    def position_bank_stats(self, position: int) -> BankStats:
+        """:func:`bank_stats` of one position's bank, cached like :meth:`bank_stats`."""
+        bank = self.memory_bank
+        try:
+            version = bank._version
+        except RuntimeError:
+            version = -1
+        cached = self._position_stats
+        if cached is None or cached[0]() is not bank or cached[1] != version:
+            cached = self._position_stats = (weakref.ref(bank), version, {})
+        stats = cached[2]
+        if position not in stats:
+            stats[position] = bank_stats(self.position_bank(position), self.max_chunk_bytes)
+        return stats[position]
 
     def choose(self, sample_queries: Tensor | None = None) -> dict:
         """Decide now how the current bank is searched; sets and returns :attr:`search_choice`.
@@ -799,6 +848,9 @@ class MemoryBankSearch(nn.Module):
 
     def forward(self, embedding: Tensor) -> tuple[Tensor, Tensor]:
         """(B, D, h, w) -> patch scores (B, 1, h, w) and image scores (B,)."""
+        if self.bank_offsets is not None:
+            dist, _, score = self.search_positions(embedding)
+            return dist.view(embedding.shape[0], 1, *embedding.shape[2:]), score
         batch, dim, h, w = embedding.shape
         bank = self.memory_bank
         stats = self.bank_stats()
@@ -818,6 +870,44 @@ class MemoryBankSearch(nn.Module):
         score = reweighted_image_score(embedding, patch_dist, patch_idx, bank, self.num_neighbors,
                                        self.max_chunk_bytes, stats=stats)
         return patch_dist.view(batch, 1, h, w), score
+
+
+    def search_positions(self, embedding: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-position banks: input ``i`` (B, D, h, w) is searched only in the bank of tile
+        position ``positions[i]``, and its Eq. 7 score reweights with that bank alone (each
+        position is a PatchCore of its own).
+
+        Returns:
+            ``(dist, idx, score)``: nearest distances (B, h*w), their rows in the concatenated
+            ``memory_bank`` (B, h*w; row ``idx`` lies in ``[offsets[p], offsets[p + 1])``),
+            image scores (B,).
+        """
+        batch = embedding.shape[0]
+        positions = self.positions
+        if positions is None and self.memory_bank.device.type == "meta":
+            positions = [0] * batch  # shapes only (memory planning): each bank as large as the whole
+        if positions is None or len(positions) != batch:
+            raise InvalidValueError(
+                f"this PatchCore has {self.num_positions} per-position memory banks: say which tile position "
+                f"each of the {batch} inputs is (nn_search.positions, set by score_images), got "
+                f"{positions!r}").about("positions")
+        faiss = self._backend(embedding) == "faiss"
+        dists, idxs, scores = [], [], []
+        for i, p in enumerate(positions):
+            lo, _ = self._bounds(int(p))
+            bank, stats = self.position_bank(int(p)), self.position_bank_stats(int(p))
+            queries = embedding[i].flatten(1).T  # (h*w, D) strided view, no copy
+            if faiss:
+                index = _faiss_index(bank, stats.mean, self.max_chunk_bytes)
+                d, j = _faiss_knn(index, queries, bank, stats.mean, 1, self.max_chunk_bytes, True)
+                del index
+            else:
+                d, j = _torch_knn(queries, bank, stats, 1, self.max_chunk_bytes, True)
+            scores.append(reweighted_image_score(embedding[i : i + 1], d.T, j.T, bank, self.num_neighbors,
+                                                 self.max_chunk_bytes, stats=stats))
+            dists.append(d.T)  # (1, h*w)
+            idxs.append(j.T + lo)
+        return torch.cat(dists), torch.cat(idxs), torch.cat(scores)
 
 
 class AnomalyMapPostprocess(nn.Module):
@@ -865,6 +955,10 @@ class PatchCore(nn.Module):
             self.bank_size, self.embed_dim, cfg.num_neighbors, cfg.max_chunk_bytes, cfg.search
         )
         self.postprocess = AnomalyMapPostprocess(cfg.sigma)
+        # With per-position banks (set_memory_bank(bank, offsets)): the visionscale.tiling.TileGrid
+        # of the image size they were fitted on, whose row-major tiles are the positions. Set by
+        # the fit and by loading a run; score_images refuses images of another grid.
+        self.tile_grid = None
         # The memory-bank search loops over the batch in Python, so a graph fixes the batch
         # anyway; exported with batch 2 and dynamic H/W it failed in ONNX Runtime (a Resize
         # got wrong scales), with batch 1 it runs and H/W stay dynamic.
@@ -903,13 +997,30 @@ class PatchCore(nn.Module):
                 f"neighbourhood, and a map no smaller than the Gaussian blur's radius), got {h}x{w}"
             )
 
-    def set_memory_bank(self, bank: Tensor) -> None:
-        """Replace the memory bank with (N, D) patch features (any N, D = ``embed_dim``)."""
+    def set_memory_bank(self, bank: Tensor, offsets: Tensor | None = None) -> None:
+        """Replace the memory bank with (N, D) patch features (any N, D = ``embed_dim``).
+
+        Args:
+            bank: (N, D); with ``offsets``, the per-position banks one after another.
+            offsets: (P + 1,) int64 row offsets of P per-position banks (``0 = o_0 < o_1 <
+                ... < o_P = N``; bank p is rows ``o_p`` to ``o_{p+1}``), searched by tile
+                position (:meth:`MemoryBankSearch.search_positions`); None: one bank for
+                every input.
+        """
         if bank.dim() != 2 or bank.shape[1] != self.embed_dim:
             raise ValueError(f"memory bank must be (N, {self.embed_dim}), got {tuple(bank.shape)}")
         if bank.shape[0] < 1:
             raise ValueError("memory bank must not be empty")
         old = self.nn_search.memory_bank
+        if offsets is not None:
+            offsets = torch.as_tensor(offsets).detach().to(device="cpu", dtype=torch.int64)
+            steps = offsets[1:] - offsets[:-1]
+            if (offsets.dim() != 1 or offsets.shape[0] < 2 or int(offsets[0]) != 0
+                    or int(offsets[-1]) != bank.shape[0] or bool((steps < 1).any())):
+                raise ValueError(f"bank offsets must rise strictly from 0 to the bank's {bank.shape[0]} rows "
+                                 f"(every position's bank non-empty), got {offsets.tolist()}")
+            offsets = offsets.to(old.device)
+        self.nn_search.bank_offsets = offsets
         self.nn_search.memory_bank = bank.detach().to(device=old.device, dtype=old.dtype)
         self.nn_search.search_choice = None  # made again for the new bank (its size changes the timings)
         self.bank_size = int(bank.shape[0])

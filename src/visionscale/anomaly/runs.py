@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from visionscale.tiling import Tiling
+from visionscale.tiling import TileGrid, Tiling
 
-from visionscale.anomaly.config import FIT_MODELS, FitError, method_of
+from visionscale.anomaly.config import FIT_MODELS, TILE_BANKS, FitError, method_of
 from visionscale.anomaly.data import IMAGENET_MEAN, IMAGENET_STD
 from visionscale.device import resolve_device
 from visionscale.errors import InvalidFileError, InvalidValueError, VisionscaleError, check_finite
@@ -101,6 +101,18 @@ def validate_run_files(run: Path, config: dict, calibration: dict) -> None:
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise _field_error(cfg_path, f"tiling must be {{tile: [h, w], overlap: [h, w], margin, align, resize}} "
                                          f"with overlap < tile, got {tiling!r} ({exc})") from None
+    tile_bank = config.get("tile_bank", "shared")
+    if tile_bank not in TILE_BANKS:
+        raise _field_error(cfg_path, f"tile_bank must be one of {', '.join(TILE_BANKS)}, got {tile_bank!r}")
+    if tile_bank == "per-position":
+        if tiling is None:
+            raise _field_error(cfg_path, "tile_bank per-position needs the tiling its banks were fitted with")
+        try:
+            TileGrid.from_dict(config["tile_grid"])
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise _field_error(cfg_path, f"tile_bank per-position needs tile_grid {{image_size: [h, w], tile: [h, w], "
+                                         f"ys: [...], xs: [...], positions}}, got {config.get('tile_grid')!r} "
+                                         f"({exc})") from None
     if not isinstance(config.get("pdn_padding", True), bool):
         raise _field_error(cfg_path, f"pdn_padding must be true or false, got {config['pdn_padding']!r}")
     for key in ("image_threshold", "pixel_threshold"):
@@ -132,6 +144,11 @@ class LoadedRun:
         t = self.config.get("tiling")
         return Tiling.from_dict(t) if t else None
 
+    @property
+    def tile_bank(self) -> str:
+        """PatchCore's banks of a tiled run: ``"shared"`` (also every other run) or ``"per-position"``."""
+        return self.config.get("tile_bank", "shared")
+
 
 def load_run(run: str | os.PathLike, device: str | torch.device = "auto", *, backend: str = "eager",
              precision: str = "fp32") -> LoadedRun:
@@ -155,6 +172,9 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "auto", *, bac
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise RunError(f"{path} is not a complete run folder: model.safetensors is missing (did fitting finish?)")
+    if config.get("tile_bank") == "per-position" and backend != "eager":
+        raise RunError(f"{path} has per-position memory banks, which the search selects per tile in Python: it "
+                       f"runs with backend eager only, not {backend!r}")
     dev = resolve_device(device)
     try:
         model = build_run_model(config, load_state_dict(weights), str(weights))
@@ -252,8 +272,20 @@ def build_run_model(config: dict, state: dict[str, torch.Tensor], source: str = 
         bank = state.get("nn_search.memory_bank")
         if bank is None:
             raise ValueError(f"{source} has no memory bank (nn_search.memory_bank)")
-        model.set_memory_bank(bank)  # its size differs from the placeholder's
+        offsets = state.get("nn_search.bank_offsets")  # per-position runs only
+        per_position = config.get("tile_bank") == "per-position"
+        if per_position != (offsets is not None):
+            raise ValueError(f"config.json says tile_bank {config.get('tile_bank', 'shared')}, but {source} "
+                             f"{'holds' if offsets is not None else 'has no'} per-position bank offsets "
+                             f"(nn_search.bank_offsets)")
+        model.set_memory_bank(bank, offsets)  # its size differs from the placeholder's
         load_into(model, state, source=source)
+        if per_position:
+            grid = TileGrid.from_dict(config["tile_grid"])
+            if len(grid) != model.nn_search.num_positions:
+                raise ValueError(f"config.json's tile_grid has {len(grid)} positions, {source} holds "
+                                 f"{model.nn_search.num_positions} per-position banks")
+            model.tile_grid = grid
         return model
     if method == "efficientad":
         model = registry.create(name, padding=bool(config.get("pdn_padding", True)))

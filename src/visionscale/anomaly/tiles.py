@@ -8,11 +8,16 @@ image to the model: the image is used at its native resolution (or after the opt
   (:func:`expand_tiles` turns image samples into :class:`TileSample` s, which every stage of
   every method reads through :func:`read_sample`): PatchCore's memory bank holds the patches
   of all tiles (one bank for all positions: a scratch looks the same wherever it lies, and
-  the bank does not need aligned parts), EfficientAD and DDAD train on tiles;
+  the bank does not need aligned parts; ``tile_bank="per-position"`` instead builds one bank
+  per position of one fixed grid, for a fixed camera and aligned parts), EfficientAD and
+  DDAD train on tiles;
 * **scoring** (:func:`score_images`: calibration, ``ad predict``, ``ad eval``) runs each tile
   through the model, in batches of tiles, and blends the tile maps into one map of the
   image's size with :class:`~visionscale.tiling.Stitcher`: outputs within the model's
   ``tile_margin`` of an interior tile edge get weight 0, the rest of the overlap cross-fades.
+  A model with per-position banks (:func:`position_grid`) searches tile j of the grid in
+  bank j only, and refuses an image whose grid is not the fitted one (another size, or a
+  ``tile_overlap`` that moves the tiles).
   The image score is the maximum of the stitched map for models whose score is their map's
   maximum (EfficientAD, DDAD), and the largest tile score for PatchCore, whose score is its
   own (Eq. 7's reweighting of the most anomalous patch).
@@ -24,6 +29,7 @@ in batches of images. Both paths yield one :class:`ImageScore` per image, so cal
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -53,10 +59,11 @@ from visionscale.errors import InvalidValueError, VisionscaleError, check_int
 from visionscale.io.images import ImageReadError, read_image_and_size
 from visionscale.io.prefetch import ordered_map
 from visionscale.modelinfo import model_info
-from visionscale.tiling import Stitcher, Tiling, default_overlap, parse_tile, tile_grid
+from visionscale.tiling import Stitcher, TileGrid, Tiling, default_overlap, parse_tile, tile_grid
 
 __all__ = ["TileSample", "ImageScore", "fit_tiling", "tiling_fields", "expand_tiles", "read_sample", "iter_sample_batches", "score_images",
-           "make_tiling", "tile_facts", "shuffled", "MemoryBudgetError", "image_overhead_bytes", "retile", "plan_batch",
+           "make_tiling", "tile_facts", "position_grid",
+           "shuffled", "MemoryBudgetError", "image_overhead_bytes", "retile", "plan_batch",
            "choose_fit_tile", "image_scores_from_tiles"]
 
 log = logging.getLogger(__name__)
@@ -123,13 +130,17 @@ def tiling_fields(tiling: Tiling | None) -> dict:
     return {} if tiling is None else {"tiling": tiling.as_dict()}
 
 
-def expand_tiles(samples: Sequence[Sample], tiling: Tiling) -> list[TileSample]:
+def expand_tiles(samples: Sequence[Sample], tiling: Tiling, grid: TileGrid | None = None) -> list[TileSample]:
     """Every tile of every sample, image by image, row-major. Sizes come from the file headers;
-    a file whose header cannot be read gives one tile, whose reading then fails by name."""
+    a file whose header cannot be read gives one tile, whose reading then fails by name.
+    With ``grid`` (per-position banks: every image has its size) every sample gets its tiles."""
     out: list[TileSample] = []
     for s in samples:
         size = tiling.resize or image_size_of(s.path)
-        boxes = tiling.grid(*size).boxes if size is not None else [(0, 0, *tiling.tile)]
+        if grid is not None:
+            boxes = grid.boxes
+        else:
+            boxes = tiling.grid(*size).boxes if size is not None else [(0, 0, *tiling.tile)]
         out.extend(TileSample(s.path, s.label, s.defect, s.mask, box=b, resize=tiling.resize) for b in boxes)
     return out
 
@@ -232,6 +243,50 @@ def _attr(model, name: str, default=None):
     return default
 
 
+def position_grid(model) -> TileGrid | None:
+    """The fixed tile grid of a model with per-position memory banks (PatchCore fitted with
+    ``tile_bank="per-position"``), whose row-major tiles are its positions; None otherwise."""
+    search = _attr(model, "nn_search")
+    if search is None or getattr(search, "bank_offsets", None) is None:
+        return None
+    grid = _attr(model, "tile_grid")
+    if grid is None or len(grid) != search.num_positions:
+        raise InvalidValueError(
+            f"this PatchCore has {search.num_positions} per-position memory banks but "
+            f"{'no tile grid' if grid is None else f'a tile grid of {len(grid)} positions'}: set model.tile_grid to "
+            f"the grid they were fitted on (load_run does)").about("tile_bank")
+    return grid
+
+
+@contextlib.contextmanager
+def _at_positions(model, positions: Sequence[int]) -> Iterator[None]:
+    """The next forward passes score inputs at these tile positions (per-position banks)."""
+    search = _attr(model, "nn_search")
+    search.positions = list(positions)
+    try:
+        yield
+    finally:
+        search.positions = None
+
+
+def _check_grid(s: Sample, grid: TileGrid, fitted: TileGrid, tiling: Tiling) -> None:
+    """Refuse an image whose tiles are not the positions the per-position banks were fitted on."""
+    h, w = grid.height, grid.width
+    if (h, w) != (fitted.height, fitted.width):
+        after = " after pre_resize" if tiling.resize is not None else ""
+        raise DataError(
+            f"{s.path} is {w}x{h} px{after}, but this run's per-position memory banks were fitted on "
+            f"{fitted.width}x{fitted.height} px images: each of its {len(fitted)} tile positions has its own bank, "
+            f"so every image must have that size; resize the images to {fitted.width}x{fitted.height} px, or fit "
+            f"with tile_bank shared (one bank, any size)").about("tile_bank")
+    if grid.boxes != fitted.boxes:
+        raise InvalidValueError(
+            f"tile_overlap {tiling.overlap[1]}x{tiling.overlap[0]} px places the tiles of {w}x{h} px images elsewhere "
+            f"than the fit did (x starts {list(fitted.xs)}, y starts {list(fitted.ys)}): this run's per-position "
+            f"memory banks belong to the fitted tile positions; score with the run's own tile_overlap"
+        ).about("tile_overlap")
+
+
 def image_scores_from_tiles(model) -> bool:
     """Whether the image score is the largest tile score (PatchCore) rather than the map's maximum."""
     return _attr(model, "tile_score", "map_max") == "tile_max"
@@ -261,6 +316,10 @@ def score_images(model, samples: Sequence[Sample], device: torch.device, *, imag
     log = log if log is not None else ReadLog()
     total = len(samples)
     done = 0
+    fitted_grid = position_grid(model)
+    if fitted_grid is not None and tiling is None:
+        raise InvalidValueError("this PatchCore has per-position memory banks, which score tiles: give score_images "
+                                "the run's tiling").about("tiling")
     if tiling is None:
         for batch in iter_batches(samples, image_size, batch_size, skip_bad=skip_bad, log=log, with_masks=with_masks,
                                   workers=workers):
@@ -309,6 +368,8 @@ def score_images(model, samples: Sequence[Sample], device: torch.device, *, imag
         h, w = arr.shape[:2]
         log.sizes[file_size] += 1
         grid = tile_grid(h, w, tiling.tile, tiling.overlap, tiling.align)
+        if fitted_grid is not None:
+            _check_grid(s, grid, fitted_grid, tiling)
         if grid.shrunk and not shrunk_said:
             log_note(f"{s.path} is {w}x{h} px, not larger than the tile ({tiling.tile[1]}x{tiling.tile[0]}): "
                      f"such images are used whole on that side")
@@ -321,7 +382,11 @@ def score_images(model, samples: Sequence[Sample], device: torch.device, *, imag
             # Normalised tile by tile: no float copy of the whole image.
             tiles = torch.stack([to_model_input(arr[y0:y1, x0:x1], (y1 - y0, x1 - x0))
                                  for y0, x0, y1, x1 in chunk]).to(device)
-            res = model(tiles)
+            if fitted_grid is None:
+                res = model(tiles)
+            else:  # tile j of the grid is position j: each is searched in its own bank
+                with _at_positions(model, range(i, i + len(chunk))):
+                    res = model(tiles)
             tmaps = res["anomaly_map"][:, 0].float().cpu()
             for tmap, box in zip(tmaps, chunk):
                 stitch.add(tmap, box)

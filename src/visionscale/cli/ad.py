@@ -127,6 +127,7 @@ def fit_cmd(
     pre_resize: Optional[str] = typer.Option(None, "--pre-resize", help="With --tile: resize every image to WIDTHxHEIGHT before tiling [default: native resolution]."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Memory one forward pass may use (e.g. 4GiB, 512MiB): picks the largest tile that fits (--tile auto)."),
     workers: int = typer.Option(0, "--workers", help="Threads decoding images in parallel (0: none)."),
+    tile_bank: str = typer.Option("shared", "--tile-bank", help="PatchCore with --tile: 'shared' (one memory bank over all tiles) or 'per-position' (one bank per tile position: fixed camera, aligned parts; all images one size)."),
     coreset_ratio: float = typer.Option(0.1, "--coreset-ratio", help="PatchCore: share of patch features kept (0.1, 0.01)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step [default: PatchCore 8, EfficientAD 1 (paper), DDAD its trainer's]."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Backbone weights (PatchCore, DDAD; EfficientAD: the WRN-101-2 to distil from): a .pth/.safetensors file, or DEFAULT (download). Random if not given."),
@@ -165,7 +166,7 @@ def fit_cmd(
         fail("--tile auto needs --memory-budget (the tile is chosen to fit it)")
     cfg = T.FitConfig(model=model, image_size=size, coreset_ratio=coreset_ratio, tile=tile_size,
                       tile_overlap=tile_overlap, pre_resize=parse_tile(pre_resize, "pre_resize") if pre_resize else None,
-                      memory_budget=budget, workers=workers,
+                      memory_budget=budget, workers=workers, tile_bank=tile_bank,
                       batch_size=batch_size, weights=weights, seed=seed, device=device, skip_bad=skip_bad,
                       steps=steps, teacher=teacher, distill_teacher=distill_teacher,
                       imagenet=str(imagenet) if imagenet is not None else None, distill_steps=distill_steps,
