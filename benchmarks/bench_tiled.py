@@ -10,7 +10,7 @@ Usage:
 planner) on three 1024 px normal images of the demo texture (random weights: offline), then in a
 fresh child process score one ``--side`` x ``--side`` image with ``predict(..., memory_budget)``
 (the batch of tiles from :func:`visionscale.anomaly.tiles.plan_batch`) and report the child's peak
-resident memory (``ru_maxrss``) next to the budget and to the analytic memory the model would need
+resident memory (``VmHWM`` of /proc/self/status; ``ru_maxrss`` carries the parent's peak over ``exec``) next to the budget and to the analytic memory the model would need
 for the whole image in one pass (:func:`visionscale.study.tiles.tile_need_bytes`). With
 ``--max-batches N`` the child stops after N batches of tiles (for DDAD, whose ten denoising steps
 make a whole 4096 px image take hours on a CPU); the peak is reached within the first batch (the
@@ -38,14 +38,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
+
+def hwm():  # this process's peak resident memory (VmHWM: per address space, so not inherited across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
 from visionscale.anomaly.predict import load_run, predict
 from visionscale.anomaly.tiles import plan_batch
 from visionscale.io.images import read_image_and_size
 run_dir, image, budget, max_batches = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = hwm()
 run = load_run(run_dir, "cpu")
-after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+after_load = hwm()
 from visionscale.anomaly.data import image_size_of
 size = image_size_of(image)
 batch = plan_batch(run.model, run.tiling.tile, budget, 16, size)
@@ -69,7 +76,7 @@ secs = time.perf_counter() - t0
 from visionscale.tiling import tile_count
 n_tiles = tile_count(*size, run.tiling.tile, run.tiling.overlap, run.tiling.align)
 done_tiles = n_tiles if finished else max_batches * batch
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_at_start": base,
+print(json.dumps({"peak_rss": hwm(), "rss_at_start": base,
                   "rss_after_load": after_load, "batch": batch, "tiles": n_tiles, "tiles_scored": done_tiles,
                   "finished": finished, "seconds": secs, "seconds_per_tile": secs / max(done_tiles, 1)}))
 """
