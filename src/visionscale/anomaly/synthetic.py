@@ -186,18 +186,25 @@ def _scratch(img: np.ndarray, rng: np.random.Generator, area: tuple[float, float
     return _paint(img, rr, cc, target, 0.75)
 
 
-def _stain(img: np.ndarray, rng: np.random.Generator, area: tuple[float, float] | None = None) -> Defect:
+def _ellipse_pixels(img: np.ndarray, rng: np.random.Generator, area: tuple[float, float] | None,
+                    axes: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of a random rotated ellipse: semi-axes in ``axes`` x the side, or of an ``area``
+    share of the image (small defects, placed anywhere but the outer tenth)."""
     from skimage.draw import ellipse
 
     n = img.shape[0]
     if area is None:
         r, c = rng.uniform(0.25 * n, 0.75 * n, size=2)
-        a, b = rng.uniform(0.05 * n, 0.13 * n, size=2)
+        a, b = rng.uniform(axes[0] * n, axes[1] * n, size=2)
     else:
         r, c = rng.uniform(0.1 * n, 0.9 * n, size=2)
         a, b = _ellipse_axes(rng, area, n)
     rr, cc = ellipse(r, c, a, b, shape=img.shape[:2], rotation=rng.uniform(0, np.pi))
-    rr, cc = _unique(rr, cc, n)
+    return _unique(rr, cc, n)
+
+
+def _stain(img: np.ndarray, rng: np.random.Generator, area: tuple[float, float] | None = None) -> Defect:
+    rr, cc = _ellipse_pixels(img, rng, area, (0.05, 0.13))
     return _paint(img, rr, cc, np.array([90.0, 55.0, 25.0]), rng.uniform(0.55, 0.75))
 
 
@@ -221,17 +228,7 @@ def _hole(img: np.ndarray, rng: np.random.Generator, area: tuple[float, float] |
 
 
 def _color(img: np.ndarray, rng: np.random.Generator, area: tuple[float, float] | None = None) -> Defect:
-    from skimage.draw import ellipse
-
-    n = img.shape[0]
-    if area is None:
-        r, c = rng.uniform(0.25 * n, 0.75 * n, size=2)
-        a, b = rng.uniform(0.07 * n, 0.15 * n, size=2)
-    else:
-        r, c = rng.uniform(0.1 * n, 0.9 * n, size=2)
-        a, b = _ellipse_axes(rng, area, n)
-    rr, cc = ellipse(r, c, a, b, shape=img.shape[:2], rotation=rng.uniform(0, np.pi))
-    rr, cc = _unique(rr, cc, n)
+    rr, cc = _ellipse_pixels(img, rng, area, (0.07, 0.15))
     before = img[rr, cc].astype(np.float64)
     after = before.copy()
     ch = int(rng.integers(0, 3))
