@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -152,6 +153,7 @@ def accuracy(args) -> dict:
         for mode, cfg in (("tiled", FitConfig(model=name, tile=args.tile, **kw)),
                           ("resized 256", FitConfig(model=name, image_size=(256, 256), **kw))):
             run = work / f"run_{name}_{mode.split()[0]}"
+            shutil.rmtree(run, ignore_errors=True)  # a finished run of the same fit would be reused, not refitted
             t0 = time.perf_counter()
             fit(data / "brick", run, cfg, overwrite=True)
             m = evaluate(load_run(run, "cpu"), data / "brick").metrics
