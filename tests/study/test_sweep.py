@@ -247,3 +247,16 @@ def test_whole_image_the_model_does_not_accept_is_tiled():
                        modules={"net": Needs32()})
     p = next(p for p in result.tile_plans if p["megapixels"] == 5.0)  # 2236 px: not a multiple of 32
     assert p["tile_px"] == 2208 and p["tiles"] == 4 and not p["whole_image"]
+
+
+def test_tile_plan_times_scale_by_area_with_fewer_than_three_timed_sizes():
+    """Two timed resolutions give no quadratic fit: each tile's time is the largest timed size's
+    total scaled by the pixel count, and the rows say so (the default CPU run times too few sizes)."""
+    gpus = (GPU("small", 64 * 1024**2),)
+    result = run_study(cfg(gpus=gpus, resolutions=(32, 64), limit_cap=8192), modules={"net": small_net()})
+    assert not any(f["metric"] == "time_ms_mean" and f["component"] == "total" for f in result.fits)
+    ms_64 = sum(r["time_ms_mean"] for r in result.rows if r["resolution"] == 64)
+    for p in result.tile_plans:
+        assert p["time_rule"] == "area scaling from 64 px"
+        # the study's formula written out again: only float rounding separates the two
+        assert p["seconds_per_image"] == pytest.approx(p["tiles"] * ms_64 * (p["tile_px"] / 64) ** 2 / 1e3, rel=1e-9)

@@ -169,8 +169,9 @@ def _print_tiles(result, columns, multi: bool) -> None:
     side = next(p["image_side_px"] for p in plans if p["megapixels"] == mp)
     timed = any(p["seconds_per_image"] is not None for p in plans)
     title = f"Tile that fits per GPU, px: tiles{' and estimated time' if timed else ''} per {mp:g} MP image ({side} px)"
-    t = Table(title=title, caption=f"times on {timing_device_text(result)}" if timed else
-              "no estimated times: the runtime fit needs three timed resolutions (see report.md)")
+    rules = sorted({p["time_rule"] for p in plans if p.get("time_rule")})
+    t = Table(title=title, caption=f"times on {timing_device_text(result)} ({'; '.join(rules)})" if timed else
+              "no estimated times: no resolution was timed (see report.md)")
     t.add_column("GPU")
     for m, d in columns:
         t.add_column(m if d is None else f"{m} {d}", justify="right")

@@ -310,6 +310,9 @@ def _tile_time_gaps(result: StudyResult) -> list[str]:
             if any(f["model"] == model and f["component"] == "total" and f["metric"] == "time_ms_mean"
                    and f.get("dtype", dt) == dt for f in result.fits):
                 continue
+            if any(p["model"] == model and p.get("dtype", dt) == dt and p.get("seconds_per_image") is not None
+                   for p in result.tile_plans):
+                continue  # timed at one or two sizes: area scaling gave the times
             timed = {r["resolution"] for r in result.rows if r["model"] == model and r.get("dtype", dt) == dt
                      and r["time_ms_mean"] is not None}
             tag = f" ({dt})" if len(dtypes_of(result)) > 1 else ""
@@ -500,11 +503,14 @@ def _tile_section(result: StudyResult, dhead: str, dsep: str, dcol) -> list[str]
         "stride from each model's ModelInfo: " + ", ".join(f"{m} {mg} / {al} px" for m, (mg, al) in info.items())
         + ". The estimated time is the number of forward passes (tiles / batch) × the runtime fit of the model "
         f"total at the tile side: **times on {timing_device_text(result)}**; the fit is extrapolated beyond "
-        f"{max(cfg['resolutions'])} px, like the one in the fits table.",
+        f"{max(cfg['resolutions'])} px, like the one in the fits table. Where fewer than three resolutions were "
+        "timed (no quadratic fit), the time per tile is the largest timed resolution's scaled by the pixel count, "
+        "(tile / side)², which a convolutional model follows at large sizes; `tile_plans.csv`'s `time_rule` says "
+        "which rule gave each time.",
     ]
     gaps = _tile_time_gaps(result)
     if gaps:
-        lines += ["", "No estimated time where the runtime fit is missing (it needs three timed resolutions; "
+        lines += ["", "No estimated time where no resolution was timed ("
                       + ("timing was off" if not cfg.get("timing") else "; ".join(gaps)) + ")."]
     lines += ["", "Planning for a memory budget of your own, with a safety margin for what the analytic pass "
                   "does not see: `visionscale.study.tiles.plan_tiles`.", "",

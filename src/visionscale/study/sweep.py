@@ -598,7 +598,7 @@ def _run_single(
         passes: dict[int, int | None] = {}
         floor = resolutions[0]
         info = model_info(src.build(resolutions[0], "meta", dtype))
-        time_fit = fitted.get((name, "total", "time_ms_mean"))
+        time_fit = fitted.get((name, "total", "time_ms_mean")) or _area_scaling(rows, name)
         accepted: dict[int, bool] = {}
 
         def accepts(side: int, src: _Source = src, accepted: dict[int, bool] = accepted) -> bool:
@@ -660,9 +660,38 @@ def _tile_limit(source: _Source, cfg: StudyConfig, gpu: GPU, entry: dict[str, An
     return fitted // cfg.limit_step * cfg.limit_step, "peak fit"
 
 
+class AreaScaling:
+    """Runtime at side ``x`` as ``ms * (x / side) ** 2``: the largest timed resolution's time scaled
+    by the pixel count, which a convolutional model follows once its layers are large. Used for
+    the tile plans when fewer than three resolutions were timed (no quadratic fit)."""
+
+    def __init__(self, side: int, ms: float):
+        self.side, self.ms = side, ms
+
+    def __call__(self, x: float) -> float:
+        return self.ms * (float(x) / self.side) ** 2
+
+    @property
+    def rule(self) -> str:
+        return f"area scaling from {self.side} px"
+
+
+def _area_scaling(rows: list[dict[str, Any]], name: str) -> AreaScaling | None:
+    """:class:`AreaScaling` from the largest resolution at which every component of ``name`` was timed."""
+    by_res: dict[int, list] = {}
+    for row in rows:
+        if row["model"] == name:
+            by_res.setdefault(row["resolution"], []).append(row["time_ms_mean"])
+    timed = [r for r, ms in by_res.items() if ms and all(v is not None for v in ms)]
+    if not timed:
+        return None
+    r = max(timed)
+    return AreaScaling(r, float(sum(by_res[r])))
+
+
 def tile_plan_rows(
     name: str, gpu: GPU, cfg: StudyConfig, tile_limit: int | None, tile_source: str | None, info: ModelInfo,
-    time_fit: QuadraticFit | None, time_device: str, accepts: Callable[[int], bool], capped: bool = False,
+    time_fit: QuadraticFit | AreaScaling | None, time_device: str, accepts: Callable[[int], bool], capped: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per sensor of :data:`~visionscale.study.gpus.TILE_SENSORS_MP`: how a square image of
     that many megapixels runs at native resolution on ``gpu`` with the tile that fits.
@@ -676,8 +705,9 @@ def tile_plan_rows(
     ``seconds_per_image`` is the number of forward passes, ``ceil(tiles / batch_size)`` (``tiles``
     at the default batch of 1), times the model total's runtime fit at the tile side
     (``ms_per_tile``; the fit is of a whole forward at the study's batch size): times on
-    ``time_device``, the device that ran the study, not on ``gpu``. None without a runtime fit
-    (timing off, or fewer than three timed resolutions) or where the fit is not positive.
+    ``time_device``, the device that ran the study, not on ``gpu``. With fewer than three timed
+    resolutions there is no fit, and ``time_fit`` is an :class:`AreaScaling` of the largest timed
+    one (``time_rule`` says which). None with timing off or where the fit is not positive.
     ``tile_limit_capped``: the limit is the search's cap (the model fits at least there).
     """
     rows = []
@@ -688,7 +718,7 @@ def tile_plan_rows(
             megapixels=mp, image_side_px=side, tile_limit_px=tile_limit, tile_limit_source=tile_source,
             tile_limit_capped=bool(capped),
             tile_align=info.tile_align, tile_margin=info.tile_margin, tile_px=None, overlap_px=None, tiles=None,
-            whole_image=None, ms_per_tile=None, seconds_per_image=None, time_device=None)
+            whole_image=None, ms_per_tile=None, seconds_per_image=None, time_device=None, time_rule=None)
         limit = tile_limit
         if limit is not None and limit >= side and not accepts(side):
             # The model does not take the image at its own size: tile it with the largest step multiple below.
@@ -699,6 +729,7 @@ def tile_plan_rows(
             ms = ms if ms is not None and ms > 0 else None
             row.update(tile_px=tile, overlap_px=overlap, tiles=count, whole_image=count == 1, ms_per_tile=ms,
                        seconds_per_image=None if ms is None else -(-count // cfg.batch_size) * ms / 1e3,
-                       time_device=time_device if ms is not None else None)
+                       time_device=time_device if ms is not None else None,
+                       time_rule=None if ms is None else getattr(time_fit, "rule", "quadratic runtime fit"))
         rows.append(row)
     return rows
