@@ -29,8 +29,8 @@ import csv
 import io
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,24 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from visionscale.device import resolve_device
-from visionscale.anomaly.data import (
-    Batch,
-    DataError,
-    ReadLog,
-    Sample,
-    iter_batches,
-    load_dataset,
-)
+from visionscale.anomaly.data import DataError, ReadLog, Sample, load_dataset
 from visionscale.anomaly.streaming_metrics import PixelStats
 from visionscale.anomaly.regions import threshold_at_fpr, write_region_outputs
 from visionscale.anomaly.runs import LoadedRun, RunError, load_run, validate_run_files
 from visionscale.anomaly.tiles import score_images
-from visionscale.anomaly.metrics import (
-    ImageMetrics,
-    evaluate_scores,
-    pro_curve,
-    roc_curve,
-)
+from visionscale.anomaly.metrics import ImageMetrics, roc_curve
 from visionscale.io.atomic import write_atomic
 from visionscale.io.images import collect_images, read_image
 from visionscale.io.outputs import OutputDir
