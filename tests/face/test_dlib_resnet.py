@@ -29,7 +29,7 @@ from visionscale.io.dlib_dat import DatCursor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REFERENCE = Path("/work/shared/reference/dlib")
+REFERENCE = Path(__file__).parent / "data" / "dlib"  # dlib 20.0.1 outputs on generated chips (README there)
 DAT = find_dlib_dat()
 needs_dat = pytest.mark.skipif(
     DAT is None, reason="dlib's face descriptor weights not installed (set VISIONSCALE_DLIB_DAT or "
