@@ -281,7 +281,9 @@ def test_cli_gallery_commands(tmp_path):
     assert r.exit_code == 0, r.output
     r = run(app, ["identify", str(paths[2]), str(paths[0]), "-g", db, "--no-detect", "--threshold", "0.001", "--json"])
     assert r.exit_code == 0, r.output
-    assert [x["name"] for x in json.loads(r.stdout)] == ["bo", "ann"]
+    res = json.loads(r.stdout)  # one entry per image, with one answer per face (--no-detect: the whole image)
+    assert [[f["name"] for f in x["faces"]] for x in res] == [["bo"], ["ann"]]
+    assert [x["image"] for x in res] == [str(paths[2]), str(paths[0])]
     r = run(app, ["gallery", "list", "-g", db, "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["people"] == [{"name": "ann", "embeddings": 2}, {"name": "bo", "embeddings": 1}]
     assert run(app, ["gallery", "rename", "bo", "bob", "-g", db]).exit_code == 0

