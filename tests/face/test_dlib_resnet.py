@@ -209,7 +209,7 @@ def test_architecture_shapes_and_parameter_count(random_model):
 def test_down_blocks_sum_has_the_larger_size(random_model):
     sizes = []
     hooks = [b.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[1:])))
-             for b in random_model.blocks]
+             for b in random_model.trunk.blocks]
     with torch.no_grad():
         random_model(torch.rand(1, 3, 150, 150) * 255)
     for h in hooks:
