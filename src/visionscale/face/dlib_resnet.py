@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionscale.components import Component
 from visionscale.io.dlib_dat import DatCursor, find_dat
 
 __all__ = ["DlibResNet", "DlibTrunk", "dlib_layers", "read_dlib_resnet", "load_dlib_resnet", "preprocess", "DLIB_MEAN_RGB", "DLIB_INPUT_SIZE",
@@ -140,6 +141,35 @@ class DlibTrunk(nn.Module):
         for block in self.blocks:
             x = block(x)  # ... -> (N, 256, 2, 2) at 150 px
         return x.mean(dim=(2, 3))  # (N, 256)
+
+    def stages(self) -> list[nn.Sequential]:
+        """The residual blocks grouped by resolution (a new stage at each downsampling block):
+        3 x 32, 4 x 64, 3 x 128, 3 x 256, then the last downsampling block alone."""
+        groups: list[list[nn.Module]] = []
+        for block in self.blocks:
+            if block.stride != 1 or not groups:
+                groups.append([])
+            groups[-1].append(block)
+        return [nn.Sequential(*g) for g in groups]  # not registered: no new state-dict keys
+
+    def components(self) -> list[Component]:
+        """``stem``, ``stage1``..``stage5`` and ``pool`` (ends with ``{"output": (N, 256)}``)."""
+        stem = nn.Sequential(self.conv1, self.affine1)  # parameters of the stem; run by self.stem
+        parts = [Component("stem", stem, lambda s: {"stem": self.stem(s["image"])})]
+        prev = "stem"
+        for i, stage in enumerate(self.stages(), 1):
+            parts.append(Component(f"stage{i}", stage, _stage_run(stage, prev, f"stage{i}")))
+            prev = f"stage{i}"
+        last = prev
+        parts.append(Component("pool", nn.Identity(), lambda s: {"output": s[last].mean(dim=(2, 3))}))
+        return parts
+
+
+def _stage_run(module: nn.Module, src: str, dst: str):
+    def run(state: dict) -> dict:
+        return {dst: module(state[src])}
+
+    return run
 
 
 def dlib_layers(trunk: DlibTrunk, fc: nn.Linear) -> list[tuple]:
