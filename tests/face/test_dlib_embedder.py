@@ -105,10 +105,21 @@ def test_config_must_describe_dlibs_architecture():
     with pytest.raises(InvalidValueError, match="embedding_dim 128") as info:
         DlibFaceEmbedder(EmbedderConfig(**{**DLIB_EMBEDDER_CONFIG.to_dict(), "embedding_dim": 64}))
     assert info.value.fields == ("embedding_dim",)
-    with pytest.raises(TypeError, match="embeding_dim"):
-        create("face_embedder_dlib", embeding_dim=128)  # typos are not silently ignored
-    with pytest.raises(InvalidValueError, match="image_size 150"):
-        create("face_embedder_dlib", image_size=112)
+    with pytest.raises(TypeError, match="image_size"):
+        create("face_embedder_dlib", image_size=112)  # dlib's size is not a choice
+    from visionscale.modelinfo import input_size_problem
+
+    emb = DlibFaceEmbedder()
+    assert input_size_problem(emb, 150, 150) is None
+    assert "150x150 only" in input_size_problem(emb, 256, 256)
+
+
+def test_meta_device_build_loads_nothing(monkeypatch):
+    """The scale study's analytic pass builds models on the meta device: no weights needed."""
+    monkeypatch.setattr(dlib_embedder, "find_dlib_dat", lambda: None)
+    with torch.device("meta"):
+        emb = create("face_embedder_dlib")
+    assert emb.head.weight.is_meta and [p.name for p in emb.components()][-1] == "projection"
 
 
 def test_freeze_trains_the_last_block_and_head(random_dat):

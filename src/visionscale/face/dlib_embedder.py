@@ -92,6 +92,14 @@ class DlibFaceEmbedder(FaceEmbedder):
         """``(B, 256) -> (B, 128)``: dlib's fc, not normalised."""
         return self.head(feats)
 
+    def validate_input_size(self, h: int, w: int) -> None:
+        """Raise InvalidValueError unless ``h x w`` is 150 x 150: dlib's weights, and the sizes
+        its ``add_prev`` pads between, are those of 150 px chips."""
+        side = self.config.image_size
+        if (h, w) != (side, side):
+            raise InvalidValueError(f"face_embedder_dlib runs at {side}x{side} only (dlib's aligned chips), "
+                                    f"got {h}x{w}").about("image_size")
+
     def dlib_layers(self) -> list[tuple]:
         """The layers in dlib's file order (what :func:`read_dlib_resnet` loads into)."""
         return dlib_layers(self.backbone, self.head)
@@ -173,30 +181,26 @@ def missing_weights_message() -> str:
 
 
 @register_model()
-def face_embedder_dlib(weights=None, **kwargs) -> DlibFaceEmbedder:
+def face_embedder_dlib(weights=None, freeze: str = "none") -> DlibFaceEmbedder:
     """dlib's ResNet face descriptor (CC0 weights): raw 128-D descriptors of 150x150 dlib-aligned
     chips, Euclidean distance, same person below 0.6.
+
+    There is no ``image_size`` or ``embedding_dim`` argument: both are dlib's (150 px, 128-D).
+    Built on the ``meta`` device (the scale study's analytic pass), it loads no weights.
 
     Args:
         weights: None (dlib's ``.dat`` from ``$VISIONSCALE_DLIB_DAT`` or the
             ``face-recognition-models`` package, converted once and cached), or a path to a
             ``.dat`` or a ``.safetensors`` (e.g. a fine-tuned checkpoint).
-        **kwargs: ``freeze`` (see :meth:`FaceEmbedder.freeze`); ``embedding_dim`` and
-            ``image_size`` are accepted only at dlib's values (128, 150).
+        freeze: What trains (see :meth:`FaceEmbedder.freeze`).
 
     Raises:
         MissingDependencyError: ``weights`` is None and no ``.dat`` is installed.
     """
-    freeze = kwargs.pop("freeze", "none")
-    fixed = {"embedding_dim": DESCRIPTOR_DIM, "image_size": DLIB_INPUT_SIZE}
-    unknown = sorted(set(kwargs) - set(fixed))
-    if unknown:
-        raise TypeError(f"face_embedder_dlib got unexpected argument(s) {', '.join(unknown)}; accepted: weights, "
-                        f"freeze, {', '.join(fixed)}")
-    for field, value in kwargs.items():
-        if value != fixed[field]:
-            raise InvalidValueError(f"face_embedder_dlib has {field} {fixed[field]}, got {value!r}").about(field)
     model = DlibFaceEmbedder()
+    if model.head.weight.is_meta:  # shapes only: nothing to load into
+        model.freeze(freeze)
+        return model
     if weights is None:
         weights = find_dlib_dat()
         if weights is None:
