@@ -24,7 +24,7 @@ Weights: ``weights=None`` reads the ``.dat`` found by
 installed package) with our own reader (no dlib at run time), once: the converted weights are
 cached as safetensors in the face cache folder (where imported BlazeFace weights go), in a
 file named after the size and sha256 of the ``.dat``, so another ``.dat`` never gets a stale
-cache. On one CPU thread, loading from the ``.dat`` took about 0.11 s and from the cache about
+cache. On one CPU thread, loading from the ``.dat`` took 0.11 to 0.16 s and from the cache
 0.06 to 0.10 s; the sha256 of the ``.dat`` (the cache key) is a third of the latter
 (docs/benchmarks.md).
 """
