@@ -84,7 +84,8 @@ LAYER = {**{c: 0 for c in CORE}, "runtime": 1, "study": 2, "anomaly": 3, "classi
 # home is not a dependency (nothing new is built on it), their other imports are.
 SHIMS = {"profiling/__init__.py": "visionscale.study", **FORWARDS}
 MODEL_FILES = ("nn/resnet.py", "nn/pdn.py", "nn/unet.py", "anomaly/patchcore.py", "anomaly/efficientad.py",
-               "anomaly/ddad.py", "face/blazeface.py", "detection/model.py", "classify/model.py")
+               "anomaly/ddad.py", "face/blazeface.py", "face/dlib_resnet.py", "face/dlib_embedder.py",
+               "detection/model.py", "classify/model.py")
 NOT_FOR_MODELS = ("train", "_fit", "fit", "plots", "predict", "data", "cli", "deploy", "study", "runtime")
 
 

@@ -38,6 +38,7 @@ _MODEL_MODULES = (
     "visionscale.detection.model",
     "visionscale.face.blazeface",
     "visionscale.face.embedder",
+    "visionscale.face.dlib_embedder",
 )
 _loaded = False
 

@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionscale.components import Component
 from visionscale.io.dlib_dat import DatCursor, find_dat
 
-__all__ = ["DlibResNet", "load_dlib_resnet", "preprocess", "DLIB_MEAN_RGB", "DLIB_INPUT_SIZE",
+__all__ = ["DlibResNet", "DlibTrunk", "dlib_layers", "read_dlib_resnet", "load_dlib_resnet", "preprocess", "DLIB_MEAN_RGB", "DLIB_INPUT_SIZE",
            "DLIB_DAT_NAME", "DLIB_DAT_SIZE", "find_dlib_dat"]
 
 DLIB_MEAN_RGB = (122.782, 117.001, 104.298)
@@ -113,14 +114,12 @@ class Residual(nn.Module):
         return F.relu(add_prev(y, shortcut))
 
 
-class DlibResNet(nn.Module):
-    """dlib's 29-conv ResNet face descriptor.
+class DlibTrunk(nn.Module):
+    """dlib's network up to and including the global average pool: normalised ``(N, 3, H, W)``
+    (see :func:`preprocess`) -> ``(N, 256)``. The backbone of the registered embedder
+    (:mod:`visionscale.face.dlib_embedder`); :class:`DlibResNet` adds the fc layer."""
 
-    ``forward`` takes ``(N, 3, 150, 150)`` RGB in the 0..255 range (float) and applies
-    :func:`preprocess` itself; :meth:`features` takes already normalised input. The output is
-    ``(N, 128)``, *not* normalised (dlib compares descriptors by Euclidean distance, 0.6 = same
-    person).
-    """
+    num_features = 256
 
     def __init__(self):
         super().__init__()
@@ -132,34 +131,86 @@ class DlibResNet(nn.Module):
             blocks.append(Residual(cin, cout, stride))
             cin = cout
         self.blocks = nn.ModuleList(blocks)
-        self.fc = nn.Linear(256, 128, bias=False)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.affine1(self.conv1(x)))  # (N, 32, 72, 72) at 150 px
+        return F.max_pool2d(x, 3, 2)  # dlib's max_pool<3,3,2,2>: padding 0 -> (N, 32, 35, 35)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)  # ... -> (N, 256, 2, 2) at 150 px
+        return x.mean(dim=(2, 3))  # (N, 256)
+
+    def stages(self) -> list[nn.Sequential]:
+        """The residual blocks grouped by resolution (a new stage at each downsampling block):
+        3 x 32, 4 x 64, 3 x 128, 3 x 256, then the last downsampling block alone."""
+        groups: list[list[nn.Module]] = []
+        for block in self.blocks:
+            if block.stride != 1 or not groups:
+                groups.append([])
+            groups[-1].append(block)
+        return [nn.Sequential(*g) for g in groups]  # not registered: no new state-dict keys
+
+    def components(self) -> list[Component]:
+        """``stem``, ``stage1``..``stage5`` and ``pool`` (ends with ``{"output": (N, 256)}``)."""
+        stem = nn.Sequential(self.conv1, self.affine1)  # parameters of the stem; run by self.stem
+        parts = [Component("stem", stem, lambda s: {"stem": self.stem(s["image"])})]
+        prev = "stem"
+        for i, stage in enumerate(self.stages(), 1):
+            parts.append(Component(f"stage{i}", stage, _stage_run(stage, prev, f"stage{i}")))
+            prev = f"stage{i}"
+        last = prev
+        parts.append(Component("pool", nn.Identity(), lambda s: {"output": s[last].mean(dim=(2, 3))}))
+        return parts
+
+
+def _stage_run(module: nn.Module, src: str, dst: str):
+    def run(state: dict) -> dict:
+        return {dst: module(state[src])}
+
+    return run
+
+
+def dlib_layers(trunk: DlibTrunk, fc: nn.Linear) -> list[tuple]:
+    """The network as dlib serialises it, from the outside (loss side) in: entries
+    ``("con", conv)``, ``("affine", affine)``, ``("relu",)``, ``("max_pool", nr, nc, sy, sx)``,
+    ``("avg_pool", nr, nc, sy, sx)``, ``("add_prev",)``, ``("fc", linear)``, ``("tag",)``
+    and ``("skip",)`` (tags and skips are wrappers without details)."""
+    out: list[tuple] = [("fc", fc), ("avg_pool", 0, 0, 1, 1)]
+    for block in reversed(trunk.blocks):
+        out += [("relu",), ("add_prev",)]
+        if block.stride != 1:
+            out += [("avg_pool", 2, 2, 2, 2), ("skip",), ("tag",)]
+        out += [("affine", block.affine2), ("con", block.conv2), ("relu",),
+                ("affine", block.affine1), ("con", block.conv1), ("tag",)]
+    out += [("max_pool", 3, 3, 2, 2), ("relu",), ("affine", trunk.affine1), ("con", trunk.conv1)]
+    return out
+
+
+class DlibResNet(nn.Module):
+    """dlib's 29-conv ResNet face descriptor: :class:`DlibTrunk` then a 256 -> 128 fc without bias.
+
+    ``forward`` takes ``(N, 3, 150, 150)`` RGB in the 0..255 range (float) and applies
+    :func:`preprocess` itself; :meth:`features` takes already normalised input. The output is
+    ``(N, 128)``, *not* normalised (dlib compares descriptors by Euclidean distance, 0.6 = same
+    person).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = DlibTrunk()
+        self.fc = nn.Linear(DlibTrunk.num_features, 128, bias=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.affine1(self.conv1(x)))
-        x = F.max_pool2d(x, 3, 2)  # dlib's max_pool<3,3,2,2>: padding 0
-        for block in self.blocks:
-            x = block(x)
-        x = x.mean(dim=(2, 3))
-        return self.fc(x)
+        return self.fc(self.trunk(x))
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         return self.features(preprocess(rgb))
 
-    # -- dlib's layer order ----------------------------------------------------------------------
     def dlib_layers(self) -> list[tuple]:
-        """The network as dlib serialises it, from the outside (loss side) in: entries
-        ``("con", conv)``, ``("affine", affine)``, ``("relu",)``, ``("max_pool", nr, nc, sy, sx)``,
-        ``("avg_pool", nr, nc, sy, sx)``, ``("add_prev",)``, ``("fc", linear)``, ``("tag",)``
-        and ``("skip",)`` (tags and skips are wrappers without details)."""
-        out: list[tuple] = [("fc", self.fc), ("avg_pool", 0, 0, 1, 1)]
-        for block in reversed(self.blocks):
-            out += [("relu",), ("add_prev",)]
-            if block.stride != 1:
-                out += [("avg_pool", 2, 2, 2, 2), ("skip",), ("tag",)]
-            out += [("affine", block.affine2), ("con", block.conv2), ("relu",),
-                    ("affine", block.affine1), ("con", block.conv1), ("tag",)]
-        out += [("max_pool", 3, 3, 2, 2), ("relu",), ("affine", self.affine1), ("con", self.conv1)]
-        return out
+        """See :func:`dlib_layers`."""
+        return dlib_layers(self.trunk, self.fc)
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -271,8 +322,9 @@ def _read_wrapper_state(c: DatCursor, index: int, innermost: bool) -> None:
         c.read_int(f"{where} sample expansion factor")
 
 
-def read_dlib_resnet(data: bytes, model: DlibResNet, name: str = "<bytes>") -> dict:
-    """Parse dlib's serialised face descriptor network from ``data`` into ``model`` (in place).
+def read_dlib_resnet(data: bytes, model: nn.Module, name: str = "<bytes>") -> dict:
+    """Parse dlib's serialised face descriptor network from ``data`` into ``model`` (in place):
+    a :class:`DlibResNet` or any module with its ``dlib_layers()`` (the registered embedder).
 
     Returns facts about the file (``loss``, ``margin``, ``distance_threshold``, ``input``,
     ``mean_rgb``, ``input_size``, ``convs``, ``affines``). Raises

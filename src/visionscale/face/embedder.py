@@ -36,7 +36,7 @@ from visionscale.components import Component, State, components_of
 from visionscale.device import resolve_device
 from visionscale.io.weights import load_into, load_state_dict, save_file_atomic
 from visionscale.modelinfo import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
-from visionscale.registry import create, register_model
+from visionscale.registry import create, list_models, register_model
 
 __all__ = [
     "EmbedderConfig",
@@ -47,6 +47,8 @@ __all__ = [
     "save_embedder",
     "load_embedder",
     "build_embedder",
+    "register_embedder_class",
+    "embedder_class",
     "face_embedder_resnet18",
     "face_embedder_resnet50",
     "face_embedder_tiny",
@@ -152,7 +154,17 @@ class FaceEmbedder(nn.Module):
         backbone: Headless feature extractor, ``(B, 3, S, S) -> (B, F)``.
         head: Projection to ``D`` dimensions.
         freeze_mode: ``"none"``, ``"all_but_last"`` (seed 003) or ``"backbone"``.
+        metric: How embeddings are compared (class attribute). ``"cosine"``: outputs are unit
+            vectors, compared by the Euclidean distance of unit vectors (``sqrt(2 - 2 cos)``);
+            ``"euclidean"``: raw vectors compared by Euclidean distance (dlib's descriptor).
+        default_threshold: Distance below which two faces are the same person (class attribute).
+        alignment: How faces are cropped for this model (class attribute): ``"keypoints"``
+            (the detector's keypoints) or ``"dlib5"`` (dlib's 5-point ``get_face_chip``).
     """
+
+    metric = "cosine"
+    default_threshold = 0.5
+    alignment = "keypoints"
 
     def __init__(self, config: EmbedderConfig | None = None, backbone_weights=None,
                  backbone: nn.Module | None = None) -> None:
@@ -178,7 +190,12 @@ class FaceEmbedder(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected normalised RGB images (B, 3, H, W), got shape {tuple(x.shape)}")
         feats = self.backbone(x)  # (B, F), pooled: the backbone has no classifier
-        return F.normalize(self.head(feats), dim=1)  # (B, D), unit length
+        return self.project(feats)
+
+    def project(self, feats: Tensor) -> Tensor:
+        """Pooled backbone features ``(B, F)`` -> embeddings ``(B, D)``: the head, then L2
+        normalisation (unit length)."""
+        return F.normalize(self.head(feats), dim=1)
 
     def forward_pair(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """Siamese forward: one set of weights, two inputs (run as one batch, so BatchNorm
@@ -187,14 +204,15 @@ class FaceEmbedder(nn.Module):
         return z[: a.shape[0]], z[a.shape[0]:]
 
     def components(self) -> list[Component]:
-        """The backbone's components, then ``"projection"`` (head + L2 normalisation)."""
+        """The backbone's components, then ``"projection"`` (:meth:`project`: the head and, for
+        unit-vector embedders, L2 normalisation)."""
         parts = list(components_of(self.backbone))  # ends with {"output": (B, F)}
-        head = self.head
+        project = self.project
 
         def run(state: State) -> State:
-            return {"embedding": F.normalize(head(state["output"]), dim=1)}
+            return {"embedding": project(state["output"])}
 
-        return parts + [Component("projection", head, run)]
+        return parts + [Component("projection", self.head, run)]
 
     # -- freezing --------------------------------------------------------------------
     def freeze(self, mode: str = "all_but_last") -> None:
@@ -304,6 +322,35 @@ def preprocess(images: Sequence[np.ndarray] | Tensor, config: EmbedderConfig) ->
     return (x / 255.0 - m) / s
 
 
+# -- embedder classes ----------------------------------------------------------------------
+# Backbones whose embedder is a FaceEmbedder subclass (another head, output or comparison), so
+# a checkpoint that names one is rebuilt as that class. Filled by the subclasses' modules, which
+# the registry imports by name: this module imports none of them (no import cycle).
+_EMBEDDER_CLASSES: dict[str, type[FaceEmbedder]] = {}
+
+
+def register_embedder_class(backbone: str):
+    """Class decorator: checkpoints whose ``config.backbone`` is ``backbone`` load as this class
+    (constructed as ``cls(config)``)."""
+
+    def wrap(cls: type[FaceEmbedder]) -> type[FaceEmbedder]:
+        known = _EMBEDDER_CLASSES.get(backbone)
+        if known is not None and known is not cls:
+            raise ValueError(f"backbone {backbone!r} already has embedder class {known.__name__}")
+        _EMBEDDER_CLASSES[backbone] = cls
+        return cls
+
+    return wrap
+
+
+def embedder_class(config: EmbedderConfig) -> type[FaceEmbedder]:
+    """The class that builds an embedder of ``config``: a registered subclass for its backbone
+    (e.g. ``"dlib_resnet"``), else :class:`FaceEmbedder`."""
+    if config.backbone not in _EMBEDDER_CLASSES:
+        list_models()  # imports the registry's model modules, which register their classes
+    return _EMBEDDER_CLASSES.get(config.backbone, FaceEmbedder)
+
+
 # -- checkpoints ---------------------------------------------------------------------------
 def save_embedder(model: FaceEmbedder, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write weights + config (safetensors header metadata) atomically; nothing is pickled."""
@@ -342,7 +389,7 @@ def load_embedder(path: str | os.PathLike, device: str | torch.device = "cpu") -
     if p.is_dir():
         p = p / "model.safetensors"
     cfg = read_embedder_config(p)
-    model = FaceEmbedder(cfg)
+    model = embedder_class(cfg)(cfg)
     load_into(model, load_state_dict(p), source=str(p))
     return model.to(device).eval()
 
