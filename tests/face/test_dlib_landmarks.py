@@ -130,3 +130,21 @@ def test_bad_image_is_invalid_value(predictor):
         predict_landmarks(_image("astronaut").astype(np.float32), rect, predictor)
     with pytest.raises(InvalidValueError):
         predict_landmarks(np.zeros((10, 10, 4), np.uint8), rect, predictor)
+
+
+@needs_dat
+def test_parsed_model_is_cached_as_safetensors(tmp_path, monkeypatch):
+    # The 5-point model takes seconds to parse; the parsed arrays are cached under torch's
+    # checkpoint folder, named by the .dat's sha256, and a damaged cache is rebuilt.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    first = load_shape_predictor(DAT)
+    (cached,) = (tmp_path / "hub" / "checkpoints" / "visionscale-face").glob("dlib_shape_predictor-*.safetensors")
+    again = load_shape_predictor(DAT)
+    for name in ("initial_shape", "idx1", "idx2", "thresh", "leaves", "anchor_idx", "deltas"):
+        a, b = getattr(first, name), getattr(again, name)
+        for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            assert x.dtype == y.dtype and np.array_equal(x, y)
+    cached.write_bytes(b"not safetensors")
+    rebuilt = load_shape_predictor(DAT)
+    assert np.array_equal(rebuilt.leaves[3], first.leaves[3])
+    assert cached.stat().st_size > 1_000_000  # rewritten from the .dat

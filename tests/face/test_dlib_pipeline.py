@@ -84,17 +84,19 @@ def test_whole_pipeline_matches_dlib(recognizer, name):
 def test_every_face_of_a_group_photo(recognizer, tmp_path):
     from visionscale.face.gallery import Gallery
 
-    a, b = _image("astronaut"), _image("astronaut_half")
-    group = np.zeros((512, 512 + 256, 3), np.uint8)
-    group[:, :512] = a
-    group[128:384, 512:] = b
+    a, b = _image("astronaut"), _image("astronaut_flipped")
+    # A "group photo": the astronaut (face ~98 px) and her mirror image at 70 % (face ~60 px).
+    group = np.zeros((240, 420, 3), np.uint8)
+    group[:, :240] = a[20:260, 100:340]
+    group[35:205, 245:415] = np.asarray(Image.fromarray(b[20:260, 170:410]).resize((170, 170), Image.LANCZOS))
     with Gallery(tmp_path / "g.db", embedder=recognizer) as g:
         g.enroll("eileen", images=[a])
+    with Gallery(tmp_path / "g.db", embedder=recognizer, read_only=True) as g:
         (faces,) = recognizer.identify(g, [group])
     assert len(faces) == 2  # one answer per face, largest first
     assert [f.name for f in faces] == ["eileen", "eileen"]
     assert faces[0].face.width > faces[1].face.width
-    assert faces[1].face.box[0] > 512  # the small one is on the right
+    assert faces[1].face.box[0] > 240  # the small one is on the right
     with Gallery(tmp_path / "g.db", embedder=recognizer, read_only=True) as g:
         (largest,) = recognizer.identify(g, [group], largest_only=True)
     assert len(largest) == 1 and largest[0].face.box == faces[0].face.box
