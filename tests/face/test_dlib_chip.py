@@ -120,3 +120,18 @@ def test_bad_image_and_values_raise():
         face_chip(np.zeros((100, 100, 3), np.uint8), lm * np.nan)
     with pytest.raises(InvalidValueError):
         face_chip(np.zeros((100, 100, 3), np.uint8), lm, size=0)
+
+
+UPSCALED = json.loads((DATA / "astronaut_upscaled.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(UPSCALED))
+def test_large_faces_take_dlibs_pyramid_path_exactly(name):
+    # Faces of 270 and 360 px: the chip is cut after dlib's pyramid_down<2>; given dlib's
+    # landmarks our chip equals dlib 20.0.1's pixel for pixel (measured: 0 grey levels apart).
+    entry = UPSCALED[name]
+    k = entry["repeat"]
+    a = np.asarray(Image.open(DATA / "astronaut.png").convert("RGB"))
+    big = np.ascontiguousarray(a.repeat(k, 0).repeat(k, 1))
+    chip = face_chip(big, np.asarray(entry["landmarks5"], dtype=np.float64))
+    np.testing.assert_array_equal(chip, np.load(DATA / f"{name}.chip.npy"))

@@ -121,3 +121,17 @@ def test_no_face_tiny_face_and_border_face(recognizer):
     (faces,) = recognizer.embed_faces([cut])
     assert faces and faces[0].usable and faces[0].embedding.shape == (128,)
     assert (faces[0].chip == 0).all(axis=2).any()
+
+
+@needs_dats
+@pytest.mark.parametrize("name", ["astronaut_x3", "astronaut_x4"])
+def test_large_faces_from_dlibs_box_match_dlib(recognizer, name):
+    # The astronaut enlarged 3x and 4x (faces of 270 and 360 px, dlib's pyramid path): landmarks,
+    # chip and descriptor all equal dlib 20.0.1's (descriptor to float32 rounding).
+    entry = json.loads((DATA / "astronaut_upscaled.json").read_text())[name]
+    k = entry["repeat"]
+    big = np.ascontiguousarray(_image("astronaut").repeat(k, 0).repeat(k, 1))
+    al = recognizer.aligner.from_rect(big, entry["rect_ltrb"])
+    np.testing.assert_array_equal(al.landmarks, np.asarray(entry["landmarks5"]))
+    np.testing.assert_array_equal(al.chip, np.load(DATA / f"{name}.chip.npy"))
+    assert np.abs(recognizer.embedder.embed([al.chip])[0] - np.load(DATA / f"{name}.desc.npy")).max() <= 1e-4
