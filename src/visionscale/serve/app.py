@@ -312,7 +312,7 @@ def create_app(target: Any = None, gallery: str | os.PathLike | None = None, api
         RunError, InvalidFileError, GalleryError, ...: the target or gallery cannot be used
             (raised here, before the server listens).
     """
-    from visionscale.serve import services as S
+    import visionscale.serve.services as S
 
     limits = limits or ServeLimits()
     if api_key is not None and not api_key:
