@@ -45,11 +45,11 @@ def from_library_error(exc: BaseException, field: str | None = None) -> ApiError
     msg = str(exc)
     name = _name(exc)
     if name in ("ImageReadError", "DataError"):
-        return ApiError(422, "unreadable_image", msg, field or "file")
+        return ApiError(422, "unreadable_image", msg, f or "file")
     if name in ("NoFaceError", "FaceTooSmallError"):
-        return ApiError(422, "no_face", msg, field or "file")
+        return ApiError(422, "no_face", msg, f or "file")
     if name == "MemoryBudgetError":
-        return ApiError(413, "image_too_large", msg, field or "file")
+        return ApiError(413, "image_too_large", msg, f or "file")
     if name == "ModelMismatchError":
         return ApiError(409, "model_mismatch", msg, f)
     if name in ("GalleryError", "SchemaError"):
