@@ -56,6 +56,4 @@ def serve_cmd(
                      backend=backend, precision=precision)
     if api_key is None and gallery is not None and host not in ("127.0.0.1", "localhost", "::1"):
         note(f"listening on {host} without an API key: anyone who reaches it can enroll into {gallery}")
-    import uvicorn
-
     uvicorn.run(app, host=host, port=port, log_level=log_level)
