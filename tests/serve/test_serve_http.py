@@ -146,6 +146,16 @@ def test_bad_uploads_get_4xx_json(server, demo_images):
            422)
     _error(_post(server, "/v1/anomaly/score", files={"file": ("a.png", b"\0" * (300 * 1024), "image/png")}), 413,
            "request_too_large")
+    # a chunked body (no Content-Length) is counted as it arrives, and cut off at the limit
+    def chunks():
+        yield b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+        yield b"Content-Type: image/png\r\n\r\n"
+        for _ in range(40):
+            yield b"\0" * 10_000
+        yield b"\r\n--x--\r\n"
+
+    _error(_post(server, "/v1/anomaly/score", content=chunks(),
+                 headers={"content-type": "multipart/form-data; boundary=x"}), 413, "request_too_large")
     _error(_post(server, "/v1/anomaly/score?images=svg", files={"file": ("a.png", good, "image/png")}), 422)
     _error(httpx.get(server + "/v1/anomaly/results/nope/overlay.png"), 404, "unknown_result")
     _error(httpx.get(server + "/v1/nothing-here"), 404, "not_found")
