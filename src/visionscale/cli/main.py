@@ -192,10 +192,12 @@ def _print_tiles(result, columns, multi: bool) -> None:
 from visionscale.cli import ad as _ad, classify as _classify, detect as _detect, face as _face  # noqa: E402
 from visionscale.cli.inspect import inspect_cmd  # noqa: E402
 from visionscale.cli.runtime import bench_cmd, export_cmd  # noqa: E402
+from visionscale.cli.serve import serve_cmd  # noqa: E402
 
 app.command("inspect")(inspect_cmd)
 app.command("export")(export_cmd)
 app.command("bench")(bench_cmd)
+app.command("serve")(serve_cmd)
 app.add_typer(_ad.app, name="ad")
 app.add_typer(_classify.app, name="classify")
 app.add_typer(_detect.app, name="detect")
