@@ -774,6 +774,7 @@ class Gallery:
             finally:
                 c.execute("COMMIT")
             if fresh:
+                old.set_search_params(self.ann_params)
                 return old
         key, ids, pids, vecs = self._snapshot(write_cache=False)
         if len(ids) == 0:
@@ -789,6 +790,7 @@ class Gallery:
             ann = gallery_ann.build(kind, vecs, metric, self.ann_params, ids, pids, rows)
         del vecs
         ann.key = key
+        ann.set_search_params(self.ann_params)
         if key is not None and self.cache_index and os.access(self.ann_path.absolute().parent, os.W_OK | os.X_OK):
             try:
                 gallery_ann.write(self.ann_path, ann)

@@ -27,7 +27,8 @@ import hashlib
 import json
 import math
 import struct
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,9 @@ class AnnParams:
     """Parameters of an approximate index; ``None`` = chosen from the gallery size at build time.
 
     Attributes:
-        nlist: IVF cells (default ``4 * sqrt(n)``, rounded to a power of two, 64 to 16384).
-        nprobe: IVF cells visited per query.
+        nlist: IVF cells (default ``4 * sqrt(n)`` rounded to a power of two, 64 to 16384; at
+            most ``n / 39``, faiss's minimum of training points per cell).
+        nprobe: IVF cells visited per query (default ``nlist / 8``, at least 32).
         pq_dims: Dimensions per 4-bit product-quantisation sub-vector (IVF codes).
         m: HNSW links per node.
         ef_construction: HNSW candidate list while building.
@@ -62,7 +64,7 @@ class AnnParams:
     """
 
     nlist: int | None = None
-    nprobe: int = 64
+    nprobe: int | None = None
     pq_dims: int = 4
     m: int = 32
     ef_construction: int = 40
@@ -70,8 +72,28 @@ class AnnParams:
     rerank: int = 64
 
     def resolved(self, n: int) -> AnnParams:
+        """With the defaults that depend on the number of vectors ``n`` filled in."""
         nlist = self.nlist or int(min(16384, max(64, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
-        return AnnParams(**{**asdict(self), "nlist": nlist})
+        nlist = max(1, min(nlist, n // 39))
+        nprobe = min(nlist, self.nprobe or max(32, nlist // 8))
+        return AnnParams(**{**asdict(self), "nlist": nlist, "nprobe": nprobe})
+
+
+@contextmanager
+def _one_thread_for(nq: int):
+    """faiss parallelises a search over queries: with a handful, its other OpenMP threads only
+    wait at the barrier, and on a loaded machine that wait costs a scheduler slice (tens of ms)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    if nq >= 4 * before or before == 1:
+        yield
+        return
+    faiss.omp_set_num_threads(1)  # this thread's setting only (OpenMP's nthreads-var)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def digest(ids: np.ndarray, pids: np.ndarray, vecs: np.ndarray) -> str:
@@ -105,6 +127,14 @@ class AnnIndex:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
+    def set_search_params(self, params: AnnParams) -> None:
+        """Take ``params``' search-time settings (``nprobe`` when set, ``ef_search``, ``rerank``);
+        the build-time ones (``nlist``, ``m``, ``ef_construction``, ``pq_dims``) stay the index's."""
+        self.params = replace(self.params, nprobe=min(params.nprobe or self.params.nprobe, self.params.nlist or 1)
+                              if self.kind == "ivf" else self.params.nprobe,
+                              ef_search=params.ef_search, rerank=params.rerank)
+        self._configure()
+
     def _configure(self) -> None:
         """Search-time parameters (not all of them survive faiss's serialisation)."""
         import faiss
@@ -121,7 +151,8 @@ class AnnIndex:
 
             hnsw = faiss.downcast_index(self.index)
             hnsw.hnsw.efSearch = max(self.params.ef_search, want)
-        _, pos = self.index.search(np.ascontiguousarray(q, dtype=np.float32), want)
+        with _one_thread_for(len(q)):
+            _, pos = self.index.search(np.ascontiguousarray(q, dtype=np.float32), want)
         return pos
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
@@ -152,8 +183,7 @@ def build(kind: str, vecs: np.ndarray, metric: str, params: AnnParams, ids: np.n
         index = faiss.IndexHNSWFlat(d, params.m, faiss.METRIC_L2)
         index.hnsw.efConstruction = params.ef_construction
     elif kind == "ivf":
-        nlist = max(1, min(params.nlist, n // 39 or 1))  # faiss wants >= 39 training points per cell
-        params = AnnParams(**{**asdict(params), "nlist": nlist})
+        nlist = params.nlist
         quantizer = faiss.IndexFlatL2(d)
         if d % params.pq_dims == 0 and (d // params.pq_dims) % 2 == 0:
             base = faiss.IndexIVFPQFastScan(quantizer, d, nlist, d // params.pq_dims, 4, faiss.METRIC_L2)
@@ -162,7 +192,7 @@ def build(kind: str, vecs: np.ndarray, metric: str, params: AnnParams, ids: np.n
         base.own_fields = True
         quantizer.this.disown()
         rng = np.random.default_rng(seed)
-        sample = vecs if n <= 64 * nlist else vecs[np.sort(rng.choice(n, 64 * nlist, replace=False))]
+        sample = vecs if n <= 40 * nlist else vecs[np.sort(rng.choice(n, 40 * nlist, replace=False))]
         base.cp.seed = seed
         base.train(sample)
         index = faiss.IndexRefineFlat(base)
