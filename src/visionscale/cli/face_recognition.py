@@ -147,6 +147,9 @@ def identify_cmd(
     backend: Backend = DEFAULT_BACKEND,
     precision: Precision = DEFAULT_PRECISION,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    index: str = typer.Option("auto", "--index", help="Search: exact, ivf or hnsw (approximate, faiss; kept "
+                              "beside the gallery as <gallery>.ann.faiss), or auto: exact below 100,000 "
+                              "embeddings, ivf above."),
 ) -> None:
     """Who is this? The nearest enrolled people, or "unknown"."""
     from visionscale.face.gallery import Gallery
@@ -157,7 +160,7 @@ def identify_cmd(
     with _warnings_to_stderr():
         rec = _recognizer(src, detect, device, backend, precision)
         emb = rec.embed([str(p) for p in images])
-    with Gallery(gallery, embedder=rec, read_only=True) as g, _warnings_to_stderr():
+    with Gallery(gallery, embedder=rec, read_only=True, index=index) as g, _warnings_to_stderr():
         results = g.identify(embeddings=emb, k=k, threshold=threshold)
     if as_json:
         _print_json([{"image": str(p), "name": r.name, "distance": r.distance,

@@ -1,35 +1,45 @@
-"""A persistent face gallery: people, their embeddings, and exact nearest-neighbour search.
+"""A persistent face gallery: people, their embeddings, and nearest-neighbour search (exact or approximate).
 
 Storage is one SQLite file (WAL mode, so readers never block the writer and vice versa):
 
 * ``meta`` (key/value): ``model`` (the embedder id, e.g. ``face_embedder_resnet18/512d/<sha>``),
-  ``dim``, ``generation`` (bumped by every change), ``uuid`` and ``state`` (see below);
+  ``dim``, ``metric`` (``cosine`` or ``euclidean``; absent in older files = ``cosine``),
+  ``generation`` (bumped by every change), ``uuid`` and ``state`` (see below);
 * ``people`` (id, unique name, created) and ``embeddings`` (id, person id, float32 blob,
   source, created), deleted with their person;
 * ``PRAGMA user_version`` = schema version. A file from a newer schema is refused before
   anything is written to it (it is first opened read-only).
 
 Every change is one transaction, so a crash midway (power cut, ``kill -9``) loses that
-change only; everything committed before stays. Vectors are stored L2-normalised. The model
-and dimension are claimed and checked inside that transaction, so two processes starting a
-gallery with different embedders cannot both succeed.
+change only; everything committed before stays. The model, dimension and metric are claimed
+and checked inside that transaction, so two processes starting a gallery with different
+embedders cannot both succeed; a later embedder with another model id or metric is refused
+(:class:`ModelMismatchError`): embedding spaces are never mixed.
+
+Metric: ``cosine`` galleries store L2-normalised vectors and report ``sqrt(2 - 2 cos)``, the
+Euclidean distance of the unit vectors; ``euclidean`` galleries (dlib's ResNet descriptor,
+same person below 0.6) store vectors as given and report the plain L2 distance. The metric
+comes from ``metric=``, else the embedder's ``metric`` attribute (``cosine`` when it has none).
 
 Reading (``read_only=True``: list, identify) opens the file with SQLite's ``mode=ro``: it is
 never created or modified (in a writable folder SQLite may leave the empty ``-wal``/``-shm``
 companions every WAL reader uses; the next writer removes them), and works on read-only files
 and folders. A missing or empty file is an error there; only a writable open creates a gallery.
 
-Search: an exact inner-product index (faiss ``IndexFlatIP`` when the optional ``faiss``
-package is importable, otherwise a numpy matrix product: same maths, same results up to
-float rounding of exact ties) over the normalised embeddings, rebuilt whenever another
-connection committed a change. It is cached beside the database as
+Search (``index=``): exact by default, with faiss ``IndexFlatIP`` / ``IndexFlatL2`` when the
+optional ``faiss`` package is importable, otherwise a numpy matrix product (same maths, same
+results up to float rounding of exact ties); from ``ann_threshold`` embeddings (100,000)
+``index="auto"`` switches to an approximate faiss IVF index, kept as ``<name>.ann.faiss`` and
+keyed like the vector cache below (details in :mod:`visionscale.face.gallery_ann`). Either way
+the candidates' distances are recomputed exactly (float64), so reported distances never
+depend on the index. Rebuilt whenever another connection committed a change (the approximate
+index appends new rows when nothing else changed). The exact index's vectors are cached as
 ``<name>.vectors.safetensors``, keyed by ``state``: a random token that every Gallery write
 renews, in the same transaction as its rows, and that triggers clear when any other program
 changes the embeddings. Equal tokens therefore mean equal rows, whatever happened to the file
 (a restored backup that was enrolled into again gets a new token); a cache with another token,
-or a database without one, is not used. Distance = Euclidean distance of unit vectors =
-``sqrt(2 - 2 cos)``; a query is identified as the nearest person when that distance is
-below ``threshold``, otherwise as unknown.
+or a database without one, is not used. A query is identified as the nearest person when
+the distance is below ``threshold``, otherwise as unknown.
 """
 
 from __future__ import annotations

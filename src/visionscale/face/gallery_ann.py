@@ -39,6 +39,9 @@ __all__ = ["ANN_THRESHOLD", "AnnParams", "AnnIndex", "AnnFileError", "build", "r
 # docs/benchmarks.md; exact search over 100k 128-d vectors takes ~2 ms per query on 2 CPU cores).
 ANN_THRESHOLD = 100_000
 _MAGIC = b"VSANN1\n"
+# Fewer rows than this train 8-bit scalar codes instead of product quantisation (whose 16 codes
+# per sub-vector want hundreds of training rows).
+_MIN_PQ_TRAIN = 1000
 # The faiss index file is read and written through Python callbacks in blocks of this size.
 _BLOCK = 1 << 22
 
@@ -185,10 +188,11 @@ def build(kind: str, vecs: np.ndarray, metric: str, params: AnnParams, ids: np.n
     elif kind == "ivf":
         nlist = params.nlist
         quantizer = faiss.IndexFlatL2(d)
-        if d % params.pq_dims == 0 and (d // params.pq_dims) % 2 == 0:
+        if d % params.pq_dims == 0 and (d // params.pq_dims) % 2 == 0 and n >= _MIN_PQ_TRAIN:
             base = faiss.IndexIVFPQFastScan(quantizer, d, nlist, d // params.pq_dims, 4, faiss.METRIC_L2)
-        else:  # fast scan needs an even number of sub-quantizers: 8-bit scalar codes instead
+        else:  # fast scan needs an even number of sub-quantizers and enough rows to train: 8-bit scalar codes
             base = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_L2)
+            base.cp.min_points_per_centroid = 1  # tiny galleries: no warning about few points per cell
         base.own_fields = True
         quantizer.this.disown()
         rng = np.random.default_rng(seed)
