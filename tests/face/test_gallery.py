@@ -476,6 +476,8 @@ def test_approximate_index_file_is_reused_updated_and_rebuilt(tmp_path, monkeypa
         assert reader.identify(embeddings=e[1])[0].name == "p1"
         writer.enroll_many([f"q{i}" for i in range(200)], e[1000:])  # another connection adds people
         assert reader.identify(embeddings=e[1100])[0].name == "q100"  # stale -> new rows appended
+        writer.rename("q100", "quinn")  # a new state, the same rows: nothing to append
+        assert reader.identify(embeddings=e[1100])[0].name == "quinn"
         assert len(builds) == 1
         writer.remove("p3")  # a removal cannot be appended: rebuilt
         (r,) = reader.identify(embeddings=e[3], k=3)

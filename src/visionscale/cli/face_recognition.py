@@ -148,7 +148,7 @@ def identify_cmd(
     precision: Precision = DEFAULT_PRECISION,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     index: str = typer.Option("auto", "--index", help="Search: exact, ivf or hnsw (approximate, faiss; kept "
-                              "beside the gallery as <gallery>.ann.faiss), or auto: exact below 100,000 "
+                              "beside the gallery as <gallery>.ann.faiss), or auto: exact below 50,000 "
                               "embeddings, ivf above."),
 ) -> None:
     """Who is this? The nearest enrolled people, or "unknown"."""

@@ -28,7 +28,7 @@ and folders. A missing or empty file is an error there; only a writable open cre
 
 Search (``index=``): exact by default, with faiss ``IndexFlatIP`` / ``IndexFlatL2`` when the
 optional ``faiss`` package is importable, otherwise a numpy matrix product (same maths, same
-results up to float rounding of exact ties); from ``ann_threshold`` embeddings (100,000)
+results up to float rounding of exact ties); from ``ann_threshold`` embeddings (50,000)
 ``index="auto"`` switches to an approximate faiss IVF index, kept as ``<name>.ann.faiss`` and
 keyed like the vector cache below (details in :mod:`visionscale.face.gallery_ann`). Either way
 the candidates' distances are recomputed exactly (float64), so reported distances never
@@ -766,15 +766,21 @@ class Gallery:
         else brought up to date (new rows added) or rebuilt, and written back."""
         from visionscale.face import gallery_ann
 
-        old = None
-        if self.cache_index and self.ann_path.is_file():
+        def usable(a) -> bool:  # the same kind of index over the same kind of vectors
+            return a is not None and a.kind == kind and a.metric == metric and a.dim == (self.dim or 0)
+
+        # The base to bring up to date: the index in memory, else the file's; the file is read
+        # when it is the only base or already holds the current rows (another process updated it).
+        current = self._index.ann if isinstance(self._index, _AnnSearch) else None
+        old = current if usable(current) else None
+        key_now = self._key()
+        if self.cache_index and self.ann_path.is_file() and (old is None or old.key != key_now):
             try:
-                old = gallery_ann.read(self.ann_path)
+                if old is None or gallery_ann.peek(self.ann_path).get("key") == key_now:
+                    loaded = gallery_ann.read(self.ann_path)
+                    old = loaded if usable(loaded) else old  # another kind or gallery: not used
             except (gallery_ann.AnnFileError, OSError) as exc:
                 warnings.warn(f"unreadable approximate index {self.ann_path} ({exc}); rebuilding it")
-            else:
-                if old.kind != kind or old.metric != metric or old.dim != (self.dim or 0):
-                    old = None  # another kind or gallery: rebuilt
         if old is not None:
             c = self._conn
             c.execute("BEGIN")  # the key and the count of one version
@@ -922,7 +928,10 @@ class _ExactIndex:
     def candidates(self, q: np.ndarray, kk: int) -> np.ndarray:
         if isinstance(self.store, np.ndarray):
             return _topk_numpy(self.store, q, kk, self.half_sqnorm)
-        return self.store.search(q, kk)[1]
+        from visionscale.face.gallery_ann import one_thread_for
+
+        with one_thread_for(len(q)):
+            return self.store.search(q, kk)[1]
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         return self.store[rows] if isinstance(self.store, np.ndarray) else self.store.reconstruct_batch(rows)
