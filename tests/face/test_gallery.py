@@ -433,7 +433,7 @@ def test_approximate_index_recall_and_exact_distances(tmp_path, kind, metric):
 
     rng = np.random.default_rng(5)
     # Same-person distances ~0.3 of other people's in both metrics: clustered data.
-    emb, owner, q, qi = _clustered(rng, 2000, d=32, extra=300, raw=metric == "euclidean", noise=0.05, same=0.25)
+    emb, owner, q, qi = _clustered(rng, 2000, d=32, extra=100, raw=metric == "euclidean", noise=0.05, same=0.25)
     p = tmp_path / "g.db"
     with Gallery(p, model="m", metric=metric, index="exact") as g:
         _fill(g, emb, owner)
