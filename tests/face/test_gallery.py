@@ -284,7 +284,8 @@ def test_cli_gallery_commands(tmp_path):
     assert r.exit_code == 0, r.output
     assert [x["name"] for x in json.loads(r.stdout)] == ["bo", "ann"]
     for index in ["exact"] + (["ivf"] if faiss_available() else []):
-        r = run(app, ["identify", str(paths[2]), "-g", db, "--no-detect", "--threshold", "0.001", "--json", "--index", index])
+        r = run(app, ["identify", str(paths[2]), "-g", db, "--no-detect", "--threshold", "0.001", "--json",
+                      "--index", index])
         assert r.exit_code == 0 and json.loads(r.stdout)[0]["name"] == "bo", r.output
     r = run(app, ["identify", str(paths[2]), "-g", db, "--no-detect", "--index", "lsh"])
     assert r.exit_code == 2 and "index must be one of auto, exact, ivf, hnsw" in r.output

@@ -484,13 +484,11 @@ class Gallery:
             raise ModelMismatchError(f"gallery {self.path} compares embeddings by {stored_metric} distance; refusing "
                                      f"to mix in {metric} ones (use a separate gallery per model and metric)")
 
-    def _check_model(self, dim: int | None = None) -> str:
-        """Early check, before a write transaction (which checks again: see ``_claim_model``);
-        returns the metric to prepare vectors for."""
+    def _check_model(self, dim: int | None = None) -> None:
+        """Early check, before a write transaction (which checks again: see ``_claim_model``)."""
         stored = dict(self._conn.execute("SELECT key, value FROM meta WHERE key IN ('model', 'dim', 'metric')"))
-        stored_metric = _stored_metric(stored.get("metric"), stored.get("dim"))
-        self._mismatch(stored.get("model"), stored.get("dim"), dim, stored_metric)
-        return stored_metric or self.requested_metric or "cosine"
+        self._mismatch(stored.get("model"), stored.get("dim"), dim,
+                       _stored_metric(stored.get("metric"), stored.get("dim")))
 
     def _write(self, fn: Callable[[sqlite3.Connection], object]) -> object:
         """Run ``fn`` in one write transaction (all or nothing), bump the generation and renew the state."""
@@ -549,7 +547,8 @@ class Gallery:
         if (embeddings is None) == (images is None):
             raise GalleryError("pass exactly one of embeddings= or images=")
         raw = np.asarray(self._embed_images(images) if images is not None else embeddings, dtype=np.float32)
-        metric = self._check_model(raw.shape[-1] if raw.ndim else None)
+        self._check_model(raw.shape[-1] if raw.ndim else None)
+        metric = self.metric
         vecs = _prepare(raw, None, metric)
         if sources is not None and len(sources) != len(vecs):
             raise GalleryError(f"{len(sources)} sources for {len(vecs)} embeddings")
@@ -570,7 +569,8 @@ class Gallery:
     def enroll_many(self, names: Sequence[str], embeddings) -> int:
         """Bulk path: one new person per row of ``embeddings`` ``(n, D)``, in one transaction."""
         raw = np.asarray(embeddings, dtype=np.float32)
-        metric = self._check_model(raw.shape[-1] if raw.ndim else None)
+        self._check_model(raw.shape[-1] if raw.ndim else None)
+        metric = self.metric
         vecs = _prepare(raw, None, metric)
         if len(names) != len(vecs):
             raise GalleryError(f"{len(names)} names for {len(vecs)} embeddings")
@@ -797,8 +797,8 @@ class Gallery:
             return None
         rows = gallery_ann.digest(ids, pids, vecs)
         m = len(old) if old is not None else 0
-        if (old is not None and 0 < m <= len(ids) and len(ids) <= 4 * old.trained_n
-                and np.array_equal(old.ids, ids[:m]) and gallery_ann.digest(ids[:m], pids[:m], vecs[:m]) == old.rows_digest):
+        if (old is not None and 0 < m <= len(ids) and len(ids) <= 4 * old.trained_n and np.array_equal(old.ids, ids[:m])
+                and gallery_ann.digest(ids[:m], pids[:m], vecs[:m]) == old.rows_digest):
             old.add(ids[m:], pids[m:], vecs[m:], rows)  # only additions since: append them
             ann = old
         else:
@@ -835,7 +835,8 @@ class Gallery:
         if k < 1:
             raise GalleryError(f"k must be at least 1, got {k}")
         raw = np.asarray(self._embed_images(images) if images is not None else embeddings, dtype=np.float32)
-        metric = self._check_model(raw.shape[-1] if raw.ndim else None)
+        self._check_model(raw.shape[-1] if raw.ndim else None)
+        metric = self.metric
         q = _prepare(raw, None, metric, "queries")
         self._ensure_index()
         index = self._index
