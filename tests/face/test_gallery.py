@@ -16,6 +16,7 @@ import typer
 from typer.testing import CliRunner
 
 from visionscale.cli._common import CLIGroup
+from visionscale.errors import InvalidValueError, MissingDependencyError
 from visionscale.face.gallery import (
     SCHEMA_VERSION,
     Gallery,
@@ -284,6 +285,12 @@ def test_cli_gallery_commands(tmp_path):
     res = json.loads(r.stdout)  # one entry per image, with one answer per face (--no-detect: the whole image)
     assert [[f["name"] for f in x["faces"]] for x in res] == [["bo"], ["ann"]]
     assert [x["image"] for x in res] == [str(paths[2]), str(paths[0])]
+    for index in ["exact"] + (["ivf"] if faiss_available() else []):
+        r = run(app, ["identify", str(paths[2]), "-g", db, "--no-detect", "--threshold", "0.001", "--json",
+                      "--index", index])
+        assert r.exit_code == 0 and json.loads(r.stdout)[0]["faces"][0]["name"] == "bo", r.output
+    r = run(app, ["identify", str(paths[2]), "-g", db, "--no-detect", "--index", "lsh"])
+    assert r.exit_code == 2 and "index must be one of auto, exact, ivf, hnsw" in r.output
     r = run(app, ["gallery", "list", "-g", db, "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["people"] == [{"name": "ann", "embeddings": 2}, {"name": "bo", "embeddings": 1}]
     assert run(app, ["gallery", "rename", "bo", "bob", "-g", db]).exit_code == 0
@@ -301,3 +308,190 @@ def test_cli_gallery_commands(tmp_path):
     con.close()
     r = run(app, ["gallery", "list", "-g", db])
     assert r.exit_code == 2 and "newer" in r.output
+
+
+# -- metrics and approximate indexes ----------------------------------------------------------
+
+needs_faiss = pytest.mark.skipif(not faiss_available(), reason="approximate indexes need faiss")
+
+
+def _clustered(rng, n_people, d=32, extra=0, raw=False, noise=0.03, same=0.4):
+    """People as random centres, a few with several embeddings; queries = centre + fresh noise.
+
+    ``raw``: dlib-like unnormalised descriptors (a shared offset of norm 1.4, identities ~0.9
+    apart, same-person samples ~``same`` apart); else unit vectors plus ``noise`` per value."""
+    if raw:
+        m = rng.normal(size=d)
+        m *= 1.4 / np.linalg.norm(m)
+        centres = m + 0.9 / np.sqrt(2 * d) * rng.normal(size=(n_people, d))
+        noise = same / np.sqrt(2 * d)
+    else:
+        centres = _unit(rng, n_people, d)
+    owner = np.concatenate([np.arange(n_people), rng.integers(0, n_people, extra)])
+    emb = centres[owner] + noise * rng.normal(size=(len(owner), d))
+    qi = rng.integers(0, n_people, 200)
+    q = centres[qi] + noise * rng.normal(size=(len(qi), d))
+    return emb.astype(np.float32), owner, q.astype(np.float32), qi
+
+
+def _fill(g, emb, owner):
+    n_people = owner.max() + 1
+    g.enroll_many([f"p{i}" for i in range(n_people)], emb[:n_people])
+    for j in range(n_people, len(owner)):
+        g.enroll(f"p{owner[j]}", embeddings=emb[j])
+
+
+class _Embedder:
+    def __init__(self, model_id, metric=None, dim=8):
+        self.model_id, self.dim = model_id, dim
+        if metric is not None:
+            self.metric = metric
+
+    def embed(self, images):
+        return np.stack([np.asarray(i, np.float32).ravel()[: self.dim] for i in images])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_euclidean_metric_keeps_raw_vectors_and_plain_distances(tmp_path, backend):
+    rng = np.random.default_rng(3)
+    emb, owner, q, qi = _clustered(rng, 50, d=64, extra=20, raw=True)
+    with Gallery(tmp_path / "g.db", model="dlib", metric="euclidean", backend=backend, index="exact") as g:
+        _fill(g, emb, owner)
+        assert g.metric == g.stored_metric == "euclidean"
+        # Stored as given (not normalised): dlib compares raw descriptors.
+        np.testing.assert_array_equal(g.embeddings_of("p0"), emb[owner == 0])
+        res = g.identify(embeddings=q, k=3, threshold=0.6)
+    assert [r.name for r in res] == [f"p{i}" for i in qi]
+    for r, x in zip(res, q):
+        for m in r.matches:
+            own = emb[owner == int(m.name[1:])].astype(np.float64)
+            want = np.linalg.norm(own - x, axis=1).min()
+            # float64 recomputation of float32 data: agreement to ~1e-6 relative to distances ~0.4-1
+            assert m.distance == pytest.approx(want, rel=1e-5)
+        assert [m.distance for m in r.matches] == sorted(m.distance for m in r.matches)
+        # same-person ~0.4 apart, other people ~0.9+: known under dlib's 0.6
+        assert r.distance < 0.6 and r.matches[1].distance > 0.6
+
+
+def test_metric_is_claimed_and_never_mixed(tmp_path):
+    p = tmp_path / "g.db"
+    with Gallery(p, embedder=_Embedder("dlib128", metric="euclidean")) as g:
+        g.enroll("a", images=[np.arange(8) + 1.0])
+        assert g.stored_metric == "euclidean"
+    for kwargs in ({"metric": "cosine"}, {"embedder": _Embedder("dlib128")}):  # no attribute = cosine
+        with Gallery(p, **kwargs) as g:
+            with pytest.raises(ModelMismatchError, match="euclidean distance; refusing to mix in cosine"):
+                g.enroll("b", embeddings=np.ones(8))
+            with pytest.raises(ModelMismatchError, match="refusing to mix"):
+                g.identify(embeddings=np.ones(8))
+    with Gallery(p) as g:  # nothing requested: the stored metric is used
+        assert g.metric == "euclidean"
+        assert g.identify(embeddings=np.arange(8) + 1.0)[0].distance == pytest.approx(0.0, abs=1e-6)
+    # Another model with the same metric is refused too (never mix embedding spaces).
+    with Gallery(p, embedder=_Embedder("other128", metric="euclidean")) as g:
+        with pytest.raises(ModelMismatchError, match="model 'dlib128'; refusing to mix in 'other128'"):
+            g.enroll("c", images=[np.ones(8)])
+    # A gallery from before metrics existed (no meta row) is cosine.
+    old = tmp_path / "old.db"
+    with Gallery(old, model="m") as g:
+        g.enroll("a", embeddings=np.eye(4)[0])
+    con = sqlite3.connect(old)
+    with con:
+        con.execute("DELETE FROM meta WHERE key = 'metric'")
+    con.close()
+    with Gallery(old, model="m") as g:
+        assert g.stored_metric == "cosine"
+    with Gallery(old, model="m", metric="euclidean") as g, pytest.raises(ModelMismatchError, match="cosine"):
+        g.enroll("b", embeddings=np.eye(4)[1])
+    with pytest.raises(InvalidValueError, match="metric"):
+        Gallery(tmp_path / "x.db", metric="manhattan")
+
+
+def test_index_choice_and_missing_faiss(tmp_path, monkeypatch):
+    import visionscale.face.gallery as gallery_module
+
+    rng = np.random.default_rng(4)
+    with Gallery(tmp_path / "g.db", model="m", ann_threshold=50) as g:
+        g.enroll_many([f"p{i}" for i in range(49)], _unit(rng, 49))
+        g.identify(embeddings=_unit(rng, 1))
+        assert g.active_index == "exact"  # below the threshold
+        g.enroll("late", embeddings=_unit(rng, 1))
+        g.identify(embeddings=_unit(rng, 1))
+        assert g.active_index == ("ivf" if faiss_available() else "exact")
+    with pytest.raises(InvalidValueError, match="index must be one of"):
+        Gallery(tmp_path / "g.db", index="lsh")
+    monkeypatch.setattr(gallery_module, "faiss_available", lambda: False)
+    for kind in ("ivf", "hnsw"):
+        with pytest.raises(MissingDependencyError, match="pip install faiss-cpu"):
+            Gallery(tmp_path / "g.db", index=kind)
+    with Gallery(tmp_path / "g.db", model="m", ann_threshold=1, backend="numpy") as g:  # auto stays exact
+        assert g.identify(embeddings=_unit(rng, 1))[0].matches and g.active_index == "exact"
+
+
+@needs_faiss
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_approximate_index_recall_and_exact_distances(tmp_path, kind, metric):
+    from visionscale.face.gallery_ann import AnnParams
+
+    rng = np.random.default_rng(5)
+    # Same-person distances ~0.3 of other people's in both metrics: clustered data.
+    emb, owner, q, qi = _clustered(rng, 2000, d=32, extra=100, raw=metric == "euclidean", noise=0.05, same=0.25)
+    p = tmp_path / "g.db"
+    with Gallery(p, model="m", metric=metric, index="exact") as g:
+        _fill(g, emb, owner)
+        exact = g.identify(embeddings=q, k=3)
+    # Few cells visited / a short HNSW list, so the test exercises a really approximate search.
+    params = AnnParams(nlist=32, nprobe=8, ef_search=16, rerank=16)
+    with Gallery(p, model="m", index=kind, ann_params=params) as g:
+        approx = g.identify(embeddings=q, k=3)
+        assert g.active_index == kind
+    assert g.ann_path.is_file()
+    recall = np.mean([a.matches[0].name == e.matches[0].name for a, e in zip(approx, exact)])
+    assert recall >= 0.99
+    assert np.mean([e.matches[0].name == f"p{i}" for e, i in zip(exact, qi)]) == 1.0  # the data are separable
+    for a, e in zip(approx, exact):
+        if a.matches[0].name == e.matches[0].name:
+            # Candidates are re-ranked with the same float64 formula: identical distances.
+            assert a.matches[0].distance == e.matches[0].distance
+
+
+@needs_faiss
+def test_approximate_index_file_is_reused_updated_and_rebuilt(tmp_path, monkeypatch):
+    from visionscale.face import gallery_ann
+
+    builds = []
+    real_build = gallery_ann.build
+    monkeypatch.setattr(gallery_ann, "build", lambda *a, **kw: builds.append(1) or real_build(*a, **kw))
+    rng = np.random.default_rng(6)
+    e = _unit(rng, 1200, 16)
+    p = tmp_path / "g.db"
+    params = gallery_ann.AnnParams(nlist=16, nprobe=16)  # all cells: exact answers, whatever the data
+    with Gallery(p, model="m", index="ivf", ann_params=params) as g:
+        g.enroll_many([f"p{i}" for i in range(1000)], e[:1000])
+        assert g.identify(embeddings=e[5])[0].name == "p5"
+    assert len(builds) == 1 and g.ann_path.is_file()
+    stamp = g.ann_path.stat().st_mtime_ns
+    with Gallery(p, model="m", index="ivf", ann_params=params, read_only=True) as g:  # reopen: the file is used
+        assert g.identify(embeddings=e[7])[0].name == "p7"
+    assert len(builds) == 1 and g.ann_path.stat().st_mtime_ns == stamp
+    with Gallery(p, model="m", index="ivf", ann_params=params) as reader, Gallery(p, model="m") as writer:
+        assert reader.identify(embeddings=e[1])[0].name == "p1"
+        writer.enroll_many([f"q{i}" for i in range(200)], e[1000:])  # another connection adds people
+        assert reader.identify(embeddings=e[1100])[0].name == "q100"  # stale -> new rows appended
+        writer.rename("q100", "quinn")  # a new state, the same rows: nothing to append
+        assert reader.identify(embeddings=e[1100])[0].name == "quinn"
+        assert len(builds) == 1
+        writer.remove("p3")  # a removal cannot be appended: rebuilt
+        (r,) = reader.identify(embeddings=e[3], k=3)
+        assert "p3" not in [m.name for m in r.matches] and len(builds) == 2
+        state = writer._meta("state")
+    head = gallery_ann.read(g.ann_path).header()
+    assert head["n"] == 1199 and head["key"].endswith("/" + state)
+    # A damaged or foreign file is rebuilt with a warning, never a crash.
+    for junk in (b"garbage", g.ann_path.read_bytes()[:-100]):
+        g.ann_path.write_bytes(junk)
+        with Gallery(p, model="m", index="ivf", ann_params=params) as g2:
+            with pytest.warns(UserWarning, match="unreadable approximate index"):
+                assert g2.identify(embeddings=e[8])[0].name == "p8"
+        assert gallery_ann.read(g.ann_path).header()["n"] == 1199

@@ -157,6 +157,9 @@ def identify_cmd(
     backend: Backend = DEFAULT_BACKEND,
     precision: Precision = DEFAULT_PRECISION,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    index: str = typer.Option("auto", "--index", help="Search: exact, ivf or hnsw (approximate, faiss; kept "
+                              "beside the gallery as <gallery>.ann.faiss), or auto: exact below 50,000 "
+                              "embeddings, ivf above."),
 ) -> None:
     """Who is in these photos? For every face: the nearest enrolled people, or "unknown"."""
     from visionscale.face.gallery import Gallery
@@ -166,7 +169,7 @@ def identify_cmd(
     src = _model_for_gallery(model, _stored_source(gallery))
     with _warnings_to_stderr():
         rec = _recognizer(src, detect, device, backend, precision)
-        with Gallery(gallery, embedder=rec, read_only=True) as g:
+        with Gallery(gallery, embedder=rec, read_only=True, index=index) as g:
             results = rec.identify(g, [str(p) for p in images], k=k, threshold=threshold, largest_only=largest)
     if as_json:
         _print_json([{"image": str(p), "faces": [r.to_dict() for r in faces]} for p, faces in zip(images, results)])

@@ -221,6 +221,11 @@ class FaceRecognizer:
         return float(getattr(self.embedder, "default_threshold", 0.5))
 
     @property
+    def default_threshold(self) -> float:
+        """:attr:`threshold`, under the name embedders use (a Gallery reads it)."""
+        return self.threshold
+
+    @property
     def alignment(self) -> str:
         """``"dlib5"`` (dlib's landmarks and chips) or ``"keypoints"`` (BlazeFace's eyes)."""
         return getattr(self.embedder, "alignment", "keypoints")

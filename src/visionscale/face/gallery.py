@@ -1,35 +1,45 @@
-"""A persistent face gallery: people, their embeddings, and exact nearest-neighbour search.
+"""A persistent face gallery: people, their embeddings, and nearest-neighbour search (exact or approximate).
 
 Storage is one SQLite file (WAL mode, so readers never block the writer and vice versa):
 
 * ``meta`` (key/value): ``model`` (the embedder id, e.g. ``face_embedder_resnet18/512d/<sha>``),
-  ``dim``, ``generation`` (bumped by every change), ``uuid`` and ``state`` (see below);
+  ``dim``, ``metric`` (``cosine`` or ``euclidean``; absent in older files = ``cosine``),
+  ``generation`` (bumped by every change), ``uuid`` and ``state`` (see below);
 * ``people`` (id, unique name, created) and ``embeddings`` (id, person id, float32 blob,
   source, created), deleted with their person;
 * ``PRAGMA user_version`` = schema version. A file from a newer schema is refused before
   anything is written to it (it is first opened read-only).
 
 Every change is one transaction, so a crash midway (power cut, ``kill -9``) loses that
-change only; everything committed before stays. Vectors are stored L2-normalised. The model
-and dimension are claimed and checked inside that transaction, so two processes starting a
-gallery with different embedders cannot both succeed.
+change only; everything committed before stays. The model, dimension and metric are claimed
+and checked inside that transaction, so two processes starting a gallery with different
+embedders cannot both succeed; a later embedder with another model id or metric is refused
+(:class:`ModelMismatchError`): embedding spaces are never mixed.
+
+Metric: ``cosine`` galleries store L2-normalised vectors and report ``sqrt(2 - 2 cos)``, the
+Euclidean distance of the unit vectors; ``euclidean`` galleries (dlib's ResNet descriptor,
+same person below 0.6) store vectors as given and report the plain L2 distance. The metric
+comes from ``metric=``, else the embedder's ``metric`` attribute (``cosine`` when it has none).
 
 Reading (``read_only=True``: list, identify) opens the file with SQLite's ``mode=ro``: it is
 never created or modified (in a writable folder SQLite may leave the empty ``-wal``/``-shm``
 companions every WAL reader uses; the next writer removes them), and works on read-only files
 and folders. A missing or empty file is an error there; only a writable open creates a gallery.
 
-Search: an exact inner-product index (faiss ``IndexFlatIP`` when the optional ``faiss``
-package is importable, otherwise a numpy matrix product: same maths, same results up to
-float rounding of exact ties) over the normalised embeddings, rebuilt whenever another
-connection committed a change. It is cached beside the database as
+Search (``index=``): exact by default, with faiss ``IndexFlatIP`` / ``IndexFlatL2`` when the
+optional ``faiss`` package is importable, otherwise a numpy matrix product (same maths, same
+results up to float rounding of exact ties); from ``ann_threshold`` embeddings (50,000)
+``index="auto"`` switches to an approximate faiss IVF index, kept as ``<name>.ann.faiss`` and
+keyed like the vector cache below (details in :mod:`visionscale.face.gallery_ann`). Either way
+the candidates' distances are recomputed exactly (float64), so reported distances never
+depend on the index. Rebuilt whenever another connection committed a change (the approximate
+index appends new rows when nothing else changed). The exact index's vectors are cached as
 ``<name>.vectors.safetensors``, keyed by ``state``: a random token that every Gallery write
 renews, in the same transaction as its rows, and that triggers clear when any other program
 changes the embeddings. Equal tokens therefore mean equal rows, whatever happened to the file
 (a restored backup that was enrolled into again gets a new token); a cache with another token,
-or a database without one, is not used. Distance = Euclidean distance of unit vectors =
-``sqrt(2 - 2 cos)``; a query is identified as the nearest person when that distance is
-below ``threshold``, otherwise as unknown.
+or a database without one, is not used. A query is identified as the nearest person when
+the distance is below ``threshold``, otherwise as unknown.
 """
 
 from __future__ import annotations
@@ -59,10 +69,14 @@ __all__ = [
     "Identification",
     "PersonInfo",
     "SCHEMA_VERSION",
+    "METRICS",
+    "INDEX_KINDS",
     "faiss_available",
 ]
 
 SCHEMA_VERSION = 1
+METRICS = ("cosine", "euclidean")
+INDEX_KINDS = ("auto", "exact", "ivf", "hnsw")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -100,7 +114,7 @@ class SchemaError(GalleryError):
 
 
 class ModelMismatchError(GalleryError):
-    """Embeddings of a different model (or dimension) than the gallery's."""
+    """Embeddings of a different model, dimension or metric than the gallery's."""
 
 
 def _database_errors(method):
@@ -123,6 +137,7 @@ def _database_errors(method):
 class Embedder(Protocol):
     model_id: str
     dim: int
+    # Optional: ``metric`` ("cosine" or "euclidean", read with getattr; "cosine" when absent).
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
 
@@ -131,7 +146,7 @@ class Embedder(Protocol):
 class Match:
     name: str
     distance: float
-    similarity: float  # cosine similarity of the unit embeddings
+    similarity: float  # cosine similarity of the two embeddings (whatever the gallery's metric)
 
 
 @dataclass(frozen=True)
@@ -194,7 +209,20 @@ def _read_only_uri(path: Path) -> str:
     return uri + "&immutable=1"
 
 
-def _normalise(x, dim: int | None, what: str = "embeddings") -> np.ndarray:
+def _stored_metric(metric: str | None, dim: str | None) -> str | None:
+    """The meta table's metric; a gallery that holds a dimension but no metric predates metrics: cosine."""
+    return metric if metric is not None else ("cosine" if dim is not None else None)
+
+
+def _check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise InvalidValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}").about("metric")
+    return metric
+
+
+def _prepare(x, dim: int | None, metric: str, what: str = "embeddings") -> np.ndarray:
+    """``(n, D)`` float32 rows as the gallery stores and searches them: L2-normalised for
+    ``cosine``, as given for ``euclidean``."""
     a = np.asarray(x, dtype=np.float32)
     if a.ndim == 1:
         a = a[None]
@@ -204,6 +232,8 @@ def _normalise(x, dim: int | None, what: str = "embeddings") -> np.ndarray:
         raise ModelMismatchError(f"{what} have {a.shape[1]} dimensions but this gallery holds {dim}-d embeddings")
     if not np.all(np.isfinite(a)):
         raise GalleryError(f"{what} contain NaN or infinite values")
+    if metric == "euclidean":
+        return np.ascontiguousarray(a)
     norms = np.linalg.norm(a, axis=1, keepdims=True)
     if np.any(norms == 0):
         raise GalleryError(f"{what} contain an all-zero vector, which has no direction")
@@ -220,9 +250,20 @@ class Gallery:
         model: The embedder id when you pass embeddings yourself (ignored with ``embedder``).
             Writing or searching with a model other than the stored one raises
             :class:`ModelMismatchError`; ``None`` skips that check (the dimension is still checked).
-        backend: ``"auto"`` (faiss when importable, else numpy), ``"faiss"`` or ``"numpy"``.
-        cache_index: Keep ``<name>.vectors.safetensors`` beside the database (when that folder
-            is writable).
+        metric: ``"cosine"`` (vectors L2-normalised, distance ``sqrt(2 - 2 cos)``) or
+            ``"euclidean"`` (vectors stored as given, plain L2 distance; dlib's descriptor).
+            ``None``: the embedder's ``metric`` attribute (``"cosine"`` when it has none), or
+            without an embedder the stored metric (``"cosine"`` for a new gallery). Claimed with
+            the model at the first enrolment; a different one raises :class:`ModelMismatchError`.
+        backend: Exact search: ``"auto"`` (faiss when importable, else numpy), ``"faiss"`` or ``"numpy"``.
+        index: ``"exact"``, ``"ivf"`` / ``"hnsw"`` (approximate faiss indexes, candidates re-ranked
+            exactly) or ``"auto"``: exact below ``ann_threshold`` embeddings, ``"ivf"`` from
+            there on (exact when faiss is missing). See :mod:`visionscale.face.gallery_ann`.
+        ann_threshold: Embeddings from which ``index="auto"`` goes approximate.
+        ann_params: :class:`visionscale.face.gallery_ann.AnnParams` (cells, probes, links, re-ranked
+            candidates); the measured defaults when None.
+        cache_index: Keep ``<name>.vectors.safetensors`` (exact search) and ``<name>.ann.faiss``
+            (approximate) beside the database (when that folder is writable).
         timeout: Seconds to wait for another process's write lock.
         model_source: Where the model comes from (checkpoint path or registry name); stored
             with the first enrolment so tools can rebuild the same embedder later.
@@ -233,11 +274,28 @@ class Gallery:
 
     def __init__(self, path: str | os.PathLike, embedder: Embedder | None = None, model: str | None = None,
                  backend: str = "auto", cache_index: bool = True, timeout: float = 30.0,
-                 model_source: str | None = None, read_only: bool = False, create: bool = True) -> None:
+                 model_source: str | None = None, read_only: bool = False, create: bool = True,
+                 metric: str | None = None, index: str = "auto", ann_threshold: int | None = None,
+                 ann_params=None) -> None:
+        from visionscale.face import gallery_ann
+
         self.path = Path(path).expanduser()
         self.embedder = embedder
         self.model = embedder.model_id if embedder is not None else model
         self.model_source = model_source
+        if metric is None and embedder is not None:
+            metric = getattr(embedder, "metric", "cosine")
+        self.requested_metric = _check_metric(metric) if metric is not None else None
+        if index not in INDEX_KINDS:
+            raise InvalidValueError(f"index must be one of {', '.join(INDEX_KINDS)}, got {index!r}").about("index")
+        if index in ("ivf", "hnsw") and not faiss_available():
+            raise MissingDependencyError(f"index={index!r} needs the faiss package (pip install faiss-cpu); "
+                                         f"index='exact' needs nothing").about("index")
+        self.index_kind = index
+        self.ann_params = ann_params if ann_params is not None else gallery_ann.AnnParams()
+        self.ann_threshold = gallery_ann.ANN_THRESHOLD if ann_threshold is None else int(ann_threshold)
+        if self.ann_threshold < 1:
+            raise InvalidValueError(f"ann_threshold must be >= 1, got {ann_threshold}").about("ann_threshold")
         if backend not in ("auto", "faiss", "numpy"):
             raise InvalidValueError(f"backend must be auto, faiss or numpy, got {backend!r}").about("backend")
         if backend == "faiss" and not faiss_available():
@@ -401,19 +459,36 @@ class Gallery:
         return int(v) if v is not None else None
 
     @property
+    def stored_metric(self) -> str | None:
+        """The metric claimed at the first enrolment; a gallery from before metrics existed is cosine."""
+        return _stored_metric(self._meta("metric"), self._meta("dim"))
+
+    @property
+    def metric(self) -> str:
+        """The metric searches use: the stored one, else the requested one, else cosine."""
+        return self.stored_metric or self.requested_metric or "cosine"
+
+    @property
     def generation(self) -> int:
         return int(self._meta("generation") or 0)
 
-    def _mismatch(self, stored_model: str | None, stored_dim: str | None, dim: int | None) -> None:
+    def _mismatch(self, stored_model: str | None, stored_dim: str | None, dim: int | None,
+                  stored_metric: str | None = None, metric: str | None = None) -> None:
         if stored_model is not None and self.model is not None and stored_model != self.model:
             raise ModelMismatchError(f"gallery {self.path} holds embeddings of model {stored_model!r}; refusing to "
                                      f"mix in {self.model!r} (use a separate gallery per model, or re-enroll)")
         if stored_dim is not None and dim is not None and int(stored_dim) != dim:
             raise ModelMismatchError(f"gallery {self.path} holds {stored_dim}-d embeddings, got {dim}-d")
+        metric = metric or self.requested_metric
+        if stored_metric is not None and metric is not None and stored_metric != metric:
+            raise ModelMismatchError(f"gallery {self.path} compares embeddings by {stored_metric} distance; refusing "
+                                     f"to mix in {metric} ones (use a separate gallery per model and metric)")
 
     def _check_model(self, dim: int | None = None) -> None:
         """Early check, before a write transaction (which checks again: see ``_claim_model``)."""
-        self._mismatch(self.stored_model, self._meta("dim"), dim)
+        stored = dict(self._conn.execute("SELECT key, value FROM meta WHERE key IN ('model', 'dim', 'metric')"))
+        self._mismatch(stored.get("model"), stored.get("dim"), dim,
+                       _stored_metric(stored.get("metric"), stored.get("dim")))
 
     def _write(self, fn: Callable[[sqlite3.Connection], object]) -> object:
         """Run ``fn`` in one write transaction (all or nothing), bump the generation and renew the state."""
@@ -439,13 +514,17 @@ class Gallery:
         self._writes += 1
         return result
 
-    def _claim_model(self, c: sqlite3.Connection, dim: int) -> None:
-        """Check the stored model and dimension and claim them if unset, inside the write
-        transaction: another process may have claimed them since ``_check_model``."""
-        stored = dict(c.execute("SELECT key, value FROM meta WHERE key IN ('model', 'dim')").fetchall())
-        self._mismatch(stored.get("model"), stored.get("dim"), dim)
+    def _claim_model(self, c: sqlite3.Connection, dim: int, metric: str) -> None:
+        """Check the stored model, dimension and metric and claim them if unset, inside the write
+        transaction: another process may have claimed them since ``_check_model``. ``metric`` is
+        the one the new vectors were prepared for."""
+        stored = dict(c.execute("SELECT key, value FROM meta WHERE key IN ('model', 'dim', 'metric')").fetchall())
+        self._mismatch(stored.get("model"), stored.get("dim"), dim,
+                       _stored_metric(stored.get("metric"), stored.get("dim")), metric)
         if "dim" not in stored:
             c.execute("INSERT INTO meta(key, value) VALUES ('dim', ?)", (str(dim),))
+        if "metric" not in stored:
+            c.execute("INSERT INTO meta(key, value) VALUES ('metric', ?)", (metric,))
         if self.model is not None and "model" not in stored:
             c.execute("INSERT INTO meta(key, value) VALUES ('model', ?)", (self.model,))
             if self.model_source is not None:
@@ -467,14 +546,16 @@ class Gallery:
         _check_name(name)
         if (embeddings is None) == (images is None):
             raise GalleryError("pass exactly one of embeddings= or images=")
-        vecs = _normalise(self._embed_images(images) if images is not None else embeddings, None)
-        self._check_model(vecs.shape[1])
+        raw = np.asarray(self._embed_images(images) if images is not None else embeddings, dtype=np.float32)
+        self._check_model(raw.shape[-1] if raw.ndim else None)
+        metric = self.metric
+        vecs = _prepare(raw, None, metric)
         if sources is not None and len(sources) != len(vecs):
             raise GalleryError(f"{len(sources)} sources for {len(vecs)} embeddings")
         now = time.time()
 
         def tx(c: sqlite3.Connection) -> int:
-            self._claim_model(c, vecs.shape[1])
+            self._claim_model(c, vecs.shape[1], metric)
             row = c.execute("SELECT id FROM people WHERE name = ?", (name,)).fetchone()
             pid = row[0] if row else c.execute("INSERT INTO people(name, created) VALUES (?, ?)", (name, now)).lastrowid
             c.executemany("INSERT INTO embeddings(person_id, vector, source, created) VALUES (?, ?, ?, ?)",
@@ -487,18 +568,20 @@ class Gallery:
     @_database_errors
     def enroll_many(self, names: Sequence[str], embeddings) -> int:
         """Bulk path: one new person per row of ``embeddings`` ``(n, D)``, in one transaction."""
-        vecs = _normalise(embeddings, None)
+        raw = np.asarray(embeddings, dtype=np.float32)
+        self._check_model(raw.shape[-1] if raw.ndim else None)
+        metric = self.metric
+        vecs = _prepare(raw, None, metric)
         if len(names) != len(vecs):
             raise GalleryError(f"{len(names)} names for {len(vecs)} embeddings")
         if len(set(names)) != len(names):
             raise GalleryError("enroll_many needs distinct names (use enroll() for several embeddings each)")
         for n in names:
             _check_name(n)
-        self._check_model(vecs.shape[1])
         now = time.time()
 
         def tx(c: sqlite3.Connection) -> int:
-            self._claim_model(c, vecs.shape[1])
+            self._claim_model(c, vecs.shape[1], metric)
             taken = []
             for s in range(0, min(len(names), 10_000), 500):  # large batches rely on UNIQUE below
                 chunk = list(names[s:s + 500])
@@ -573,19 +656,28 @@ class Gallery:
     def cache_path(self) -> Path:
         return self.path.with_name(self.path.name + ".vectors.safetensors")
 
-    def _snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ids, person ids, vectors, from the cache when its state is the database's (one read transaction)."""
+    @property
+    def ann_path(self) -> Path:
+        """The approximate index's file (see :mod:`visionscale.face.gallery_ann`)."""
+        return self.path.with_name(self.path.name + ".ann.faiss")
+
+    def _key(self) -> str | None:
+        """``uuid/state``: names the rows' version; None when unknown (changed by another program)."""
+        uid, state = self._meta("uuid") or "", self._meta("state") or ""
+        return f"{uid}/{state}" if uid and state else None
+
+    def _snapshot(self, write_cache: bool = True) -> tuple[str | None, np.ndarray, np.ndarray, np.ndarray]:
+        """key, ids, person ids, vectors, from the cache when its state is the database's (one read transaction)."""
         c = self._conn
         c.execute("BEGIN")
         try:
-            uid, state = self._meta("uuid") or "", self._meta("state") or ""
+            key = self._key()
             dim = self.dim
-            key = f"{uid}/{state}" if uid and state else None  # no state: the rows' version is unknown
             if key is not None and self.cache_index and self.cache_path.is_file():
                 cached = self._read_cache(key, dim)
                 if cached is not None:
                     c.execute("COMMIT")
-                    return cached
+                    return (key, *cached)
             n = c.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
             if n and dim is None:
                 raise GalleryError(f"{self.path} holds embeddings but no dimension in its meta table; "
@@ -605,9 +697,9 @@ class Gallery:
             if c.in_transaction:
                 c.execute("ROLLBACK")
             raise
-        if key is not None and self.cache_index:
+        if key is not None and self.cache_index and write_cache:
             self._write_cache(key, ids, pids, vecs)
-        return ids, pids, vecs
+        return key, ids, pids, vecs
 
     def _read_cache(self, key: str, dim: int | None):
         from safetensors import safe_open
@@ -642,69 +734,145 @@ class Gallery:
         """Changes since the index was built: commits by other connections, and by this one."""
         return int(self._conn.execute("PRAGMA data_version").fetchone()[0]), self._writes
 
+    def _kind(self) -> str:
+        """The index to use now: ``index``, or for ``"auto"`` exact below ``ann_threshold`` embeddings."""
+        if self.index_kind != "auto":
+            return self.index_kind
+        if not faiss_available():
+            return "exact"
+        n = self._conn.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
+        return "ivf" if n >= self.ann_threshold else "exact"
+
+    @property
+    def active_index(self) -> str:
+        """The index the last search used (``"exact"``, ``"ivf"``, ``"hnsw"``), or the one the next would."""
+        return self._index.kind if self._index is not None else self._kind()
+
     def _ensure_index(self) -> None:
         version = self._version()
         if self._index is not None and self._index_version == version:
             return
-        ids, pids, vecs = self._snapshot()
-        if self.backend == "faiss" and len(ids):
-            import faiss
-
-            index = faiss.IndexFlatIP(vecs.shape[1])
-            index.add(np.ascontiguousarray(vecs))
-            store = index  # vectors live inside faiss only (no second copy)
+        metric = self.metric
+        kind = self._kind()
+        if kind == "exact":
+            _, ids, pids, vecs = self._snapshot()
+            self._index = _ExactIndex(ids, pids, vecs, metric, self.backend == "faiss")
         else:
-            store = vecs
-        per = np.bincount(np.unique(pids, return_inverse=True)[1]).max() if len(pids) else 0
-        self._index = (ids, pids, store, int(per))
+            self._index = _AnnSearch(self._ann(kind, metric))
         self._index_version = version
 
+    def _ann(self, kind: str, metric: str):
+        """The approximate index: from its file when that holds the database's current rows,
+        else brought up to date (new rows added) or rebuilt, and written back."""
+        from visionscale.face import gallery_ann
+
+        def usable(a) -> bool:  # the same kind of index over the same kind of vectors
+            return a is not None and a.kind == kind and a.metric == metric and a.dim == (self.dim or 0)
+
+        # The base to bring up to date: the index in memory, else the file's; the file is read
+        # when it is the only base or already holds the current rows (another process updated it).
+        current = self._index.ann if isinstance(self._index, _AnnSearch) else None
+        old = current if usable(current) else None
+        key_now = self._key()
+        if self.cache_index and self.ann_path.is_file() and (old is None or old.key != key_now):
+            try:
+                if old is None or gallery_ann.peek(self.ann_path).get("key") == key_now:
+                    loaded = gallery_ann.read(self.ann_path)
+                    old = loaded if usable(loaded) else old  # another kind or gallery: not used
+            except (gallery_ann.AnnFileError, OSError) as exc:
+                warnings.warn(f"unreadable approximate index {self.ann_path} ({exc}); rebuilding it")
+        if old is not None:
+            c = self._conn
+            c.execute("BEGIN")  # the key and the count of one version
+            try:
+                fresh = old.key is not None and old.key == self._key() and len(old) == \
+                    c.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
+            finally:
+                c.execute("COMMIT")
+            if fresh:
+                old.set_search_params(self.ann_params)
+                return old
+        key, ids, pids, vecs = self._snapshot(write_cache=False)
+        if len(ids) == 0:
+            return None
+        rows = gallery_ann.digest(ids, pids, vecs)
+        m = len(old) if old is not None else 0
+        if (old is not None and 0 < m <= len(ids) and len(ids) <= 4 * old.trained_n and np.array_equal(old.ids, ids[:m])
+                and gallery_ann.digest(ids[:m], pids[:m], vecs[:m]) == old.rows_digest):
+            old.add(ids[m:], pids[m:], vecs[m:], rows)  # only additions since: append them
+            ann = old
+        else:
+            old = None  # free it before building the new one
+            ann = gallery_ann.build(kind, vecs, metric, self.ann_params, ids, pids, rows)
+        del vecs
+        ann.key = key
+        ann.set_search_params(self.ann_params)
+        if key is not None and self.cache_index and os.access(self.ann_path.absolute().parent, os.W_OK | os.X_OK):
+            try:
+                gallery_ann.write(self.ann_path, ann)
+            except OSError as exc:
+                warnings.warn(f"could not write the approximate index {self.ann_path}: {exc}")
+        return ann
+
     def rebuild_index(self) -> None:
-        """Drop the in-memory index and the cache file; the next search rebuilds both."""
+        """Drop the in-memory index and the cache files; the next search rebuilds them."""
         self._index = None
         self.cache_path.unlink(missing_ok=True)
+        self.ann_path.unlink(missing_ok=True)
 
     @_database_errors
-    def identify(self, embeddings=None, images=None, k: int = 5, threshold: float = 0.5) -> list[Identification]:
+    def identify(self, embeddings=None, images=None, k: int = 5, threshold: float | None = None) -> list[Identification]:
         """Nearest enrolled people for each query, best first.
 
         Args:
-            embeddings: ``(n, D)`` queries (normalised here), or
+            embeddings: ``(n, D)`` queries (normalised here for a cosine gallery), or
             images: face images, embedded with the gallery's embedder.
             k: How many people to list per query (each person once, by their closest embedding).
-            threshold: Known when the closest distance is ``< threshold``, else ``name=None``.
+            threshold: Known when the closest distance is ``< threshold``, else ``name=None``;
+                default: the embedder's ``default_threshold``, else 0.6 for a euclidean gallery
+                (dlib's) and 0.5 for a cosine one (seed 003's).
         """
+        if threshold is None:
+            threshold = getattr(self.embedder, "default_threshold", None)
+            if threshold is None:
+                threshold = 0.6 if self.metric == "euclidean" else 0.5
         if (embeddings is None) == (images is None):
             raise GalleryError("pass exactly one of embeddings= or images=")
         if k < 1:
             raise GalleryError(f"k must be at least 1, got {k}")
-        q = _normalise(self._embed_images(images) if images is not None else embeddings, None, "queries")
-        self._check_model(q.shape[1])
+        raw = np.asarray(self._embed_images(images) if images is not None else embeddings, dtype=np.float32)
+        self._check_model(raw.shape[-1] if raw.ndim else None)
+        metric = self.metric
+        q = _prepare(raw, None, metric, "queries")
         self._ensure_index()
-        ids, pids, store, per = self._index
-        if len(ids) == 0:
+        index = self._index
+        if index.n == 0:
             return [Identification(None, None, []) for _ in q]
-        kk = min(len(ids), k * per)
-        if self.backend == "faiss" and not isinstance(store, np.ndarray):
-            _, pos = store.search(q, kk)
-        else:
-            pos = _topk_numpy(store, q, kk)
+        ids, pids = index.ids, index.pids
+        pos = index.candidates(q, min(index.n, k * index.per))
         results = []
         names = self._names(np.unique(pids[pos[pos >= 0]]))
         for qi, row in enumerate(pos):
             row = row[row >= 0]
-            vecs = store[row] if isinstance(store, np.ndarray) else store.reconstruct_batch(row)
-            # Exact float64 scores of the candidates: identical whichever backend found them.
-            sims = vecs.astype(np.float64) @ q[qi].astype(np.float64)
-            order = np.lexsort((ids[row], -sims))
-            best: dict[int, float] = {}
+            # Exact float64 distances of the candidates: identical whichever index found them.
+            vecs = index.vectors(row).astype(np.float64)
+            qq = q[qi].astype(np.float64)
+            sims = vecs @ qq
+            if metric == "cosine":
+                dists = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * sims))
+                order = np.lexsort((ids[row], -sims))
+            else:
+                dists = np.sqrt(np.maximum(0.0, ((vecs - qq) ** 2).sum(1)))
+                sims = sims / np.maximum(np.linalg.norm(vecs, axis=1) * np.linalg.norm(qq), 1e-300)
+                order = np.lexsort((ids[row], dists))
+            best: dict[int, tuple[float, float]] = {}
             for j in order:
-                best.setdefault(int(pids[row[j]]), float(sims[j]))
+                best.setdefault(int(pids[row[j]]), (float(dists[j]), float(sims[j])))
             matches = []
-            for pid, s in list(best.items())[:k]:
+            for pid, (d, s) in list(best.items())[:k]:
                 if pid not in names:
                     continue  # removed between the snapshot and now
-                matches.append(Match(names[pid], float(np.sqrt(max(0.0, 2.0 - 2.0 * s))), s))
+                matches.append(Match(names[pid], d, s))
             top = matches[0] if matches else None
             known = top is not None and top.distance < threshold
             results.append(Identification(top.name if known else None, top.distance if top else None, matches))
@@ -720,11 +888,15 @@ class Gallery:
         return out
 
 
-def _topk_numpy(vecs: np.ndarray, q: np.ndarray, kk: int, chunk: int = 16) -> np.ndarray:
-    """Positions of the ``kk`` largest inner products per query (exact), best first."""
+def _topk_numpy(vecs: np.ndarray, q: np.ndarray, kk: int, half_sqnorm: np.ndarray | None = None,
+                chunk: int = 16) -> np.ndarray:
+    """Positions of the ``kk`` largest inner products per query (minus ``half_sqnorm``: nearest
+    in L2), exact, best first."""
     out = np.empty((len(q), kk), np.int64)
     for s in range(0, len(q), chunk):
         scores = q[s:s + chunk] @ vecs.T  # (c, N) float32
+        if half_sqnorm is not None:
+            scores -= half_sqnorm
         if kk < scores.shape[1]:
             part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
         else:
@@ -733,3 +905,58 @@ def _topk_numpy(vecs: np.ndarray, q: np.ndarray, kk: int, chunk: int = 16) -> np
         order = np.argsort(-sc, axis=1, kind="stable")
         out[s:s + chunk] = np.take_along_axis(part, order, 1)
     return out
+
+
+def _most_per_person(pids: np.ndarray) -> int:
+    return int(np.bincount(np.unique(pids, return_inverse=True)[1]).max()) if len(pids) else 0
+
+
+class _ExactIndex:
+    """Exact search: faiss ``IndexFlatIP`` / ``IndexFlatL2`` or a numpy matrix product."""
+
+    kind = "exact"
+
+    def __init__(self, ids: np.ndarray, pids: np.ndarray, vecs: np.ndarray, metric: str, use_faiss: bool) -> None:
+        self.ids, self.pids, self.n = ids, pids, len(ids)
+        self.per = _most_per_person(pids)
+        self.half_sqnorm = None
+        if use_faiss and self.n:
+            import faiss
+
+            store = (faiss.IndexFlatIP if metric == "cosine" else faiss.IndexFlatL2)(vecs.shape[1])
+            store.add(np.ascontiguousarray(vecs))
+            self.store = store  # vectors live inside faiss only (no second copy)
+        else:
+            self.store = vecs
+            if metric == "euclidean":
+                # ||q - v||^2 = ||q||^2 - 2 (q.v - ||v||^2 / 2): the largest q.v - ||v||^2 / 2 is the nearest.
+                self.half_sqnorm = 0.5 * np.einsum("ij,ij->i", vecs, vecs)
+
+    def candidates(self, q: np.ndarray, kk: int) -> np.ndarray:
+        if isinstance(self.store, np.ndarray):
+            return _topk_numpy(self.store, q, kk, self.half_sqnorm)
+        from visionscale.face.gallery_ann import one_thread_for
+
+        with one_thread_for(len(q)):
+            return self.store.search(q, kk)[1]
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        return self.store[rows] if isinstance(self.store, np.ndarray) else self.store.reconstruct_batch(rows)
+
+
+class _AnnSearch:
+    """An approximate index (:class:`visionscale.face.gallery_ann.AnnIndex`) behind the same interface."""
+
+    def __init__(self, ann) -> None:
+        self.ann = ann
+        self.kind = ann.kind if ann is not None else "exact"
+        self.ids = ann.ids if ann is not None else np.empty(0, np.int64)
+        self.pids = ann.pids if ann is not None else np.empty(0, np.int64)
+        self.n = len(self.ids)
+        self.per = _most_per_person(self.pids)
+
+    def candidates(self, q: np.ndarray, kk: int) -> np.ndarray:
+        return self.ann.search(q, kk)
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        return self.ann.vectors(rows)
