@@ -44,9 +44,7 @@ def load_bundle(path: str | os.PathLike, *, providers=None, threads: int | None 
             from visionscale.bundle.anomaly import AnomalyPredictor
 
             return AnomalyPredictor(folder, manifest, cleanup=tmp, providers=providers, threads=threads)
-        from visionscale.bundle.face import FacePredictor
-
-        return FacePredictor(folder, manifest, cleanup=tmp, providers=providers, threads=threads)
+        raise BundleError(f"bundle {path} is of kind {manifest['kind']!r}, which this visionscale cannot run yet")
     except BaseException:
         if tmp is not None:
             import shutil

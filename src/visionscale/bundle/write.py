@@ -82,10 +82,9 @@ def write_bundle(run_or_model: str | os.PathLike, out: str | os.PathLike, *, arc
     source = str(run_or_model)
     path = Path(source).expanduser()
     if source in ("face", "face_embedder_dlib"):
-        from visionscale.bundle.write_face import write_face_bundle
-
-        result = write_face_bundle(out, overwrite=overwrite, opset=opset)
-    elif path.is_dir() and (path / "calibration.json").is_file():
+        raise BundleError("face bundles are not written yet: a bundle holds a fitted anomaly run for now"
+                          ).about("run_or_model")
+    if path.is_dir() and (path / "calibration.json").is_file():
         result = _write_anomaly(path, out, overwrite=overwrite, opset=opset)
     else:
         raise BundleError(f"{source} is neither an anomaly run folder (with calibration.json) nor 'face': a bundle "
