@@ -69,8 +69,8 @@ def write_bundle(run_or_model: str | os.PathLike, out: str | os.PathLike, *, arc
         overwrite: Replace files that are not an earlier bundle's, and an existing archive.
 
     Raises:
-        BundleError: Not a run folder, a run the bundle cannot hold (per-position memory banks),
-            an unknown archive kind.
+        BundleError: Not a run folder, a run the bundle cannot hold (DDAD, per-position memory
+            banks), an unknown archive kind.
         ExportError, RunError, OutputError: From the export and the run loading.
     """
     if archive is not None and archive not in ARCHIVES:
@@ -105,6 +105,10 @@ def _write_anomaly(run_dir: Path, out: Path, *, overwrite: bool, opset: int) -> 
     if run.tile_bank == "per-position":
         raise BundleError(f"{run_dir} has per-position memory banks, which the search picks per tile in Python: a "
                           f"bundle's graph cannot hold that; fit with tile_bank shared").about("run_or_model")
+    if run.config.get("method") == "ddad":
+        raise BundleError(f"{run_dir} is a DDAD run: its export freezes the sampling noise for one input shape, and "
+                          f"eager DDAD's noise depends on the batch, so a bundle could not promise ad predict's scores; "
+                          f"bundles hold PatchCore and EfficientAD runs").about("run_or_model")
     tiling = run.tiling
     size = tiling.tile if tiling is not None else run.image_size
     target = OutputDir(out, kind="bundle", overwrite=overwrite)
