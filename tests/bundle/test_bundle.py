@@ -223,6 +223,10 @@ def test_predictor_in_process_accepts_arrays_and_matches_paths(runs):
         assert arrays[0]["path"] is None and by_path[0]["image_size"] == [64, 64]
         with pytest.raises(Exception, match="threshold and target_fpr"):
             pred.predict(paths, threshold=1.0, target_fpr=0.1)
+    with load_bundle(runs["tiled"]["bundle"], threads=1) as pred:
+        # A 20 px image is one 20 px tile: below the 32 px PatchCore's export is valid for.
+        with pytest.raises(BundleError, match="height 32 to any px, got 20 px"):
+            pred.predict([np.zeros((20, 20, 3), np.uint8)])
 
 
 def test_write_refuses_what_is_not_a_run(tmp_path):

@@ -109,10 +109,23 @@ class AnomalyPredictor:
         """(N, 3, h, w) float32 -> scores (N,) and maps (N, h', w') float32."""
         if self.session is None:
             raise BundleError("this predictor was closed")
+        graph = self.manifest["graphs"]["model"]
+        for axis, n in (("height", x.shape[2]), ("width", x.shape[3])):
+            lo, hi = (graph.get("shape_ranges") or {}).get(axis, [None, None])
+            if (lo is not None and n < lo) or (hi is not None and n > hi):
+                # ONNX Runtime would run it, but the export is only valid in this range.
+                raise BundleError(f"the bundle's graph takes inputs of {axis} {lo} to {hi or 'any'} px, got {n} px "
+                                  f"(a tiled run's image smaller than the graph's minimum on that side)"
+                                  ).about("images")
         step = self.batch or len(x)
         scores, maps = [], []
         for i in range(0, len(x), step):
-            amap, score = self.session.run(["anomaly_map", "pred_score"], {self.input_name: x[i:i + step]})
+            try:
+                amap, score = self.session.run(["anomaly_map", "pred_score"], {self.input_name: x[i:i + step]})
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's own types; say what the graph takes
+                raise BundleError(f"the bundle's graph cannot score a {list(x[i:i + step].shape)} input (it takes "
+                                  f"{graph.get('input_shape')}, sizes {graph.get('shape_ranges')}): "
+                                  f"{str(exc).splitlines()[0][:300]}") from None
             scores.append(np.asarray(score, dtype=np.float32).reshape(-1))
             maps.append(np.asarray(amap, dtype=np.float32)[:, 0])
         return np.concatenate(scores), np.concatenate(maps)
