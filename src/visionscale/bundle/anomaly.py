@@ -77,6 +77,7 @@ class AnomalyPredictor:
         self.tiling = Tiling.from_dict(pre["tiling"]) if pre.get("tiling") else None
         self.tile_score = pre.get("tile_score", "map_max")
         self.mean, self.std = tuple(pre["mean"]), tuple(pre["std"])
+        self.read_margin = int(pre.get("read_margin", READ_MARGIN))
         self.calibration = manifest["calibration"]
         graph = manifest["graphs"]["model"]
         self.session = _session(ort, folder / graph["file"], providers, threads)
@@ -140,7 +141,7 @@ class AnomalyPredictor:
                                         ).about("images")
             return item, item.shape[:2]
         h, w = self.image_size
-        min_size = None if self.tiling is not None else (READ_MARGIN * h, READ_MARGIN * w)
+        min_size = None if self.tiling is not None else (self.read_margin * h, self.read_margin * w)
         return read_image_and_size(item, min_size=min_size, dtype=None)
 
     def _score_tiled(self, arr: np.ndarray, batch_size: int) -> tuple[float, np.ndarray]:

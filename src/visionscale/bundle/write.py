@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from visionscale.bundle.format import ARCHIVES, CHECKSUMS, FORMAT, MANIFEST, VERSION, BundleError, checksum_lines, pack
+from visionscale.bundle.anomaly import READ_MARGIN
 from visionscale.bundle.imaging import IMAGENET_MEAN, IMAGENET_STD
 from visionscale.io.atomic import atomic_path, write_atomic
 from visionscale.io.outputs import OutputDir, check_output_file
@@ -126,10 +127,10 @@ def _write_anomaly(run_dir: Path, out: Path, *, overwrite: bool, opset: int) -> 
         pre = {
             "input_size": list(run.image_size),
             "color": "RGB (grayscale, palette, CMYK converted; alpha composited over white; EXIF orientation applied)",
-            "read": (f"whole images: files at least {4} x input_size are shrunk by a whole factor (box average) while "
+            "read": (f"whole images: files at least {READ_MARGIN} x input_size are shrunk by a whole factor (box average) while "
                      f"decoding; 8-bit files as uint8, 16-bit files as float32 in [0, 1]") if tiling is None else
                     "native resolution, 8-bit files as uint8, 16-bit files as float32 in [0, 1]",
-            "read_margin": 4,
+            "read_margin": READ_MARGIN,
             "resize": None if tiling is not None else
             "bilinear, antialiased, align_corners=False (torch F.interpolate antialias=True) on [0, 1] float32",
             "scale": "uint8 / 255",
