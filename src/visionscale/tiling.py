@@ -25,6 +25,10 @@ any interior edge, so a model whose outputs are exact beyond ``margin`` gives th
 map exactly; for ``O > 2 * margin`` the extra overlap becomes a linear cross-fade, which
 hides the seams of models whose receptive field is larger than the margin (PatchCore's
 backbone, DDAD's U-Net).
+
+numpy only (no torch): a deployment bundle (:mod:`visionscale.bundle`) stitches with the same
+code as ``ad predict``. Weights and sums are float32, as they were in torch, so the stitched map
+is the same bit for bit.
 """
 
 from __future__ import annotations
@@ -32,8 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from visionscale.errors import InvalidValueError
 
@@ -169,16 +172,16 @@ def tile_count(height: int, width: int, tile: tuple[int, int], overlap: tuple[in
     return len(tile_grid(height, width, tile, overlap, align))
 
 
-def axis_weights(start: int, size: int, length: int, margin: int, overlap: int) -> Tensor:
-    """(size,) blending weights of a tile at ``start`` on an axis of ``length`` px."""
-    i = torch.arange(size, dtype=torch.float32)
-    big = float(length + size)
-    d_lo = i if start > 0 else torch.full_like(i, big)
-    d_hi = (size - 1 - i) if start + size < length else torch.full_like(i, big)
-    d = torch.minimum(d_lo, d_hi)
+def axis_weights(start: int, size: int, length: int, margin: int, overlap: int) -> np.ndarray:
+    """(size,) float32 blending weights of a tile at ``start`` on an axis of ``length`` px."""
+    i = np.arange(size, dtype=np.float32)
+    big = np.float32(length + size)
+    d_lo = i if start > 0 else np.full_like(i, big)
+    d_hi = (np.float32(size - 1) - i) if start + size < length else np.full_like(i, big)
+    d = np.minimum(d_lo, d_hi)
     ramp = max(overlap - 2 * margin, 0)
-    w = ((d - margin + 1) / (ramp + 1)).clamp(0.0, 1.0)
-    return w
+    w = (d - np.float32(margin) + np.float32(1)) / np.float32(ramp + 1)
+    return np.clip(w, np.float32(0), np.float32(1))
 
 
 class Stitcher:
@@ -187,19 +190,20 @@ class Stitcher:
     def __init__(self, height: int, width: int, margin: int = 0, overlap: tuple[int, int] = (0, 0)):
         self.height, self.width = height, width
         self.margin, self.overlap = margin, overlap
-        self.sum = torch.zeros(height, width, dtype=torch.float32)
-        self.weight = torch.zeros(height, width, dtype=torch.float32)
+        self.sum = np.zeros((height, width), dtype=np.float32)
+        self.weight = np.zeros((height, width), dtype=np.float32)
 
-    def add(self, tile_map: Tensor, box: tuple[int, int, int, int]) -> None:
+    def add(self, tile_map, box: tuple[int, int, int, int]) -> None:
+        """Add one tile's ``(y1 - y0, x1 - x0)`` map (a numpy array, or a CPU tensor)."""
         y0, x0, y1, x1 = box
         wy = axis_weights(y0, y1 - y0, self.height, self.margin, self.overlap[0])
         wx = axis_weights(x0, x1 - x0, self.width, self.margin, self.overlap[1])
         w = wy[:, None] * wx[None, :]
-        self.sum[y0:y1, x0:x1] += tile_map.float().cpu() * w
+        self.sum[y0:y1, x0:x1] += np.asarray(tile_map, dtype=np.float32) * w
         self.weight[y0:y1, x0:x1] += w
 
-    def result(self) -> Tensor:
-        """The stitched map. Pixels no tile weighs (overlap < 2 x margin) take the plain mean."""
+    def result(self) -> np.ndarray:
+        """The stitched (H, W) float32 map; refused when some pixel has no trusted tile value."""
         if bool((self.weight <= 0).any()):
             raise InvalidValueError(
                 f"tile_overlap {self.overlap} leaves pixels without a trusted tile value: it must be at least "

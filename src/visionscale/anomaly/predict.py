@@ -44,6 +44,7 @@ from visionscale.anomaly.regions import threshold_at_fpr, write_region_outputs
 from visionscale.anomaly.runs import LoadedRun, RunError, load_run, validate_run_files
 from visionscale.anomaly.tiles import score_images
 from visionscale.anomaly.metrics import ImageMetrics, roc_curve
+from visionscale.anomaly.records import HEATMAP_MAX_SIDE, label_of, normalize, records_csv, unique_names
 from visionscale.io.atomic import write_atomic
 from visionscale.io.images import collect_images, read_image
 from visionscale.io.outputs import OutputDir
@@ -65,24 +66,6 @@ __all__ = [
 
 Progress = Callable[[str, int, int], None]
 
-HEATMAP_MAX_SIDE = 1024  # px, the longer side of a heatmap overlay at most
-
-
-def normalize(value: np.ndarray | float, threshold: float, span: float) -> np.ndarray | float:
-    """Min-max normalisation centred on the threshold: ``clip((v - t) / span + 0.5, 0, 1)``."""
-    return np.clip((np.asarray(value, dtype=np.float64) - threshold) / span + 0.5, 0.0, 1.0)
-
-
-
-
-def _unique_names(paths: Sequence[Path]) -> list[str]:
-    seen: dict[str, int] = {}
-    names = []
-    for p in paths:
-        n = seen.get(p.stem, 0)
-        seen[p.stem] = n + 1
-        names.append(p.stem if n == 0 else f"{p.stem}-{n}")
-    return names
 
 
 def predict(
@@ -141,7 +124,7 @@ def predict(
     target = OutputDir(out_dir, kind="ad-predict", overwrite=overwrite) if out_dir is not None else None
     paths = collect_images(images)
     samples = [Sample(p, -1, "") for p in paths]
-    names = dict(zip(paths, _unique_names(paths)))
+    names = dict(zip(paths, unique_names(paths)))
     log = ReadLog()
     write = target is not None
     records: list[dict] = []
@@ -153,7 +136,7 @@ def predict(
             name = names[r.sample.path]
             rec = {"path": str(r.sample.path), "score": float(r.score),
                    "normalized_score": float(normalize(r.score, thr, cal["image_span"])),
-                   "label": "anomalous" if r.score >= thr else "normal", "heatmap": None, "mask": None,
+                   "label": label_of(r.score, thr), "heatmap": None, "mask": None,
                    "regions": None, "regions_file": None, "map_file": None}
             if write and r.amap is not None:
                 if overlays:
@@ -186,16 +169,6 @@ def image_threshold(run: LoadedRun, threshold: float | None = None, target_fpr: 
                            f"older visionscale): refit it to set a threshold by target_fpr")
         return threshold_at_fpr(normal, target_fpr)
     return run.calibration["image_threshold"]
-
-
-def records_csv(records: Sequence[dict]) -> str:
-    buf = io.StringIO()
-    fields = ["path", "score", "normalized_score", "label", "heatmap", "mask", "regions", "regions_file", "map_file"]
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    for r in records:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
-    return buf.getvalue()
 
 
 def _write_overlay(path: Path, amap: np.ndarray, cal: dict, dst: Path) -> Path:

@@ -93,6 +93,7 @@ __all__ = [
     "defect_regions",
     "fpr_threshold",
     "predicted_mask",
+    "resample_map",
     "threshold_at_fpr",
     "write_region_outputs",
 ]
@@ -198,6 +199,17 @@ def _bands(a: np.ndarray, size: tuple[int, int]) -> Iterator[tuple[int, np.ndarr
         bottom *= wb
         top += bottom
         yield y0, top
+
+
+def resample_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The whole map resampled to ``size`` = (H, W) as float32, by the rule of the module doc
+    (torch's bilinear ``align_corners=False``, equal to it up to float rounding)."""
+    a = _check_map(amap)
+    size = _check_size(size, a.shape)
+    out = np.empty(size, dtype=np.float32)
+    for y0, rows in _bands(a, size):
+        out[y0:y0 + len(rows)] = rows
+    return out
 
 
 # ----------------------------------------------------------------------------------------

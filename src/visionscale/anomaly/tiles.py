@@ -388,14 +388,14 @@ def score_images(model, samples: Sequence[Sample], device: torch.device, *, imag
             else:  # tile j of the grid is position j: each is searched in its own bank
                 with _at_positions(model, range(i, i + len(chunk))):
                     res = model(tiles)
-            tmaps = res["anomaly_map"][:, 0].float().cpu()
+            tmaps = res["anomaly_map"][:, 0].float().cpu().numpy()
             for tmap, box in zip(tmaps, chunk):
                 stitch.add(tmap, box)
             tile_best = max(tile_best, float(res["pred_score"].float().max()))
         del arr
         amap = stitch.result()
         score = tile_best if by_tile else float(amap.max())
-        yield ImageScore(s, score, amap.numpy() if keep_maps else None, mask, file_size, len(boxes))
+        yield ImageScore(s, score, amap if keep_maps else None, mask, file_size, len(boxes))
         done += 1
         if progress is not None:
             progress(stage, done, total)

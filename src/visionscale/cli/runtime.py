@@ -45,7 +45,9 @@ def export_cmd(
     model: str = typer.Argument(..., help="Registry name (visionscale models), 'package.module:attr', a classifier / detector / face-embedder checkpoint or an anomaly run folder."),
     format: str = typer.Option("onnx", "--format", "-f", help="onnx or tensorrt (TensorRT needs a CUDA GPU and torch-tensorrt)."),
     precision: Precision = DEFAULT_PRECISION,
-    out_file: Path = typer.Option(..., "--out", "-o", help="Output file (.onnx, or .ep for TensorRT); metadata and parity go to FILE.json."),
+    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (.onnx, or .ep for TensorRT); metadata and parity go to FILE.json. Required unless --bundle is given.", show_default=False),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Write a deployment bundle folder instead (an anomaly run folder, or 'face'): ONNX graph(s), bundle.json, checksums.sha256; load it with visionscale.load_bundle (onnxruntime, numpy and Pillow only).", show_default=False),
+    archive: Optional[str] = typer.Option(None, "--archive", help="With --bundle: also write BUNDLE.tar or BUNDLE.zip (tar or zip).", show_default=False),
     image_size: Optional[tuple[int, int]] = typer.Option(None, "--image-size", help="Example input H W [default: the model's own, else 256].", show_default=False),
     batch: Optional[int] = typer.Option(None, help="Example batch [default: 2 so the batch axis stays dynamic; 1 for PatchCore]."),
     static: bool = typer.Option(False, "--static", help="Export the example shape only (no dynamic batch/height/width)."),
@@ -53,7 +55,14 @@ def export_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the export report (the sidecar JSON) to stdout."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file and its FILE.json (never the model being exported)."),
 ) -> None:
-    """Export a model to ONNX or TensorRT; a parity check against eager FP32 follows every export."""
+    """Export a model to ONNX or TensorRT, or a deployment bundle; a parity check against eager FP32 follows every export."""
+    if bundle is not None:
+        _export_bundle(model, bundle, archive, out_file, format, opset, overwrite, as_json)
+        return
+    if archive is not None:
+        fail("--archive needs --bundle")
+    if out_file is None:
+        fail("give --out FILE (or --bundle FOLDER for a deployment bundle)")
     from visionscale.runtime.export import export_model
 
     try:
@@ -86,6 +95,32 @@ def export_cmd(
     if not result.parity_ok:
         err.print("error: the exported model does not match eager FP32 within tolerance (see the report)", highlight=False)
         raise typer.Exit(1)
+
+
+def _export_bundle(model: str, bundle: Path, archive: Optional[str], out_file: Optional[Path], format: str,
+                   opset: int, overwrite: bool, as_json: bool) -> None:
+    """``export RUN --bundle OUT``: one library call (:func:`visionscale.bundle.write_bundle`)."""
+    from visionscale.bundle import write_bundle
+
+    if out_file is not None:
+        fail("--out and --bundle exclude each other: a bundle names its graph files itself")
+    if format != "onnx":
+        fail("a bundle holds ONNX graphs: --format must be onnx with --bundle")
+    try:
+        with err.status(f"writing bundle {bundle} from {model}"):
+            result = write_bundle(model, bundle, archive=archive, overwrite=overwrite, opset=opset)
+    except VisionscaleError as exc:
+        fail(error_line(exc))
+    if as_json:
+        sys.stdout.write(json.dumps({"path": str(result.path), "archive": str(result.archive) if result.archive else None,
+                                     "manifest": result.manifest}, indent=1, default=lambda o: None) + "\n")
+        return
+    card = result.manifest["card"]
+    out.print(f"wrote bundle {result.path} ({result.manifest['kind']}: {card.get('model', card.get('what'))})"
+              + (f" and {result.archive}" if result.archive else ""), highlight=False)
+    for check in result.parity:
+        if check.get("max_abs") is not None:
+            out.print(f"parity vs eager fp32 {check['shape']}: max abs {check['max_abs']:.3g}", highlight=False)
 
 
 def bench_cmd(
