@@ -60,6 +60,27 @@ class RawDetections:
         return len(self.scores)
 
 
+def _decode_rows(regressors: Tensor, anchors: Tensor, opts: DecodeOptions) -> tuple[Tensor, Tensor]:
+    """Boxes ``(..., 4)`` xyxy and keypoints ``(..., K, 2)`` from raw regressors ``(..., 4 + 2K)``
+    and their anchors ``(..., 4)`` (broadcastable: one per regressor row, or one per anchor)."""
+    ax, ay, aw, ah = anchors[..., 0], anchors[..., 1], anchors[..., 2], anchors[..., 3]
+    xc = regressors[..., 0] / opts.x_scale * aw + ax
+    yc = regressors[..., 1] / opts.y_scale * ah + ay
+    w = regressors[..., 2] / opts.w_scale * aw
+    h = regressors[..., 3] / opts.h_scale * ah
+    boxes = torch.stack([xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], dim=-1)
+    k = opts.num_keypoints
+    kp = regressors[..., 4 : 4 + 2 * k].reshape(*regressors.shape[:-1], k, 2)
+    kx = kp[..., 0] / opts.x_scale * aw[..., None] + ax[..., None]
+    ky = kp[..., 1] / opts.y_scale * ah[..., None] + ay[..., None]
+    return boxes, torch.stack([kx, ky], dim=-1)
+
+
+def _scores(classificators: Tensor, opts: DecodeOptions) -> Tensor:
+    t = opts.score_clipping_thresh
+    return torch.sigmoid(classificators[..., 0].clamp(-t, t))
+
+
 def decode_tensors(regressors: Tensor, classificators: Tensor, anchors: Tensor, opts: DecodeOptions) -> tuple[Tensor, Tensor, Tensor]:
     """Vectorised decoding of every anchor.
 
@@ -71,34 +92,27 @@ def decode_tensors(regressors: Tensor, classificators: Tensor, anchors: Tensor, 
     Returns:
         boxes ``(B, N, 4)`` xyxy, keypoints ``(B, N, K, 2)``, scores ``(B, N)``.
     """
-    a = anchors.to(regressors)
-    ax, ay, aw, ah = a[:, 0], a[:, 1], a[:, 2], a[:, 3]
-    xc = regressors[..., 0] / opts.x_scale * aw + ax
-    yc = regressors[..., 1] / opts.y_scale * ah + ay
-    w = regressors[..., 2] / opts.w_scale * aw
-    h = regressors[..., 3] / opts.h_scale * ah
-    boxes = torch.stack([xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], dim=-1)
-    k = opts.num_keypoints
-    kp = regressors[..., 4 : 4 + 2 * k].reshape(*regressors.shape[:-1], k, 2)
-    kx = kp[..., 0] / opts.x_scale * aw[:, None] + ax[:, None]
-    ky = kp[..., 1] / opts.y_scale * ah[:, None] + ay[:, None]
-    keypoints = torch.stack([kx, ky], dim=-1)
-    t = opts.score_clipping_thresh
-    scores = torch.sigmoid(classificators[..., 0].clamp(-t, t))
-    return boxes, keypoints, scores
+    boxes, keypoints = _decode_rows(regressors, anchors.to(regressors), opts)
+    return boxes, keypoints, _scores(classificators, opts)
 
 
 def decode(regressors: Tensor, classificators: Tensor, anchors: Tensor, opts: DecodeOptions) -> list[RawDetections]:
-    """Decode a batch and keep, per image, the anchors with ``score >= min_score_thresh``."""
-    boxes, kps, scores = decode_tensors(regressors.float(), classificators.float(), anchors, opts)
-    out = []
-    for b in range(boxes.shape[0]):
-        keep = scores[b] >= opts.min_score_thresh
-        bx = boxes[b][keep]
-        width, height = bx[:, 2] - bx[:, 0], bx[:, 3] - bx[:, 1]
-        ok = (width >= 0) & (height >= 0)  # NaN compares False: dropped too, as MediaPipe does
-        out.append(RawDetections(bx[ok].cpu().numpy(), kps[b][keep][ok].cpu().numpy(), scores[b][keep][ok].cpu().numpy()))
-    return out
+    """Decode a batch and keep, per image, the anchors with ``score >= min_score_thresh``.
+
+    Scores are thresholded first and only the kept anchors (a few per face among 896) are
+    decoded; the arithmetic per anchor is that of :func:`decode_tensors`, so the values are the same.
+    """
+    regressors, classificators = regressors.float(), classificators.float()
+    scores = _scores(classificators, opts)  # (B, N)
+    image, anchor = (scores >= opts.min_score_thresh).nonzero(as_tuple=True)  # row-major: by image, then anchor
+    boxes, kps = _decode_rows(regressors[image, anchor], anchors.to(regressors)[anchor], opts)
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    ok = (width >= 0) & (height >= 0)  # NaN compares False: dropped too, as MediaPipe does
+    image, anchor = image[ok], anchor[ok]
+    kept = scores[image, anchor].cpu().numpy()
+    boxes, kps = boxes[ok].cpu().numpy(), kps[ok].cpu().numpy()
+    ends = np.searchsorted(image.cpu().numpy(), np.arange(1, scores.shape[0]))  # split points: image is sorted
+    return [RawDetections(b, k, s) for b, k, s in zip(np.split(boxes, ends), np.split(kps, ends), np.split(kept, ends))]
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -127,12 +141,16 @@ def weighted_nms(dets: RawDetections, threshold: float = 0.3) -> RawDetections:
         return dets
     order = _order(dets.scores)
     boxes, kps, scores = dets.boxes[order], dets.keypoints[order], dets.scores[order]
-    remaining = np.arange(len(scores))
+    # All pairwise IoUs at once (a few dozen candidates at most); column `top` holds the IoU of
+    # every detection with `top`, computed exactly as a one-column call would.
+    overlaps = iou_matrix(boxes, boxes)
+    alive = np.ones(len(scores), bool)
     out_b, out_k, out_s = [], [], []
-    while remaining.size:
-        top = remaining[0]
-        overlap = iou_matrix(boxes[remaining], boxes[top : top + 1])[:, 0]
-        cand = remaining[overlap > threshold]
+    for top in range(len(scores)):  # score order
+        if not alive[top]:
+            continue
+        remaining = np.flatnonzero(alive)
+        cand = remaining[overlaps[remaining, top] > threshold]
         if cand.size == 0:
             # A zero-area best box overlaps nothing, not even itself. MediaPipe then stops
             # (the loop sees no change); we output it alone and go on with the rest instead.
@@ -142,8 +160,7 @@ def weighted_nms(dets: RawDetections, threshold: float = 0.3) -> RawDetections:
         out_b.append((boxes[cand] * w[:, None]).sum(0) / total)
         out_k.append((kps[cand] * w[:, None, None]).sum(0) / total)
         out_s.append(scores[top])
-        # Indices point into the score-sorted arrays, so sorted indices stay in score order.
-        remaining = np.setdiff1d(remaining, cand, assume_unique=True)
+        alive[cand] = False
     return RawDetections(np.asarray(out_b, np.float32), np.asarray(out_k, np.float32), np.asarray(out_s, np.float32))
 
 
