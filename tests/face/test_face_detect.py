@@ -639,7 +639,8 @@ def test_threshold_before_decoding_keeps_the_same_detections():
         keep = (scores[b] >= opts.min_score_thresh) & (boxes[b, :, 2] >= boxes[b, :, 0]) & (boxes[b, :, 3] >= boxes[b, :, 1])
         np.testing.assert_array_equal(d.boxes, boxes[b][keep].numpy())
         np.testing.assert_array_equal(d.keypoints, kps[b][keep].numpy())
-        np.testing.assert_array_equal(d.scores, scores[b][keep].numpy())
+        # Scores: numpy's exp (decode) and torch's sigmoid (decode_tensors) may differ in the last bit.
+        np.testing.assert_allclose(d.scores, scores[b][keep].numpy(), rtol=3e-7, atol=0)
     assert len(got[1]) == 0 and len(got[0]) > 0 and len(got[2]) > 0
 
 

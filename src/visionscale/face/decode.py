@@ -60,25 +60,21 @@ class RawDetections:
         return len(self.scores)
 
 
-def _decode_rows(regressors: Tensor, anchors: Tensor, opts: DecodeOptions) -> tuple[Tensor, Tensor]:
+def _decode_rows(regressors, anchors, opts: DecodeOptions, stack=torch.stack):
     """Boxes ``(..., 4)`` xyxy and keypoints ``(..., K, 2)`` from raw regressors ``(..., 4 + 2K)``
-    and their anchors ``(..., 4)`` (broadcastable: one per regressor row, or one per anchor)."""
+    and their anchors ``(..., 4)`` (broadcastable: one per regressor row, or one per anchor).
+    Tensors, or numpy arrays with ``stack=np.stack`` (the same float32 operations)."""
     ax, ay, aw, ah = anchors[..., 0], anchors[..., 1], anchors[..., 2], anchors[..., 3]
     xc = regressors[..., 0] / opts.x_scale * aw + ax
     yc = regressors[..., 1] / opts.y_scale * ah + ay
     w = regressors[..., 2] / opts.w_scale * aw
     h = regressors[..., 3] / opts.h_scale * ah
-    boxes = torch.stack([xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], dim=-1)
+    boxes = stack([xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], -1)
     k = opts.num_keypoints
     kp = regressors[..., 4 : 4 + 2 * k].reshape(*regressors.shape[:-1], k, 2)
     kx = kp[..., 0] / opts.x_scale * aw[..., None] + ax[..., None]
     ky = kp[..., 1] / opts.y_scale * ah[..., None] + ay[..., None]
-    return boxes, torch.stack([kx, ky], dim=-1)
-
-
-def _scores(classificators: Tensor, opts: DecodeOptions) -> Tensor:
-    t = opts.score_clipping_thresh
-    return torch.sigmoid(classificators[..., 0].clamp(-t, t))
+    return boxes, stack([kx, ky], -1)
 
 
 def decode_tensors(regressors: Tensor, classificators: Tensor, anchors: Tensor, opts: DecodeOptions) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,26 +89,33 @@ def decode_tensors(regressors: Tensor, classificators: Tensor, anchors: Tensor, 
         boxes ``(B, N, 4)`` xyxy, keypoints ``(B, N, K, 2)``, scores ``(B, N)``.
     """
     boxes, keypoints = _decode_rows(regressors, anchors.to(regressors), opts)
-    return boxes, keypoints, _scores(classificators, opts)
+    t = opts.score_clipping_thresh
+    return boxes, keypoints, torch.sigmoid(classificators[..., 0].clamp(-t, t))
 
 
-def decode(regressors: Tensor, classificators: Tensor, anchors: Tensor, opts: DecodeOptions) -> list[RawDetections]:
+def _as_array(x) -> np.ndarray:
+    return x.detach().to("cpu", torch.float32).numpy() if isinstance(x, Tensor) else np.asarray(x, np.float32)
+
+
+def decode(regressors, classificators, anchors, opts: DecodeOptions) -> list[RawDetections]:
     """Decode a batch and keep, per image, the anchors with ``score >= min_score_thresh``.
 
     Scores are thresholded first and only the kept anchors (a few per face among 896) are
-    decoded; the arithmetic per anchor is that of :func:`decode_tensors`, so the values are the same.
+    decoded, in numpy (a dozen small operations per batch, where torch's per-call overhead
+    would dominate at batch 1); the formulas are those of :func:`decode_tensors`.
     """
-    regressors, classificators = regressors.float(), classificators.float()
-    scores = _scores(classificators, opts)  # (B, N)
-    image, anchor = (scores >= opts.min_score_thresh).nonzero(as_tuple=True)  # row-major: by image, then anchor
-    boxes, kps = _decode_rows(regressors[image, anchor], anchors.to(regressors)[anchor], opts)
-    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    ok = (width >= 0) & (height >= 0)  # NaN compares False: dropped too, as MediaPipe does
+    reg, logits = _as_array(regressors), _as_array(classificators)[..., 0]  # (B, N, 16), (B, N)
+    t = opts.score_clipping_thresh
+    with np.errstate(over="ignore"):
+        scores = 1.0 / (1.0 + np.exp(-np.clip(logits, -t, t)))
+    image, anchor = np.nonzero(scores >= opts.min_score_thresh)  # row-major: by image, then anchor
+    boxes, kps = _decode_rows(reg[image, anchor], _as_array(anchors)[anchor], opts, stack=np.stack)
+    with np.errstate(invalid="ignore"):
+        ok = (boxes[:, 2] - boxes[:, 0] >= 0) & (boxes[:, 3] - boxes[:, 1] >= 0)  # NaN compares False: dropped, as MediaPipe does
     image, anchor = image[ok], anchor[ok]
-    kept = scores[image, anchor].cpu().numpy()
-    boxes, kps = boxes[ok].cpu().numpy(), kps[ok].cpu().numpy()
-    ends = np.searchsorted(image.cpu().numpy(), np.arange(1, scores.shape[0]))  # split points: image is sorted
-    return [RawDetections(b, k, s) for b, k, s in zip(np.split(boxes, ends), np.split(kps, ends), np.split(kept, ends))]
+    ends = np.searchsorted(image, np.arange(1, scores.shape[0]))  # split points: image is sorted
+    parts = zip(np.split(boxes[ok], ends), np.split(kps[ok], ends), np.split(scores[image, anchor], ends))
+    return [RawDetections(b, k, s) for b, k, s in parts]
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
