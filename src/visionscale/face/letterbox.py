@@ -75,32 +75,43 @@ def _axis_weights(n_out: int, n_in: int, side: int, pad: float) -> tuple[np.ndar
 
 
 @functools.lru_cache(maxsize=8)
-def _plan(h: int, w: int, size: int) -> tuple[np.ndarray, ...]:
-    """For an ``h x w`` RGB image: flat byte indices ``(3, S, S)`` of the four bilinear corners
-    (rows y0/y1 times columns x0/x1, channel-first) and the weights shaped to broadcast over them.
+def _plan(h: int, w: int, size: int) -> tuple:
+    """For an ``h x w`` RGB image: flat byte indices ``(3, S, S)`` of the bilinear corners (rows
+    y0/y1 times columns x0/x1, channel-first) and the weights shaped to broadcast over them.
 
-    Cached for a few image sizes (1.5 MB each at 128 px), so a batch of same-sized images
-    (a camera, a video, a benchmark) computes them once.
+    A second row (column) whose weights are all zero is left out (``None``): then every sample
+    falls on a whole source row (column), as when the longer side is a multiple of ``S`` and the
+    padding a whole number of pixels (512 -> 128, 640x480, 1280x720), and its term would add
+    exact zeros. Cached for a few image sizes (up to 1.5 MB each at 128 px), so a batch of
+    same-sized images (a camera, a video) computes them once.
     """
     box = Letterbox(w, h)
     y0, y1, wy0, wy1 = _axis_weights(size, h, box.side, box.pad_y)
     x0, x1, wx0, wx1 = _axis_weights(size, w, box.side, box.pad_x)
     channel = np.arange(3)[:, None, None]
-    corners = [((ys * w)[None, :, None] + xs[None, None, :]) * 3 + channel for ys in (y0, y1) for xs in (x0, x1)]
-    out = (*corners, wy0[None, :, None], wy1[None, :, None], wx0[None, None, :], wx1[None, None, :])
-    for arr in out:
-        arr.flags.writeable = False
-    return out
+
+    def corner(ys, xs):
+        if ys is None or xs is None:
+            return None
+        idx = ((ys * w)[None, :, None] + xs[None, None, :]) * 3 + channel
+        idx.flags.writeable = False
+        return idx
+
+    y1 = y1 if wy1.any() else None
+    x1 = x1 if wx1.any() else None
+    return (corner(y0, x0), corner(y0, x1), corner(y1, x0), corner(y1, x1),
+            wy0[None, :, None], wy1[None, :, None], wx0[None, None, :], wx1[None, None, :])
 
 
 def letterbox_into(image: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Letterbox ``(H, W, 3)`` uint8 RGB into ``out``, a float32 ``(3, S, S)`` array, in [-1, 1].
 
-    Reads only the ``4 x 3 x S x S`` source bytes the bilinear samples need: each corner is one
-    gather of bytes straight into channel-first order, blended in float32 in place, so the cost
-    does not grow with the image and nothing image-sized is allocated. The arithmetic (vertical
-    blend, then horizontal, then OpenCV's rounding to uint8) is the one of a row-then-column
-    resize, so the values equal those of the plain formulation (kept for strided images).
+    Reads only the source bytes the bilinear samples need: each corner is one gather of bytes
+    straight into channel-first order, blended in float32 in place, so the cost does not grow
+    with the image and nothing image-sized is allocated. The arithmetic (vertical blend, then
+    horizontal, then OpenCV's rounding to uint8) is the one of a row-then-column resize, so the
+    values equal those of the plain formulation (kept for strided images) bit for bit; a
+    corner whose weights are all zero (see :func:`_plan`) would only add exact zeros and is skipped.
     """
     size = out.shape[-1]
     h, w = image.shape[:2]
@@ -109,22 +120,23 @@ def letterbox_into(image: np.ndarray, out: np.ndarray) -> np.ndarray:
     i00, i01, i10, i11, wy0, wy1, wx0, wx1 = _plan(h, w, size)
     flat = image.reshape(-1)
 
-    def corner(idx: np.ndarray) -> np.ndarray:
-        return np.take(flat, idx).astype(np.float32)  # (3, S, S)
+    def column(top: np.ndarray | None, bottom: np.ndarray | None) -> np.ndarray | None:
+        """Vertical blend at one set of columns: ``top * wy0 + bottom * wy1``, ``(3, S, S)``."""
+        if top is None:
+            return None
+        acc = np.take(flat, top).astype(np.float32)
+        np.multiply(acc, wy0, out=acc)
+        if bottom is not None:
+            tmp = np.take(flat, bottom).astype(np.float32)
+            np.multiply(tmp, wy1, out=tmp)
+            np.add(acc, tmp, out=acc)
+        return acc
 
-    left = corner(i00)  # rows y0, columns x0
-    np.multiply(left, wy0, out=left)
-    tmp = corner(i10)
-    np.multiply(tmp, wy1, out=tmp)
-    np.add(left, tmp, out=left)  # vertical blend at columns x0
-    right = corner(i01)
-    np.multiply(right, wy0, out=right)
-    tmp = corner(i11)
-    np.multiply(tmp, wy1, out=tmp)
-    np.add(right, tmp, out=right)  # vertical blend at columns x1
+    left, right = column(i00, i10), column(i01, i11)  # at columns x0, x1
     np.multiply(left, wx0, out=left)
-    np.multiply(right, wx1, out=right)
-    np.add(left, right, out=left)
+    if right is not None:
+        np.multiply(right, wx1, out=right)
+        np.add(left, right, out=left)
     # OpenCV warps a uint8 image into uint8. Non-negative weights summing to at most 1 keep the
     # samples within [0, 255] (up to float32 rounding, far from 255.5), so no clipping is needed.
     np.rint(left, out=left)
