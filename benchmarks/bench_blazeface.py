@@ -8,13 +8,15 @@ One run measures, on the same images and in the same process:
 * ``network`` alone on a preprocessed batch: ours (default backend, and eager) and MediaPipe's
   ``.tflite`` in the TFLite interpreter (``ai-edge-litert``, one ``invoke`` per image).
 
-Contenders are timed in turn within each round (round-robin), so a change in the machine's load
-hits all of them alike; each figure is the median over ``--repeats`` rounds after a warm-up
-round. Images/second are per image (batch size / seconds per batch). The CPU column is process
-CPU time over wall time while the contender ran: how many cores it kept busy (MediaPipe's tasks
-API has no thread setting). Prints a markdown section for docs/benchmarks.md (``--write``).
+Each round takes every contender, in turn, through the same ``--images`` photos in calls of
+``batch`` images (MediaPipe: one call per image), so a change in the machine's load hits all of
+them alike; each figure is the median over ``--repeats`` rounds after a warm-up round, in images
+per second. The "cores busy" column is process CPU time over wall time while the contender ran
+(MediaPipe's tasks API has no thread setting; this shows what it used). ``--size`` sets the
+photos' size: 512x512 samples whole source pixels (the letterbox reads one bilinear corner),
+500x375 needs all four. Prints a markdown section for docs/benchmarks.md (``--write``).
 
-    python benchmarks/bench_blazeface.py [--model front] [--threads 2] [--repeats 7] [--write]
+    python benchmarks/bench_blazeface.py [--model front] [--threads 2] [--repeats 7] [--size 512x512] [--write]
 """
 
 from __future__ import annotations
@@ -30,18 +32,20 @@ import torch
 from benchlib import machine, update_section
 
 
-def _images(n: int) -> list[np.ndarray]:
-    """``n`` distinct 512x512 photos: the astronaut, shifted and with mild noise."""
+def _images(n: int, width: int = 512, height: int = 512) -> list[np.ndarray]:
+    """``n`` distinct photos: the astronaut resized to ``width x height``, shifted, with mild noise."""
     import skimage.data
+    from PIL import Image
 
-    base = skimage.data.astronaut()
+    base = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((width, height), Image.BILINEAR))
     rng = np.random.default_rng(0)
     return [np.clip(np.roll(base, int(rng.integers(-40, 40)), axis=1).astype(np.int16)
                     + rng.integers(-8, 8, base.shape), 0, 255).astype(np.uint8) for _ in range(n)]
 
 
 def _round_robin(fns: dict, n_images: int, repeats: int) -> dict[str, tuple[float, float]]:
-    """Images/second (median over rounds) and CPU utilisation (cores busy) for each function."""
+    """Images/second (median over rounds) and CPU utilisation (cores busy) for each function,
+    each call of which handles ``n_images`` images."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
@@ -56,12 +60,20 @@ def _round_robin(fns: dict, n_images: int, repeats: int) -> dict[str, tuple[floa
     return {k: (n_images / statistics.median(times[k]), statistics.median(cpu[k])) for k in fns}
 
 
+def _calls(fn, images: list, batch: int):
+    """A function that takes ``fn`` over ``images`` in calls of ``batch``."""
+    chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
+    return lambda: [fn(c) for c in chunks]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="front", choices=["front", "back"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--images", type=int, default=64, help="photos per round (a multiple of each batch)")
+    ap.add_argument("--size", default="512x512", help="photo size WIDTHxHEIGHT")
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = ap.parse_args()
 
@@ -75,7 +87,8 @@ def main() -> None:
     built_s = time.perf_counter() - t0
     eager = FaceDetector(args.model, backend="eager")
     path = find_tflite(args.model)
-    images = _images(max(args.batch))
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    images = _images(args.images, width, height)
 
     try:
         from visionscale.face.reference import LiteRTRunner
@@ -94,13 +107,12 @@ def main() -> None:
 
     pipe, net = {}, {}
     for bs in args.batch:
-        imgs = images[:bs]
-        x, _ = ours.preprocess(imgs)
-        x_nhwc = x.permute(0, 2, 3, 1).contiguous().numpy()
-        fns = {"ours": lambda: ours.detect(imgs), "eager": lambda: eager.detect(imgs)}
+        fns = {"ours": _calls(ours.detect, images, bs), "eager": _calls(eager.detect, images, bs)}
         if mp_det is not None:
-            fns["mediapipe"] = lambda: [mp_det.detect(i) for i in imgs]
-        pipe[bs] = _round_robin(fns, bs, args.repeats)
+            fns["mediapipe"] = lambda: [mp_det.detect(i) for i in images]
+        pipe[bs] = _round_robin(fns, len(images), args.repeats)
+        x, _ = ours.preprocess(images[:bs])
+        x_nhwc = x.permute(0, 2, 3, 1).contiguous().numpy()
         fns = {"ours": lambda: ours.raw(x), "eager": lambda: eager.raw(x)}
         if litert is not None:
             fns["tflite"] = lambda: litert(x_nhwc)
@@ -122,13 +134,15 @@ def main() -> None:
 
     rt = ours.runtime
     lines = [
-        f"Machine: {machine()}; load average {load1:.1f} at the end (other jobs share this machine). "
+        f"Machine: {machine()}, {load1:.1f} at the end (other jobs share this machine). "
         f"Command: `python benchmarks/bench_blazeface.py --model {args.model} --threads {args.threads} "
-        f"--repeats {args.repeats} --write`. {len(images)} distinct 512x512 photos (the astronaut, shifted, "
-        f"with noise); median of {args.repeats} round-robin rounds after a warm-up round; images/second per image.",
+        f"--repeats {args.repeats} --size {width}x{height} --write`. {len(images)} distinct {width}x{height} photos "
+        f"(the astronaut, shifted, with noise), each round through all of them in calls of `batch` images; median of "
+        f"{args.repeats} round-robin rounds after a warm-up round; images/second.",
         "",
         f"Ours, default backend: `FaceDetector(\"{args.model}\", threads={args.threads})` = {rt['backend']} "
-        f"({rt.get('provider', 'PyTorch')}), {args.threads} worker threads with one ONNX Runtime thread each "
+        f"({rt.get('provider', 'PyTorch')}), {args.threads} worker threads with one ONNX Runtime thread each, "
+        f"at most 8 images per ONNX Runtime call "
         f"(constructed in {built_s:.1f} s: the ONNX export is cached). Eager: `backend=\"eager\"`, "
         f"`torch.set_num_threads({args.threads})`. MediaPipe: the tasks `FaceDetector` on the same `.tflite`, "
         f"one image per call (its graph has a fixed batch of 1; its API has no thread setting). "
@@ -151,8 +165,8 @@ def main() -> None:
         lines.append(f"| {bs} | {fmt(d, 'ours')} | {fmt(d, 'eager')} | {fmt(d, 'tflite')} | "
                      f"{ratio(d, 'ours', 'tflite').strip('*')} | {ratio(d, 'eager', 'tflite').strip('*')} |")
     same = "n/a" if mp_det is None else f"{sum(faces)} faces found by ours, {sum(mp_faces)} by MediaPipe"
-    lines += ["", f"On these {len(images)} images: {same}. Ratios > 1: ours faster. The network-alone row of "
-              f"ours runs one call on the whole batch in one thread ({rt['backend']}); the pipeline splits a batch "
+    lines += ["", f"On these {len(images)} images: {same}. Ratios > 1: ours faster. The network-alone rows "
+              f"make one call on the whole batch, ours in one thread ({rt['backend']}); the pipeline splits a batch "
               f"over the worker threads. Load average {load0:.1f} at the start: CPU numbers on a shared machine "
               f"are noisy, compare the ratios (measured in the same rounds)."]
 
