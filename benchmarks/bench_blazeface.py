@@ -8,10 +8,10 @@ One run measures, on the same images and in the same process:
 * ``network`` alone on a preprocessed batch: ours (default backend, and eager) and MediaPipe's
   ``.tflite`` in the TFLite interpreter (``ai-edge-litert``, one ``invoke`` per image).
 
-Each round takes every contender, in turn, through the same ``--images`` photos in calls of
-``batch`` images (MediaPipe: one call per image), so a change in the machine's load hits all of
-them alike; each figure is the median over ``--repeats`` rounds after a warm-up round, in images
-per second. The "cores busy" column is process CPU time over wall time while the contender ran
+Each round takes every contender, in turn (the order rotating from round to round), through
+the same ``--images`` photos in calls of ``batch`` images (MediaPipe: one call per image), so a
+change in the machine's load hits all of them alike; each figure is the median over
+``--repeats`` rounds after a warm-up round, in images per second. The "cores busy" column is process CPU time over wall time while the contender ran
 (MediaPipe's tasks API has no thread setting; this shows what it used). ``--size`` sets the
 photos' size: 512x512 samples whole source pixels (the letterbox reads one bilinear corner),
 500x375 needs all four. Prints a markdown section for docs/benchmarks.md (``--write``).
@@ -50,8 +50,12 @@ def _round_robin(fns: dict, n_images: int, repeats: int) -> dict[str, tuple[floa
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        # The order rotates every round: whatever one contender leaves behind (PyTorch's OpenMP
+        # threads spinning, cold caches) falls on each of the others in turn.
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = fns[name]
             c0, t0 = time.process_time(), time.perf_counter()
             fn()
             t, c = time.perf_counter() - t0, time.process_time() - c0
