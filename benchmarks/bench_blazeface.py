@@ -13,10 +13,10 @@ the same ``--images`` photos in calls of ``batch`` images (MediaPipe: one call p
 change in the machine's load hits all of them alike; each figure is the median over
 ``--repeats`` rounds after a warm-up round, in images per second. The "cores busy" column is process CPU time over wall time while the contender ran
 (MediaPipe's tasks API has no thread setting; this shows what it used). ``--size`` sets the
-photos' size: 512x512 samples whole source pixels (the letterbox reads one bilinear corner),
-500x375 needs all four. Prints a markdown section for docs/benchmarks.md (``--write``).
+photos' sizes: at 512x512 every sample falls on a whole source pixel (the letterbox reads one
+bilinear corner), at 500x375 it needs all four. Prints a markdown section for docs/benchmarks.md (``--write``).
 
-    python benchmarks/bench_blazeface.py [--model front] [--threads 2] [--repeats 7] [--size 512x512] [--write]
+    python benchmarks/bench_blazeface.py [--model front] [--threads 2] [--repeats 7] [--size 512x512 500x375] [--write]
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--images", type=int, default=64, help="photos per round (a multiple of each batch)")
-    ap.add_argument("--size", default="512x512", help="photo size WIDTHxHEIGHT")
+    ap.add_argument("--size", nargs="+", default=["512x512", "500x375"], help="photo sizes WIDTHxHEIGHT")
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = ap.parse_args()
 
@@ -91,8 +91,7 @@ def main() -> None:
     built_s = time.perf_counter() - t0
     eager = FaceDetector(args.model, backend="eager")
     path = find_tflite(args.model)
-    width, height = (int(v) for v in args.size.lower().split("x"))
-    images = _images(args.images, width, height)
+    sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.size]
 
     try:
         from visionscale.face.reference import LiteRTRunner
@@ -109,21 +108,24 @@ def main() -> None:
         except ImportError:
             mp_det = None
 
-    pipe, net = {}, {}
-    for bs in args.batch:
-        fns = {"ours": _calls(ours.detect, images, bs), "eager": _calls(eager.detect, images, bs)}
-        if mp_det is not None:
-            fns["mediapipe"] = lambda: [mp_det.detect(i) for i in images]
-        pipe[bs] = _round_robin(fns, len(images), args.repeats)
+    pipe, net, found = {}, {}, {}
+    for width, height in sizes:
+        images = _images(args.images, width, height)
+        for bs in args.batch:
+            fns = {"ours": _calls(ours.detect, images, bs), "eager": _calls(eager.detect, images, bs)}
+            if mp_det is not None:
+                fns["mediapipe"] = lambda: [mp_det.detect(i) for i in images]
+            pipe[width, height, bs] = _round_robin(fns, len(images), args.repeats)
+        found[width, height] = (sum(len(f) for f in ours.detect(images)),
+                                None if mp_det is None else sum(len(mp_det.detect(i)) for i in images))
+    for bs in args.batch:  # the network does not depend on the photos' size
         x, _ = ours.preprocess(images[:bs])
         x_nhwc = x.permute(0, 2, 3, 1).contiguous().numpy()
         fns = {"ours": lambda: ours.raw(x), "eager": lambda: eager.raw(x)}
         if litert is not None:
             fns["tflite"] = lambda: litert(x_nhwc)
         net[bs] = _round_robin(fns, bs, args.repeats)
-    faces = [len(f) for f in ours.detect(images)]
     if mp_det is not None:
-        mp_faces = [len(mp_det.detect(i)) for i in images]
         mp_det.close()
     load1 = os.getloadavg()[0]
 
@@ -140,8 +142,8 @@ def main() -> None:
     lines = [
         f"Machine: {machine()}, {load1:.1f} at the end (other jobs share this machine). "
         f"Command: `python benchmarks/bench_blazeface.py --model {args.model} --threads {args.threads} "
-        f"--repeats {args.repeats} --size {width}x{height} --write`. {len(images)} distinct {width}x{height} photos "
-        f"(the astronaut, shifted, with noise), each round through all of them in calls of `batch` images; median of "
+        f"--repeats {args.repeats} --size {' '.join(args.size)} --write`. {args.images} distinct photos per size "
+        f"(the astronaut resized, shifted, with noise), each round through all of them in calls of `batch` images; median of "
         f"{args.repeats} round-robin rounds after a warm-up round; images/second.",
         "",
         f"Ours, default backend: `FaceDetector(\"{args.model}\", threads={args.threads})` = {rt['backend']} "
@@ -154,12 +156,12 @@ def main() -> None:
         "",
         "Image -> faces (letterbox, network, decoding, weighted blending, boxes in image pixels):",
         "",
-        "| batch | ours (default) img/s | ours eager img/s | MediaPipe img/s | ours / MediaPipe | eager / MediaPipe "
-        "| cores busy: ours / eager / MediaPipe |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| photos | batch | ours (default) img/s | ours eager img/s | MediaPipe img/s | ours / MediaPipe "
+        "| eager / MediaPipe | cores busy: ours / eager / MediaPipe |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for bs, d in pipe.items():
-        lines.append(f"| {bs} | {fmt(d, 'ours')} | {fmt(d, 'eager')} | {fmt(d, 'mediapipe')} | "
+    for (width, height, bs), d in pipe.items():
+        lines.append(f"| {width}x{height} | {bs} | {fmt(d, 'ours')} | {fmt(d, 'eager')} | {fmt(d, 'mediapipe')} | "
                      f"{ratio(d, 'ours', 'mediapipe')} | {ratio(d, 'eager', 'mediapipe').strip('*')} | "
                      f"{cores(d, 'ours')} / {cores(d, 'eager')} / {cores(d, 'mediapipe')} |")
     lines += ["", "Network alone on a preprocessed batch:", "",
@@ -168,8 +170,8 @@ def main() -> None:
     for bs, d in net.items():
         lines.append(f"| {bs} | {fmt(d, 'ours')} | {fmt(d, 'eager')} | {fmt(d, 'tflite')} | "
                      f"{ratio(d, 'ours', 'tflite').strip('*')} | {ratio(d, 'eager', 'tflite').strip('*')} |")
-    same = "n/a" if mp_det is None else f"{sum(faces)} faces found by ours, {sum(mp_faces)} by MediaPipe"
-    lines += ["", f"On these {len(images)} images: {same}. Ratios > 1: ours faster. The network-alone rows "
+    same = "; ".join(f"{w}x{h}: {a} faces found by ours, {b} by MediaPipe" for (w, h), (a, b) in found.items())
+    lines += ["", f"Faces on the {args.images} photos per size: {same}. Ratios > 1: ours faster. The network-alone rows "
               f"make one call on the whole batch, ours in one thread ({rt['backend']}); the pipeline splits a batch "
               f"over the worker threads. Load average {load0:.1f} at the start: CPU numbers on a shared machine "
               f"are noisy, compare the ratios (measured in the same rounds)."]
