@@ -134,8 +134,8 @@ class FaceDetector:
         min_score: Score threshold (default: MediaPipe's, 0.5 front, 0.65 back).
         blending: ``"weighted"`` (MediaPipe's weighted NMS) or ``"nms"``.
         suppression_threshold: IoU above which detections are blended / suppressed (0.3).
-        batch_size: Images per network call (at most; with several ``threads`` a batch is split
-            so that every thread gets a share).
+        batch_size: Images per network call, at most (ONNX Runtime on a CPU: at most
+            :data:`ORT_CPU_BATCH`, and a batch is split so that every worker thread gets a share).
         backend: ``auto`` (default: ONNX Runtime on a CPU when installed, else eager), ``eager``,
             ``compile``, ``onnxruntime`` or ``tensorrt`` (see :class:`visionscale.runtime.Runner`).
         precision: ``fp32``, ``fp16`` or ``bf16``; ``auto`` picks ONNX Runtime for ``fp32`` only.
