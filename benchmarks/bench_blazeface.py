@@ -85,7 +85,7 @@ def main() -> None:
     from visionscale.face.tflite_import import find_tflite
 
     torch.set_num_threads(args.threads)
-    load0 = os.getloadavg()[0]
+    host = machine()  # with the load average at the start
     t0 = time.perf_counter()
     ours = FaceDetector(args.model, threads=args.threads)  # default backend
     built_s = time.perf_counter() - t0
@@ -140,14 +140,14 @@ def main() -> None:
 
     rt = ours.runtime
     lines = [
-        f"Machine: {machine()}, {load1:.1f} at the end (other jobs share this machine). "
+        f"Machine: {host}, {load1:.1f} at the end (other jobs share this machine). "
         f"Command: `python benchmarks/bench_blazeface.py --model {args.model} --threads {args.threads} "
         f"--repeats {args.repeats} --size {' '.join(args.size)} --write`. {args.images} distinct photos per size "
         f"(the astronaut resized, shifted, with noise), each round through all of them in calls of `batch` images; median of "
         f"{args.repeats} round-robin rounds after a warm-up round; images/second.",
         "",
         f"Ours, default backend: `FaceDetector(\"{args.model}\", threads={args.threads})` = {rt['backend']} "
-        f"({rt.get('provider', 'PyTorch')}), {args.threads} worker threads with one ONNX Runtime thread each, "
+        f"({rt.get('provider', 'PyTorch')}): a batch goes to {args.threads} worker threads with one ONNX Runtime thread each, "
         f"at most 8 images per ONNX Runtime call "
         f"(constructed in {built_s:.1f} s: the ONNX export is cached). Eager: `backend=\"eager\"`, "
         f"`torch.set_num_threads({args.threads})`. MediaPipe: the tasks `FaceDetector` on the same `.tflite`, "
@@ -173,8 +173,8 @@ def main() -> None:
     same = "; ".join(f"{w}x{h}: {a} faces found by ours, {b} by MediaPipe" for (w, h), (a, b) in found.items())
     lines += ["", f"Faces on the {args.images} photos per size: {same}. Ratios > 1: ours faster. The network-alone rows "
               f"make one call on the whole batch, ours in one thread ({rt['backend']}); the pipeline splits a batch "
-              f"over the worker threads. Load average {load0:.1f} at the start: CPU numbers on a shared machine "
-              f"are noisy, compare the ratios (measured in the same rounds)."]
+              f"over the worker threads (a single image: one call with {args.threads} ONNX Runtime threads). "
+              f"CPU numbers on a shared machine are noisy, compare the ratios (measured in the same rounds)."]
 
     title = f"BlazeFace ({args.model}, {ours.input_size} px) on CPU: images/second (`benchmarks/bench_blazeface.py`)"
     print(f"## {title}\n\n" + "\n".join(lines))
