@@ -12,7 +12,8 @@ Each round takes every contender, in turn (the order rotating from round to roun
 the same ``--images`` photos in calls of ``batch`` images (MediaPipe: one call per image), so a
 change in the machine's load hits all of them alike; each figure is the median over
 ``--repeats`` rounds after a warm-up round, in images per second. The "cores busy" column is process CPU time over wall time while the contender ran
-(MediaPipe's tasks API has no thread setting; this shows what it used). ``--size`` sets the
+(MediaPipe's tasks API has no thread setting; this shows what it used), and CPU ms per image
+is that over the throughput: the work per image, whatever share of a loaded machine each got. ``--size`` sets the
 photos' sizes: at 512x512 every sample falls on a whole source pixel (the letterbox reads one
 bilinear corner), at 500x375 it needs all four. Prints a markdown section for docs/benchmarks.md (``--write``).
 
@@ -135,6 +136,9 @@ def main() -> None:
     def cores(d, key):
         return "n/a" if key not in d else f"{d[key][1]:.1f}"
 
+    def cpu_ms(d, key):  # CPU time per image: what a contender costs, whatever share of the machine it got
+        return "n/a" if key not in d else f"{1e3 * d[key][1] / d[key][0]:.2f}"
+
     def ratio(d, a, b):
         return "n/a" if a not in d or b not in d else f"**{d[a][0] / d[b][0]:.2f}x**"
 
@@ -157,13 +161,14 @@ def main() -> None:
         "Image -> faces (letterbox, network, decoding, weighted blending, boxes in image pixels):",
         "",
         "| photos | batch | ours (default) img/s | ours eager img/s | MediaPipe img/s | ours / MediaPipe "
-        "| eager / MediaPipe | cores busy: ours / eager / MediaPipe |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| eager / MediaPipe | cores busy: ours / eager / MediaPipe | CPU ms per image: ours / MediaPipe |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (width, height, bs), d in pipe.items():
         lines.append(f"| {width}x{height} | {bs} | {fmt(d, 'ours')} | {fmt(d, 'eager')} | {fmt(d, 'mediapipe')} | "
                      f"{ratio(d, 'ours', 'mediapipe')} | {ratio(d, 'eager', 'mediapipe').strip('*')} | "
-                     f"{cores(d, 'ours')} / {cores(d, 'eager')} / {cores(d, 'mediapipe')} |")
+                     f"{cores(d, 'ours')} / {cores(d, 'eager')} / {cores(d, 'mediapipe')} | "
+                     f"{cpu_ms(d, 'ours')} / {cpu_ms(d, 'mediapipe')} |")
     lines += ["", "Network alone on a preprocessed batch:", "",
               "| batch | ours (default) img/s | ours eager img/s | TFLite img/s | ours / TFLite | eager / TFLite |",
               "|---:|---:|---:|---:|---:|---:|"]
