@@ -483,3 +483,195 @@ def test_detector_through_onnx_runtime_gives_the_same_detections():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     got, ref = ort.detect(images), eager.detect(images)
     assert [len(d) for d in got] == [len(d) for d in ref]
+
+
+# ---------------------------------------------------------------- speed path: graph form, ONNX Runtime default, threads
+@pytest.mark.parametrize("name", ["front", "back", "paper", "tiny"])
+def test_graph_form_computes_the_same_function(name):
+    from numerics import assert_close_to_scale
+    from visionscale.face.blazeface_graph import ALIGN, BlazeFaceGraph
+
+    torch.manual_seed(0)
+    net = BlazeFace(VARIANTS[name]).eval()
+    graph = BlazeFaceGraph(net)
+    s = VARIANTS[name].input_size
+    x = torch.rand(2, 3, s, s) * 2 - 1
+    with torch.no_grad():
+        ref, got = net(x), graph(x)
+    for a, b in zip(got, ref):
+        # Why relative 1e-6: the padded channels add exact zeros, but oneDNN may pick another
+        # summation order for the wider convolutions (float32 rounding of the sums, ~1e-7 of scale).
+        assert_close_to_scale(a.numpy(), b.numpy(), rel=1e-6)
+    convs = [m for m in graph.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.in_channels % ALIGN == 0 for c in convs[1:])  # every feature map is a whole number of blocks
+    # Skips need zero channels only where the rounded width grows (front: 4 of 16 blocks).
+    eyes = [b.skip.eye for b in list(graph.stage1) + list(graph.stage2) if b.skip is not None and b.skip.eye is not None]
+    if name == "front":
+        assert len(eyes) == 4
+
+
+def test_onnx_export_uses_the_graph_form_and_is_cached(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    from visionscale.face import onnx_graph, tflite_import
+    from visionscale.face.detector import FaceDetector
+    from visionscale.runtime import export as export_mod
+
+    monkeypatch.setattr(tflite_import, "cache_dir", lambda: tmp_path / "cache")
+    calls = []
+    real = export_mod.export_onnx
+    monkeypatch.setattr(export_mod, "export_onnx", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    torch.manual_seed(0)
+    net = BlazeFace(VARIANTS["tiny"]).eval()
+    first = FaceDetector(net, min_score=0.0)
+    assert first.backend == "onnxruntime" and len(calls) == 1
+    path = onnx_graph.cache_path(net)
+    assert path.parent == tmp_path / "cache" and path.is_file() and path.with_suffix(".onnx.json").is_file()
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Pad" not in ops and "ReduceMax" not in ops  # the layout ONNX Runtime runs without reorders
+    second = FaceDetector(net, min_score=0.0)
+    assert len(calls) == 1  # the cached file, no second export
+    path.write_bytes(b"not an onnx file")  # a damaged cache file is exported again
+    third = FaceDetector(net, min_score=0.0)
+    assert len(calls) == 2 and third.backend == "onnxruntime"
+    img = np.random.default_rng(5).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    assert [f.score for f in second.detect(img)[0]] == [f.score for f in third.detect(img)[0]]
+
+
+def test_auto_backend_falls_back_to_eager_without_onnxruntime(monkeypatch):
+    from visionscale.face import onnx_graph
+    from visionscale.face.detector import FaceDetector
+
+    monkeypatch.setattr(onnx_graph, "onnx_available", lambda cached=None: False)
+    det = FaceDetector(BlazeFace(VARIANTS["tiny"]))
+    assert det.backend == "eager" and det.runtime["backend"] == "eager"
+
+
+def test_worker_threads_give_the_same_detections(tiny_detector):
+    from visionscale.face.detector import FaceDetector
+
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 255, (int(rng.integers(40, 200)), int(rng.integers(40, 200)), 3), dtype=np.uint8)
+              for _ in range(7)]
+    one = FaceDetector(tiny_detector.net, min_score=0.0, threads=1, batch_size=3, backend=tiny_detector.backend)
+    many = FaceDetector(tiny_detector.net, min_score=0.0, threads=2, batch_size=3, backend=tiny_detector.backend)
+    a, b = one.detect(images), many.detect(images)
+    assert [len(x) for x in a] == [len(x) for x in b] and sum(len(x) for x in a) > 0
+    for fa, fb in zip(sum(a, []), sum(b, [])):
+        # Each image goes through the same single-threaded session either way; only the
+        # batch it shares a network call with differs (1e-4 px: float32 rounding at most).
+        np.testing.assert_allclose(fa.box, fb.box, atol=1e-4)
+        np.testing.assert_allclose(fa.keypoints, fb.keypoints, atol=1e-4)
+
+
+@needs_front
+def test_default_onnxruntime_detections_equal_eager():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from visionscale.face.detector import FaceDetector
+
+    fast = FaceDetector("front")
+    eager = FaceDetector("front", backend="eager")
+    assert fast.backend == "onnxruntime" and fast.runtime["provider"] == "CPUExecutionProvider"
+    images = list(_composites().values())
+    got, ref = fast.detect(images), eager.detect(images)
+    assert [len(d) for d in got] == [len(d) for d in ref] and sum(len(d) for d in ref) >= 5
+    for faces_got, faces_ref, img in zip(got, ref, images):
+        side = max(img.shape[:2])
+        for g, r in zip(faces_got, faces_ref):
+            # Why 1e-4 of the image side and 1e-4 of score: two float32 engines (ONNX Runtime's
+            # MLAS, PyTorch's oneDNN) sum the convolutions in different orders; their raw outputs
+            # differ by ~1e-6 of scale, which moves a box by far less than 0.01 px. A wrong
+            # layout or weight moves boxes by pixels.
+            np.testing.assert_allclose(g.box, r.box, atol=1e-4 * side)
+            np.testing.assert_allclose(g.keypoints, r.keypoints, atol=1e-4 * side)
+            assert g.score == pytest.approx(r.score, abs=1e-4)
+
+
+# ---------------------------------------------------------------- speed path: preprocessing and decoding values
+def _plain_letterbox(image, size):
+    """The row-then-column formulation, written out independently."""
+    h, w = image.shape[:2]
+    side = max(h, w)
+
+    def axis(n_in, pad):
+        pos = np.arange(size) * (side / size) - pad
+        i0 = np.floor(pos).astype(int)
+        f = pos - i0
+        w0 = ((1 - f) * ((i0 >= 0) & (i0 < n_in))).astype(np.float32)
+        w1 = (f * ((i0 + 1 >= 0) & (i0 + 1 < n_in))).astype(np.float32)
+        return np.clip(i0, 0, n_in - 1), np.clip(i0 + 1, 0, n_in - 1), w0, w1
+
+    y0, y1, wy0, wy1 = axis(h, (side - h) / 2)
+    x0, x1, wx0, wx1 = axis(w, (side - w) / 2)
+    rows = image[y0].astype(np.float32) * wy0[:, None, None] + image[y1].astype(np.float32) * wy1[:, None, None]
+    out = np.clip(np.rint(rows[:, x0] * wx0[None, :, None] + rows[:, x1] * wx1[None, :, None]), 0, 255)
+    return (out * np.float32(2 / 255) - np.float32(1)).transpose(2, 0, 1)
+
+
+def test_letterbox_gather_equals_the_plain_resize_exactly():
+    import skimage.data
+
+    rng = np.random.default_rng(6)
+    astro = skimage.data.astronaut()
+    images = [astro, astro[:, ::-1], astro[5:300:2, 7:400:3], rng.integers(0, 255, (37, 91, 3), dtype=np.uint8),
+              rng.integers(0, 255, (300, 20, 3), dtype=np.uint8)]
+    for img in images:  # contiguous images take the gather path, strided views the plain one
+        for size in (128, 7):
+            np.testing.assert_array_equal(letterbox_tensor(img, size).numpy(), _plain_letterbox(img, size))
+
+
+def test_threshold_before_decoding_keeps_the_same_detections():
+    from visionscale.face.decode import decode_tensors
+
+    rng = np.random.default_rng(7)
+    anchors = torch.from_numpy(ssd_anchors(FRONT_ANCHORS))
+    reg = torch.from_numpy(rng.normal(0, 20, (3, 896, 16)).astype(np.float32))
+    cls = torch.from_numpy(rng.normal(-4, 3, (3, 896, 1)).astype(np.float32))
+    cls[1] = -50.0  # an image without detections between two with some
+    reg[0, :5, 2] = -30.0  # negative widths: dropped
+    opts = VARIANTS["front"].decode
+    got = decode(reg, cls, anchors, opts)
+    boxes, kps, scores = decode_tensors(reg, cls, anchors, opts)
+    for b, d in enumerate(got):
+        keep = (scores[b] >= opts.min_score_thresh) & (boxes[b, :, 2] >= boxes[b, :, 0]) & (boxes[b, :, 3] >= boxes[b, :, 1])
+        np.testing.assert_array_equal(d.boxes, boxes[b][keep].numpy())
+        np.testing.assert_array_equal(d.keypoints, kps[b][keep].numpy())
+        # Scores: numpy's exp (decode) and torch's sigmoid (decode_tensors) may differ in the last bit.
+        np.testing.assert_allclose(d.scores, scores[b][keep].numpy(), rtol=3e-7, atol=0)
+    assert len(got[1]) == 0 and len(got[0]) > 0 and len(got[2]) > 0
+
+
+def _reference_weighted_nms(dets, threshold):
+    """MediaPipe's loop as written in the module docstring, one IoU column at a time."""
+    order = np.argsort(-dets.scores, kind="stable")
+    boxes, kps, scores = dets.boxes[order], dets.keypoints[order], dets.scores[order]
+    remaining = list(range(len(scores)))
+    out = []
+    while remaining:
+        top = remaining[0]
+        iou = iou_matrix(boxes[remaining], boxes[top : top + 1])[:, 0]
+        cand = [i for i, o in zip(remaining, iou) if o > threshold] or [top]
+        w = scores[cand].astype(np.float64)
+        out.append(((boxes[cand] * w[:, None]).sum(0) / w.sum(), (kps[cand] * w[:, None, None]).sum(0) / w.sum(), scores[top]))
+        remaining = [i for i in remaining if i not in cand]
+    return out
+
+
+def test_weighted_nms_equals_the_reference_loop():
+    rng = np.random.default_rng(8)
+    for n in (1, 5, 40):
+        xy = rng.uniform(0, 0.6, (n, 2))
+        wh = rng.uniform(0.05, 0.4, (n, 2))
+        wh[0] = 0.0  # a zero-area box
+        boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+        dets = RawDetections(boxes, rng.uniform(0, 1, (n, 6, 2)).astype(np.float32), rng.uniform(0.5, 1, n).astype(np.float32))
+        got = weighted_nms(dets, 0.3)
+        ref = _reference_weighted_nms(dets, 0.3)
+        assert len(got) == len(ref)
+        for i, (b, k, s) in enumerate(ref):
+            np.testing.assert_array_equal(got.boxes[i], b.astype(np.float32))
+            np.testing.assert_array_equal(got.keypoints[i], k.astype(np.float32))
+            assert got.scores[i] == s

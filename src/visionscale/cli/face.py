@@ -15,12 +15,16 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from visionscale.cli._common import CLIGroup, err, fail, note_runner, out
-from visionscale.cli._options import Backend, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_PRECISION, Device, Precision
+from visionscale.cli._options import DEFAULT_DEVICE, DEFAULT_PRECISION, Device, Precision
+
+# Detection's own default: ONNX Runtime on a CPU when installed (FaceDetector(backend="auto")).
+FaceBackend = Annotated[str, typer.Option("--backend", help="auto (ONNX Runtime on a CPU when installed, else eager), "
+                                          "eager, compile, onnxruntime or tensorrt (see `visionscale bench`).")]
 
 app = typer.Typer(
     cls=CLIGroup,
@@ -84,7 +88,7 @@ def detect_cmd(
     blending: str = typer.Option("weighted", "--blending", help="weighted (MediaPipe's weighted NMS) or nms."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per network call."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also read images in subfolders."),
-    backend: Backend = DEFAULT_BACKEND,
+    backend: FaceBackend = "auto",
     precision: Precision = DEFAULT_PRECISION,
     device: Device = DEFAULT_DEVICE,
 ) -> None:

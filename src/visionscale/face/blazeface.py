@@ -157,6 +157,13 @@ class BlazeFace(nn.Module):
             raise InvalidValueError(f"{name} runs at {side}x{side} only (its anchors are generated for that size), "
                                     f"got {h}x{w}").about("image_size")
 
+    def for_export(self, batch: int, height: int, width: int) -> tuple[nn.Module, None]:
+        """The module a graph export holds: :class:`~visionscale.face.blazeface_graph.BlazeFaceGraph`,
+        the same function laid out for ONNX Runtime's CPU kernels (no note: the batch stays dynamic)."""
+        from visionscale.face.blazeface_graph import BlazeFaceGraph
+
+        return BlazeFaceGraph(self), None
+
     def tflite_conv_order(self) -> list[nn.Conv2d]:
         """Convolutions in the order MediaPipe's TFLite graphs execute them."""
         convs: list[nn.Conv2d] = [self.stem]

@@ -60,6 +60,23 @@ class RawDetections:
         return len(self.scores)
 
 
+def _decode_rows(regressors, anchors, opts: DecodeOptions, stack=torch.stack):
+    """Boxes ``(..., 4)`` xyxy and keypoints ``(..., K, 2)`` from raw regressors ``(..., 4 + 2K)``
+    and their anchors ``(..., 4)`` (broadcastable: one per regressor row, or one per anchor).
+    Tensors, or numpy arrays with ``stack=np.stack`` (the same float32 operations)."""
+    ax, ay, aw, ah = anchors[..., 0], anchors[..., 1], anchors[..., 2], anchors[..., 3]
+    xc = regressors[..., 0] / opts.x_scale * aw + ax
+    yc = regressors[..., 1] / opts.y_scale * ah + ay
+    w = regressors[..., 2] / opts.w_scale * aw
+    h = regressors[..., 3] / opts.h_scale * ah
+    boxes = stack([xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], -1)
+    k = opts.num_keypoints
+    kp = regressors[..., 4 : 4 + 2 * k].reshape(*regressors.shape[:-1], k, 2)
+    kx = kp[..., 0] / opts.x_scale * aw[..., None] + ax[..., None]
+    ky = kp[..., 1] / opts.y_scale * ah[..., None] + ay[..., None]
+    return boxes, stack([kx, ky], -1)
+
+
 def decode_tensors(regressors: Tensor, classificators: Tensor, anchors: Tensor, opts: DecodeOptions) -> tuple[Tensor, Tensor, Tensor]:
     """Vectorised decoding of every anchor.
 
@@ -71,34 +88,34 @@ def decode_tensors(regressors: Tensor, classificators: Tensor, anchors: Tensor, 
     Returns:
         boxes ``(B, N, 4)`` xyxy, keypoints ``(B, N, K, 2)``, scores ``(B, N)``.
     """
-    a = anchors.to(regressors)
-    ax, ay, aw, ah = a[:, 0], a[:, 1], a[:, 2], a[:, 3]
-    xc = regressors[..., 0] / opts.x_scale * aw + ax
-    yc = regressors[..., 1] / opts.y_scale * ah + ay
-    w = regressors[..., 2] / opts.w_scale * aw
-    h = regressors[..., 3] / opts.h_scale * ah
-    boxes = torch.stack([xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], dim=-1)
-    k = opts.num_keypoints
-    kp = regressors[..., 4 : 4 + 2 * k].reshape(*regressors.shape[:-1], k, 2)
-    kx = kp[..., 0] / opts.x_scale * aw[:, None] + ax[:, None]
-    ky = kp[..., 1] / opts.y_scale * ah[:, None] + ay[:, None]
-    keypoints = torch.stack([kx, ky], dim=-1)
+    boxes, keypoints = _decode_rows(regressors, anchors.to(regressors), opts)
     t = opts.score_clipping_thresh
-    scores = torch.sigmoid(classificators[..., 0].clamp(-t, t))
-    return boxes, keypoints, scores
+    return boxes, keypoints, torch.sigmoid(classificators[..., 0].clamp(-t, t))
 
 
-def decode(regressors: Tensor, classificators: Tensor, anchors: Tensor, opts: DecodeOptions) -> list[RawDetections]:
-    """Decode a batch and keep, per image, the anchors with ``score >= min_score_thresh``."""
-    boxes, kps, scores = decode_tensors(regressors.float(), classificators.float(), anchors, opts)
-    out = []
-    for b in range(boxes.shape[0]):
-        keep = scores[b] >= opts.min_score_thresh
-        bx = boxes[b][keep]
-        width, height = bx[:, 2] - bx[:, 0], bx[:, 3] - bx[:, 1]
-        ok = (width >= 0) & (height >= 0)  # NaN compares False: dropped too, as MediaPipe does
-        out.append(RawDetections(bx[ok].cpu().numpy(), kps[b][keep][ok].cpu().numpy(), scores[b][keep][ok].cpu().numpy()))
-    return out
+def _as_array(x) -> np.ndarray:
+    return x.detach().to("cpu", torch.float32).numpy() if isinstance(x, Tensor) else np.asarray(x, np.float32)
+
+
+def decode(regressors, classificators, anchors, opts: DecodeOptions) -> list[RawDetections]:
+    """Decode a batch and keep, per image, the anchors with ``score >= min_score_thresh``.
+
+    Scores are thresholded first and only the kept anchors (a few per face among 896) are
+    decoded, in numpy (a dozen small operations per batch, where torch's per-call overhead
+    would dominate at batch 1); the formulas are those of :func:`decode_tensors`.
+    """
+    reg, logits = _as_array(regressors), _as_array(classificators)[..., 0]  # (B, N, 16), (B, N)
+    t = opts.score_clipping_thresh
+    with np.errstate(over="ignore"):
+        scores = 1.0 / (1.0 + np.exp(-np.clip(logits, -t, t)))
+    image, anchor = np.nonzero(scores >= opts.min_score_thresh)  # row-major: by image, then anchor
+    boxes, kps = _decode_rows(reg[image, anchor], _as_array(anchors)[anchor], opts, stack=np.stack)
+    with np.errstate(invalid="ignore"):
+        ok = (boxes[:, 2] - boxes[:, 0] >= 0) & (boxes[:, 3] - boxes[:, 1] >= 0)  # NaN compares False: dropped, as MediaPipe does
+    image, anchor = image[ok], anchor[ok]
+    ends = np.searchsorted(image, np.arange(1, scores.shape[0]))  # split points: image is sorted
+    parts = zip(np.split(boxes[ok], ends), np.split(kps[ok], ends), np.split(scores[image, anchor], ends))
+    return [RawDetections(b, k, s) for b, k, s in parts]
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -127,12 +144,16 @@ def weighted_nms(dets: RawDetections, threshold: float = 0.3) -> RawDetections:
         return dets
     order = _order(dets.scores)
     boxes, kps, scores = dets.boxes[order], dets.keypoints[order], dets.scores[order]
-    remaining = np.arange(len(scores))
+    # All pairwise IoUs at once (a few dozen candidates at most); column `top` holds the IoU of
+    # every detection with `top`, computed exactly as a one-column call would.
+    overlaps = iou_matrix(boxes, boxes)
+    alive = np.ones(len(scores), bool)
     out_b, out_k, out_s = [], [], []
-    while remaining.size:
-        top = remaining[0]
-        overlap = iou_matrix(boxes[remaining], boxes[top : top + 1])[:, 0]
-        cand = remaining[overlap > threshold]
+    for top in range(len(scores)):  # score order
+        if not alive[top]:
+            continue
+        remaining = np.flatnonzero(alive)
+        cand = remaining[overlaps[remaining, top] > threshold]
         if cand.size == 0:
             # A zero-area best box overlaps nothing, not even itself. MediaPipe then stops
             # (the loop sees no change); we output it alone and go on with the rest instead.
@@ -142,8 +163,7 @@ def weighted_nms(dets: RawDetections, threshold: float = 0.3) -> RawDetections:
         out_b.append((boxes[cand] * w[:, None]).sum(0) / total)
         out_k.append((kps[cand] * w[:, None, None]).sum(0) / total)
         out_s.append(scores[top])
-        # Indices point into the score-sorted arrays, so sorted indices stay in score order.
-        remaining = np.setdiff1d(remaining, cand, assume_unique=True)
+        alive[cand] = False
     return RawDetections(np.asarray(out_b, np.float32), np.asarray(out_k, np.float32), np.asarray(out_s, np.float32))
 
 
