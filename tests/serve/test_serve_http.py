@@ -89,6 +89,32 @@ def test_scores_labels_and_regions_equal_ad_predict(server, tiny_run, demo_image
     assert labels == {"normal", "anomalous"}  # the demo has both, so the label is not constant
 
 
+def test_a_bundle_is_served_like_its_run(tiny_run, demo_images, tmp_path):
+    # The same run exported as a bundle (ONNX Runtime, numpy pre/post-processing) and served:
+    # scores equal ad predict's within the bundle's tolerance (ONNX vs eager float32: 1e-4
+    # relative, see tests/bundle), labels equal.
+    pytest.importorskip("onnxruntime")
+    from visionscale.anomaly.predict import load_run, predict
+    from visionscale.bundle import write_bundle
+    from visionscale.serve import create_app
+
+    bundle = write_bundle(tiny_run, tmp_path / "bundle").path
+    threshold = json.loads((Path(tiny_run) / "calibration.json").read_text())["image_threshold"]
+    records, _ = predict(load_run(tiny_run, "cpu"), demo_images, tmp_path / "pred", batch_size=1)
+    with running(create_app(bundle)) as base:
+        info = httpx.get(base + "/v1/info", timeout=30).json()
+        for rec in records:
+            r = _post(base, "/v1/anomaly/score", files={"file": _png(Path(rec["path"]))})
+            assert r.status_code == 200, r.text
+            assert r.json()["score"] == pytest.approx(rec["score"], rel=1e-4, abs=1e-6)
+            # The image threshold is one of the calibration scores (F1-optimal), and these test
+            # images were calibration images: a score that IS the threshold may land on either
+            # side after ONNX's float32 rounding. Elsewhere the labels must agree.
+            if abs(rec["score"] - threshold) > 1e-4 * abs(threshold):
+                assert r.json()["label"] == rec["label"]
+    assert "bundle" in json.dumps(info).lower()
+
+
 def test_concurrent_requests_all_answered_with_their_own_scores(server, demo_images):
     expected = {p: _post(server, "/v1/anomaly/score?images=none", files={"file": _png(p)}).json()["score"]
                 for p in demo_images[:4]}
