@@ -13,6 +13,7 @@ a forward pass are batched differently.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -40,7 +41,8 @@ class AnomalyWorker:
 
     def __init__(self, run_dir: str, device: str, backend: str, precision: str, threshold: float,
                  tiling: dict | None, batch_size: int, memory_budget: int | None, dest: str | None,
-                 overlays: bool, masks: bool, regions: bool, raw_maps: bool, threads: int = 1):
+                 overlays: bool, masks: bool, regions: bool, raw_maps: bool, threads: int = 1,
+                 cwd: str | None = None):
         import torch
 
         from visionscale.anomaly.runs import load_run
@@ -48,6 +50,7 @@ class AnomalyWorker:
         torch.set_num_threads(max(1, threads))
         self.run = load_run(run_dir, device, backend=backend, precision=precision)
         self.threshold = threshold
+        self.cwd = cwd  # the driver's working folder: relative paths are relative to it
         self.tiling = tiling
         self.batch_size = batch_size
         self.memory_budget = memory_budget
@@ -64,7 +67,9 @@ class AnomalyWorker:
 
         run = self.run
         cal = run.calibration
-        samples = [Sample(Path(str(p)), -1, "") for row in batch["path"] for p in row]
+        # Read by absolute path (a worker's working folder is not the driver's), named as given.
+        given = [str(p) for row in batch["path"] for p in row]
+        samples = [Sample(Path(p).absolute() if self.cwd is None else Path(self.cwd, p), -1, "") for p in given]
         names = [str(n) for row in batch["name"] for n in row]
         indices = [int(i) for row in batch["index"] for i in row]
         results: dict[int, dict] = {}
@@ -80,7 +85,7 @@ class AnomalyWorker:
                                   budget_bytes=self.memory_budget):
                 while samples[k] is not r.sample:  # the ones skipped before it were unreadable
                     k += 1
-                rec = image_record(r.sample.path, r.score, self.threshold, cal)
+                rec = image_record(given[k], r.score, self.threshold, cal)
                 files: list[Path] = []
                 if keep and r.amap is not None:
                     files = write_image_outputs(r, names[k], cal, scratch, self.dest, rec, **self.write)
@@ -94,9 +99,7 @@ class AnomalyWorker:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         reasons = {str(p): why for p, why in log.bad}
-        out = []
-        for k, s in enumerate(samples):
-            out.append(results.get(k) or {"bad": reasons.get(str(s.path), "unreadable")})
+        out = [results.get(k) or {"bad": reasons.get(str(s.path), "unreadable")} for k, s in enumerate(samples)]
         return {"index": np.asarray(indices, dtype=np.int64),
                 "result": np.asarray([json.dumps(o) for o in out], dtype=object),
                 "blob": np.asarray([blobs.get(k, b"") for k in range(len(samples))], dtype=object)}
@@ -160,7 +163,7 @@ def _predict_ray(run, images, out_dir, *, ray: RayOptions, device, backend, prec
         job = ResumableOutput(out_dir, kind="ad-predict", overwrite=overwrite, fingerprint=_fingerprint(
             run, paths, Path(out_dir), threshold=threshold, tiling=tiling_d, skip_bad=skip_bad, device=device,
             backend=backend, precision=precision, **write))
-    worker_kwargs = dict(run_dir=str(run.path), device=device, backend=backend, precision=precision,
+    worker_kwargs = dict(run_dir=str(Path(run.path).absolute()), cwd=os.getcwd(), device=device, backend=backend, precision=precision,
                          threshold=threshold, tiling=tiling_d, batch_size=batch_size, memory_budget=memory_budget,
                          dest=str(out_dir) if out_dir is not None else None, threads=ray.cpus_per_worker, **write)
     total = len(paths)
@@ -184,7 +187,7 @@ def _predict_ray(run, images, out_dir, *, ray: RayOptions, device, backend, prec
         if progress is not None:
             progress("predicting", len(finished), total)
 
-    with (job if job is not None else _Nothing()) as state:
+    with (job if job is not None else contextlib.nullcontext()) as state:
         if state is not None:
             finished.update(state.finished())
         left = [i for i in range(total) if i not in finished]
@@ -215,14 +218,6 @@ def _predict_ray(run, images, out_dir, *, ray: RayOptions, device, backend, prec
         if state is not None:
             write_predictions(state.files, records)
     return records, log
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def collect(images) -> list[Path]:

@@ -183,23 +183,28 @@ def map_items(items: Sequence[dict], worker: type, worker_kwargs: dict, options:
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n),
                             max_restarts=options.max_restarts, max_task_retries=options.max_restarts,
                             **resources)
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            cols = list(batch)
-            count = len(batch[cols[0]]) if cols else 0
-            for i in range(count):
-                on_result({c: _plain(batch[c][i]) for c in cols})
-            if progress is not None:
-                progress(count)
-    except VisionscaleError:
-        raise
-    except Exception as exc:  # Ray's wrappers: RayTaskError, ActorDiedError, UserCodeException...
-        inner = _unwrap(exc)
-        if inner is not None:
-            raise inner.with_traceback(None) from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EngineError(f"the Ray job failed ({type(exc).__name__}: {first}); finished items are kept: "
-                          f"run the same command again to resume").about("engine") from exc
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except VisionscaleError:
+            raise
+        except Exception as exc:  # Ray's wrappers: RayTaskError, ActorDiedError, UserCodeException...
+            inner = _unwrap(exc)
+            if inner is not None:
+                raise inner.with_traceback(None) from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EngineError(f"the Ray job failed ({type(exc).__name__}: {first}); finished items are kept: "
+                              f"run the same command again to resume").about("engine") from exc
+        # The caller's callbacks run outside the try: their errors (and Ctrl-C) are theirs.
+        cols = list(batch)
+        count = len(batch[cols[0]]) if cols else 0
+        for i in range(count):
+            on_result({c: _plain(batch[c][i]) for c in cols})
+        if progress is not None:
+            progress(count)
     return info
 
 
