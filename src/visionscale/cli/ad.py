@@ -330,7 +330,7 @@ def predict_cmd(
 
 def _note_engine(info: dict) -> None:
     """What a Ray job is about to do, on stderr."""
-    res = ", ".join(f"{v:g} {k.removeprefix('num_').upper()}" for k, v in info["resources"].items())
+    res = " + ".join(f"{v:g} {k.removeprefix('num_')[:3].upper()}" for k, v in info["resources"].items())
     resumed = f"; resuming: {info['resumed']} image(s) already done" if info.get("resumed") else ""
     if info.get("discarded"):
         resumed += "; an unfinished job with other arguments was discarded"

@@ -95,8 +95,13 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield {"started": False, "startup_s": 0.0}
         return
     temp = None
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-dataset INFO lines
+    # Errors only: Ray's notes (token authentication, disabled progress bars, per-dataset INFO)
+    # would bury the command's own output; the workers' logs stay in Ray's session folder.
+    kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # Ray's C++ side logs at error level that actors with restarts have constructor arguments in
+    # the object store (Ray Data's design, ray-project/ray#53727); not an error of this job.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     try:
         if address is not None:
             ray.init(address=address, **kwargs)
@@ -180,7 +185,7 @@ def map_items(items: Sequence[dict], worker: type, worker_kwargs: dict, options:
         # that kills its worker every time.
         warnings.simplefilter("ignore")
         ds = ds.map_batches(worker, fn_constructor_kwargs=worker_kwargs, batch_size=1,
-                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n),
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(n, len(items))),
                             max_restarts=options.max_restarts, max_task_retries=options.max_restarts,
                             **resources)
     batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
