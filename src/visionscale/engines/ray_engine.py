@@ -99,9 +99,6 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     # would bury the command's own output; the workers' logs stay in Ray's session folder.
     kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    # Ray's C++ side logs at error level that actors with restarts have constructor arguments in
-    # the object store (Ray Data's design, ray-project/ray#53727); not an error of this job.
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     try:
         if address is not None:
             ray.init(address=address, **kwargs)
