@@ -161,7 +161,7 @@ def _predict_ray(run, images, out_dir, *, ray: RayOptions, device, backend, prec
     job = None
     if out_dir is not None:
         job = ResumableOutput(out_dir, kind="ad-predict", overwrite=overwrite, fingerprint=_fingerprint(
-            run, paths, Path(out_dir), threshold=threshold, tiling=tiling_d, skip_bad=skip_bad, device=device,
+            run, paths, Path(out_dir), threshold=threshold, tiling=tiling_d, device=device,
             backend=backend, precision=precision, **write))
     worker_kwargs = dict(run_dir=str(Path(run.path).absolute()), cwd=os.getcwd(), device=device, backend=backend, precision=precision,
                          threshold=threshold, tiling=tiling_d, batch_size=batch_size, memory_budget=memory_budget,
@@ -188,8 +188,8 @@ def _predict_ray(run, images, out_dir, *, ray: RayOptions, device, backend, prec
             progress("predicting", len(finished), total)
 
     with (job if job is not None else contextlib.nullcontext()) as state:
-        if state is not None:
-            finished.update(state.finished())
+        if state is not None:  # skip_bad is not in the fingerprint: a rerun with --skip-bad keeps the work
+            finished.update({i: r for i, r in state.finished().items() if skip_bad or "bad" not in r})
         left = [i for i in range(total) if i not in finished]
         # One row per forward pass, as the local engine batches them (then the scores are equal to the bit).
         todo = [{"index": c, "path": [str(paths[i]) for i in c], "name": [names[paths[i]] for i in c]}

@@ -99,6 +99,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     # would bury the command's own output; the workers' logs stay in Ray's session folder.
     kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
+    if address is not None:
+        _probe(address)
     try:
         if address is not None:
             ray.init(address=address, **kwargs)
@@ -117,6 +119,22 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         ray.shutdown()
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a HOST:PORT nobody listens on: Ray itself retries its GCS for minutes."""
+    import socket
+
+    if address == "auto" or "://" in address:
+        return  # "auto" reads this machine's Ray session; ray:// is Ray Client, which times out itself
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InvalidValueError(f"address must be 'auto' or HOST:PORT, got {address!r}").about("address")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise EngineError(f"cannot reach the Ray cluster at {address!r}: {exc.strerror or exc} (is `ray start "
+                          f"--head` running there, and is the port open?)").about("address") from None
 
 
 def plan_workers(options: RayOptions, use_gpu: bool) -> tuple[int, dict]:
