@@ -125,7 +125,8 @@ def predict(run, images: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     how wide (``workers`` is ignored: see :class:`~visionscale.engines.ray_engine.RayOptions`).
     An interrupted Ray job resumes: run it again with the same arguments and finished images are
     not scored again (:class:`~visionscale.engines.resume.ResumableOutput`). ``on_start`` gets
-    ``{"workers", "resources", "startup_s", "resumed", "discarded"}`` once the job is set up.
+    ``{"workers", "resources", "startup_s", "resumed", "discarded", "todo"}`` once the job is set up
+    (``startup_s``: starting Ray; ``resumed``: images found done; ``todo``: images left).
 
     Raises:
         As ``predict``; :class:`~visionscale.engines.ray_engine.EngineError` when the Ray job fails
@@ -153,9 +154,10 @@ def _predict_ray(run, images, out_dir, *, ray: RayOptions, device, backend, prec
     from visionscale.anomaly.data import SKIP_HINT, DataError, ReadLog
     from visionscale.anomaly.predict import output_names, write_predictions
     from visionscale.errors import check_int
+    from visionscale.io.images import collect_images
 
     check_int("batch_size", batch_size, minimum=1)
-    paths = collect(images)
+    paths = collect_images(images)
     names = dict(zip(paths, output_names(paths)))
     tiling_d = tiling.as_dict() if tiling is not None else None
     job = None
@@ -163,8 +165,9 @@ def _predict_ray(run, images, out_dir, *, ray: RayOptions, device, backend, prec
         job = ResumableOutput(out_dir, kind="ad-predict", overwrite=overwrite, fingerprint=_fingerprint(
             run, paths, Path(out_dir), threshold=threshold, tiling=tiling_d, device=device,
             backend=backend, precision=precision, **write))
-    worker_kwargs = dict(run_dir=str(Path(run.path).absolute()), cwd=os.getcwd(), device=device, backend=backend, precision=precision,
-                         threshold=threshold, tiling=tiling_d, batch_size=batch_size, memory_budget=memory_budget,
+    worker_kwargs = dict(run_dir=str(Path(run.path).absolute()), cwd=os.getcwd(), device=device, backend=backend,
+                         precision=precision, threshold=threshold, tiling=tiling_d, batch_size=batch_size,
+                         memory_budget=memory_budget,
                          dest=str(out_dir) if out_dir is not None else None, threads=ray.cpus_per_worker, **write)
     total = len(paths)
     finished: dict[int, dict] = {}
@@ -195,7 +198,7 @@ def _predict_ray(run, images, out_dir, *, ray: RayOptions, device, backend, prec
         todo = [{"index": c, "path": [str(paths[i]) for i in c], "name": [names[paths[i]] for i in c]}
                 for c in (left[k:k + batch_size] for k in range(0, len(left), batch_size))]
         with ray_session(ray.address) as session:
-            use_gpu = device not in ("cpu",) and not device.startswith("cpu")
+            use_gpu = not device.startswith("cpu")  # "auto" or "cuda...": one worker per GPU where there are any
             n, resources = plan_workers(ray, use_gpu)
             info = dict(workers=n, resources=resources, startup_s=session["startup_s"], resumed=len(finished),
                         discarded=bool(state is not None and state.discarded), todo=len(left))
@@ -218,9 +221,3 @@ def _predict_ray(run, images, out_dir, *, ray: RayOptions, device, backend, prec
         if state is not None:
             write_predictions(state.files, records)
     return records, log
-
-
-def collect(images) -> list[Path]:
-    from visionscale.io.images import collect_images
-
-    return collect_images(images)

@@ -49,7 +49,8 @@ class FaceDetectWorker:
         indices = [int(i) for row in batch["index"] for i in row]
         arrays = []
         for f in paths:
-            a = read_image(Path(self.cwd, f) if self.cwd else f)  # ImageReadError names the file; the driver re-raises it
+            # ImageReadError names the file; the driver re-raises it.
+            a = read_image(Path(self.cwd, f) if self.cwd else f)
             if min(a.shape[:2]) < MIN_IMAGE_SIDE:
                 raise InvalidValueError(f"image too small for face detection: {f} is {a.shape[1]}x{a.shape[0]} px "
                                         f"(need at least {MIN_IMAGE_SIDE} px per side)")
