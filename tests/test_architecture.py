@@ -79,7 +79,7 @@ def test_the_walk_sees_lazy_and_relative_imports(tmp_path):
 
 CORE = ("errors", "device", "io", "registry", "modelinfo", "components", "nn", "_deprecated", "tiling")
 LAYER = {**{c: 0 for c in CORE}, "runtime": 1, "study": 2, "anomaly": 3, "classify": 3, "detection": 3,
-         "face": 3, "integrations": 4, "deploy": 4, "serve": 4, "bundle": 4, "cli": 5}
+         "face": 3, "integrations": 4, "deploy": 4, "serve": 4, "bundle": 4, "engines": 4, "cli": 5}
 # Deprecated aliases forward old names to their new home for one release: their edge to that
 # home is not a dependency (nothing new is built on it), their other imports are.
 SHIMS = {"profiling/__init__.py": "visionscale.study", **FORWARDS}

@@ -42,7 +42,7 @@ from visionscale.anomaly.data import DataError, ReadLog, Sample, load_dataset
 from visionscale.anomaly.streaming_metrics import PixelStats
 from visionscale.anomaly.regions import threshold_at_fpr, write_region_outputs
 from visionscale.anomaly.runs import LoadedRun, RunError, load_run, validate_run_files
-from visionscale.anomaly.tiles import score_images
+from visionscale.anomaly.tiles import ImageScore, score_images
 from visionscale.anomaly.metrics import ImageMetrics, roc_curve
 from visionscale.anomaly.records import HEATMAP_MAX_SIDE, label_of, normalize, records_csv, unique_names
 from visionscale.io.atomic import write_atomic
@@ -60,12 +60,17 @@ __all__ = [
     "predict",
     "evaluate",
     "records_csv",
+    "output_names",
+    "image_record",
+    "write_image_outputs",
+    "write_predictions",
     "EvalResult",
     "validate_run_files",
 ]
 
 Progress = Callable[[str, int, int], None]
 
+output_names = unique_names  # the per-image file prefixes (a, a-1, ...), as the engines name them
 
 
 def predict(
@@ -134,26 +139,48 @@ def predict(
                               keep_maps=write and (overlays or masks or regions or raw_maps), progress=progress,
                               stage="predicting", budget_bytes=memory_budget, workers=workers):
             name = names[r.sample.path]
-            rec = {"path": str(r.sample.path), "score": float(r.score),
-                   "normalized_score": float(normalize(r.score, thr, cal["image_span"])),
-                   "label": label_of(r.score, thr), "heatmap": None, "mask": None,
-                   "regions": None, "regions_file": None, "map_file": None}
+            rec = image_record(r.sample.path, r.score, thr, cal)
             if write and r.amap is not None:
-                if overlays:
-                    _write_overlay(r.sample.path, r.amap, cal, tmp / f"{name}_heatmap.png")
-                    rec["heatmap"] = str(target.target / f"{name}_heatmap.png")
-                if masks or regions or raw_maps:
-                    got = write_region_outputs(name, r.amap, cal["pixel_threshold"], r.image_size, tmp,
-                                               mask=masks, boxes=regions, raw=raw_maps)
-                    for key, field_name in (("mask", "mask"), ("regions_file", "json"), ("map_file", "map")):
-                        if got.get(field_name) is not None:
-                            rec[key] = str(target.target / Path(got[field_name]).name)
-                    rec["regions"] = len(got["regions"]) if "regions" in got else None
+                write_image_outputs(r, name, cal, tmp, target.target, rec, overlays=overlays, masks=masks,
+                                    regions=regions, raw_maps=raw_maps)
             records.append(rec)
         if tmp is not None:
-            write_atomic(tmp / "predictions.json", (json.dumps(records, indent=2) + "\n").encode())
-            write_atomic(tmp / "predictions.csv", records_csv(records).encode())
+            write_predictions(tmp, records)
     return records, log
+
+
+def image_record(path: str | os.PathLike, score: float, threshold: float, calibration: dict) -> dict:
+    """One image's prediction record (no files yet): path, score, normalised score, label."""
+    return {"path": str(path), "score": float(score),
+            "normalized_score": float(normalize(score, threshold, calibration["image_span"])),
+            "label": label_of(score, threshold), "heatmap": None, "mask": None,
+            "regions": None, "regions_file": None, "map_file": None}
+
+
+def write_image_outputs(r: ImageScore, name: str, calibration: dict, folder: Path, published: Path, rec: dict, *,
+                        overlays: bool = True, masks: bool = True, regions: bool = True,
+                        raw_maps: bool = False) -> list[Path]:
+    """Write one scored image's files into ``folder`` and name them in ``rec`` as they will be
+    found in ``published`` (the output folder once it is moved into place); the files written."""
+    written: list[Path] = []
+    if overlays:
+        written.append(_write_overlay(r.sample.path, r.amap, calibration, folder / f"{name}_heatmap.png"))
+        rec["heatmap"] = str(published / f"{name}_heatmap.png")
+    if masks or regions or raw_maps:
+        got = write_region_outputs(name, r.amap, calibration["pixel_threshold"], r.image_size, folder,
+                                   mask=masks, boxes=regions, raw=raw_maps)
+        for key, field_name in (("mask", "mask"), ("regions_file", "json"), ("map_file", "map")):
+            if got.get(field_name) is not None:
+                rec[key] = str(published / Path(got[field_name]).name)
+                written.append(Path(got[field_name]))
+        rec["regions"] = len(got["regions"]) if "regions" in got else None
+    return written
+
+
+def write_predictions(folder: Path, records: Sequence[dict]) -> None:
+    """``predictions.json`` and ``predictions.csv`` of ``records`` in ``folder`` (atomic writes)."""
+    write_atomic(folder / "predictions.json", (json.dumps(list(records), indent=2) + "\n").encode())
+    write_atomic(folder / "predictions.csv", records_csv(records).encode())
 
 
 def image_threshold(run: LoadedRun, threshold: float | None = None, target_fpr: float | None = None) -> float:

@@ -12,7 +12,7 @@ Typer does not allow the default inside ``Annotated[..., typer.Option()]``, henc
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Optional, Annotated
 
 import typer
 
@@ -32,3 +32,13 @@ Device = Annotated[str, typer.Option("--device", help=f"{DEVICE_HELP}.")]
 # Comma lists, for the commands that sweep over them (bench, scale).
 Backends = Annotated[str, typer.Option("--backend", "-b", help="Comma list of eager, compile, onnxruntime, tensorrt.")]
 Precisions = Annotated[str, typer.Option("--precision", "-p", help=f"Comma list of {_PRECISIONS.replace(' or ', ', ')}.")]
+
+
+# Batch commands over files (`ad predict`, `face detect`): which engine runs them (docs/ray.md).
+Engine = Annotated[str, typer.Option("--engine", help="local (this process) or ray (a Ray Data actor pool: "
+                                     "a local Ray instance, or the cluster at --address); an interrupted ray "
+                                     "job resumes when run again with the same arguments.")]
+Address = Annotated[Optional[str], typer.Option("--address", help="--engine ray: a running Ray cluster, 'auto' or "
+                                                "HOST:PORT (`ray start --head`) [default: start a local one].")]
+CpusPerWorker = Annotated[int, typer.Option("--cpus-per-worker", min=1, help="--engine ray: CPU cores per Ray "
+                                            "worker (without GPUs the pool has CPUs / this many workers).")]

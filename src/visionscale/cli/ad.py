@@ -16,7 +16,8 @@ from typing import Optional
 import typer
 
 from visionscale.cli._common import CLIGroup, err, fail, note, note_runner, out, split_csv, warn
-from visionscale.cli._options import Backend, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_PRECISION, Device, Precision
+from visionscale.cli._options import (Address, Backend, CpusPerWorker, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_PRECISION,
+                                      Device, Engine, Precision)
 from visionscale.io.outputs import OutputDir
 from visionscale.tiling import parse_tile
 
@@ -262,16 +263,20 @@ def predict_cmd(
     target_fpr: Optional[float] = typer.Option(None, "--target-fpr", help="Set the image threshold so at most this share of the run's normal calibration images score above it (e.g. 0.01)."),
     tile_overlap: Optional[int] = typer.Option(None, "--tile-overlap", help="Tiled runs: another overlap than the run's."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Tiled runs: memory one forward pass may use (e.g. 2GiB); picks the batch of tiles."),
-    workers: int = typer.Option(0, "--workers", help="Threads decoding images in parallel (0: none)."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Threads decoding images in parallel (0: none); with --engine ray, Ray workers (0: one per GPU, or per --cpus-per-worker cores)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out folder that holds other files (same names are replaced)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and list them."),
     device: Device = DEFAULT_DEVICE,
     backend: Backend = DEFAULT_BACKEND,
     precision: Precision = DEFAULT_PRECISION,
+    engine: Engine = "local",
+    address: Address = None,
+    cpus_per_worker: CpusPerWorker = 1,
 ) -> None:
     """Score images: anomalous or normal, a score, and a heatmap overlay each."""
-    from visionscale.anomaly.predict import image_threshold, load_run, predict, records_csv
+    from visionscale.anomaly.predict import image_threshold, load_run, records_csv
+    from visionscale.engines.anomaly import predict
 
     if as_json and as_csv:
         fail("--json and --csv exclude each other")
@@ -279,15 +284,28 @@ def predict_cmd(
     # RunError, DataError, OutputError...: VisionscaleErrors, printed by CLIGroup.
     OutputDir(dest, kind="ad-predict", overwrite=overwrite)  # refuse a bad --out before loading anything
     budget = parse_budget(memory_budget) if memory_budget is not None else None
-    run = load_run(run_dir, device, backend=backend, precision=precision)
+    if engine not in ("local", "ray"):
+        fail(f"--engine must be local or ray, got {engine!r}")
+    if engine == "local" and (address is not None or cpus_per_worker != 1):
+        fail("--address and --cpus-per-worker need --engine ray")
+    ray_opts = None
+    if engine == "ray":  # the workers load the run; here only its thresholds and tiling are needed
+        from visionscale.engines.ray_engine import RayOptions
+
+        ray_opts = RayOptions(address=address, workers=workers or None, cpus_per_worker=cpus_per_worker)
+    run = load_run(run_dir, device if engine == "local" else "cpu",
+                   backend=backend if engine == "local" else "eager",
+                   precision=precision if engine == "local" else "fp32")
     warn_if_random(run)
-    note_runner(run.model)
+    if engine == "local":
+        note_runner(run.model)
     tiling, batch_size = _tiling_and_batch(run, tile_overlap, budget, batch_size, images)
     with _progress() as progress:
-        records, log = predict(run, images, dest, batch_size=batch_size, skip_bad=skip_bad, overlays=heatmaps,
+        records, log = predict(run, images, dest, engine=engine, ray=ray_opts, device=device, backend=backend,
+                               precision=precision, batch_size=batch_size, skip_bad=skip_bad, overlays=heatmaps,
                                masks=masks, regions=regions, raw_maps=raw_maps, progress=progress,
                                threshold=threshold, target_fpr=target_fpr, tiling=tiling, overwrite=overwrite,
-                               memory_budget=budget, workers=workers)
+                               memory_budget=budget, workers=workers, on_start=_note_engine)
     _note_search(run)
     for n in (log.size_note(run.image_size), log.bad_note()):
         if n:
@@ -308,6 +326,15 @@ def predict_cmd(
             t.add_row(r["path"], r["label"], f"{r['score']:.4f}", f"{r['normalized_score']:.3f}", style=style)
         out.print(t)
         out.print(f"wrote predictions and heatmaps to {dest}", highlight=False)
+
+
+def _note_engine(info: dict) -> None:
+    """What a Ray job is about to do, on stderr."""
+    res = " + ".join(f"{v:g} {k.removeprefix('num_')[:3].upper()}" for k, v in info["resources"].items())
+    resumed = f"; resuming: {info['resumed']} image(s) already done" if info.get("resumed") else ""
+    if info.get("discarded"):
+        resumed += "; an unfinished job with other arguments was discarded"
+    note(f"ray: {info['workers']} worker(s) of {res} each for {info['todo']} image(s){resumed}")
 
 
 @app.command("eval")

@@ -20,7 +20,8 @@ from typing import Annotated, Optional
 import typer
 
 from visionscale.cli._common import CLIGroup, err, fail, note_runner, out
-from visionscale.cli._options import DEFAULT_DEVICE, DEFAULT_PRECISION, Device, Precision
+from visionscale.cli._options import (Address, CpusPerWorker, DEFAULT_DEVICE, DEFAULT_PRECISION, Device, Engine,
+                                      Precision)
 
 # Detection's own default: ONNX Runtime on a CPU when installed (FaceDetector(backend="auto")).
 FaceBackend = Annotated[str, typer.Option("--backend", help="auto (ONNX Runtime on a CPU when installed, else eager), "
@@ -42,27 +43,16 @@ def _group() -> None:
     # A callback keeps `face` a command group even while `detect` is its only command.
 
 
-_KEYPOINT_COLOURS = [(0, 255, 0), (0, 200, 255), (255, 0, 255), (255, 255, 0), (255, 128, 0), (128, 128, 255)]
-
-
 def _annotate(image, faces, path: Path) -> None:
     """Write ``image`` with boxes, scores and keypoints drawn, atomically."""
-    from PIL import Image, ImageDraw
+    from visionscale.face.plots import annotate_faces
+    from visionscale.io.atomic import write_atomic
 
-    from visionscale.io.atomic import atomic_path
+    write_atomic(path, annotate_faces(image, faces, _format(path)))
 
-    img = Image.fromarray(image)
-    draw = ImageDraw.Draw(img)
-    line = max(1, round(min(img.size) / 200))
-    r = max(2, line * 2)
-    for f in faces:
-        draw.rectangle([f.box[0], f.box[1], f.box[2], f.box[3]], outline=(255, 0, 0), width=line)
-        draw.text((f.box[0] + line, max(f.box[1] - 12, 0)), f"{f.score:.2f}", fill=(255, 0, 0))
-        for (x, y), colour in zip(f.keypoints, _KEYPOINT_COLOURS):
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
-    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
-    with atomic_path(path) as tmp:
-        img.save(tmp, format=fmt)
+
+def _format(path: Path) -> str:
+    return "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
 
 
 def _out_name(src: Path, used: set[str]) -> str:
@@ -91,16 +81,61 @@ def detect_cmd(
     backend: FaceBackend = "auto",
     precision: Precision = DEFAULT_PRECISION,
     device: Device = DEFAULT_DEVICE,
+    engine: Engine = "local",
+    address: Address = None,
+    workers: int = typer.Option(0, "--workers", min=0, help="--engine ray: Ray workers (0: one per GPU, or per --cpus-per-worker cores)."),
+    cpus_per_worker: CpusPerWorker = 1,
 ) -> None:
     """Find faces; print boxes and the six keypoints per face, optionally write annotated images."""
-    from visionscale.cli.face_recognition import literal_progress
-    from visionscale.face.detector import MIN_IMAGE_SIDE, FaceDetector
-    from visionscale.io.images import collect_images, read_image
-    from visionscale.io.outputs import OutputDir
+    from visionscale.io.images import collect_images
 
     files = collect_images(images, recursive=recursive)
     if min_score is not None and not 0.0 <= min_score <= 1.0:
         fail(f"--min-score must be in [0, 1], got {min_score}")
+    if engine not in ("local", "ray"):
+        fail(f"--engine must be local or ray, got {engine!r}")
+    if engine == "local" and (address is not None or workers or cpus_per_worker != 1):
+        fail("--address, --workers and --cpus-per-worker need --engine ray")
+    # Never name an annotated copy like an input image that lives in --out.
+    used = {f.name for f in files if out_dir is not None and f.absolute().parent == out_dir.absolute()}
+    if engine == "ray":
+        results = _detect_ray(files, out_dir, used, overwrite, batch_size, address, workers, cpus_per_worker,
+                              dict(model=model, weights=str(weights) if weights is not None else None,
+                                   min_score=min_score, blending=blending, batch_size=batch_size, backend=backend,
+                                   precision=precision, device=device))
+    else:
+        results = _detect_local(files, out_dir, used, overwrite, model, weights, min_score, blending, batch_size,
+                                backend, precision, device)
+    _print_results(results, as_json, out_dir)
+
+
+def _detect_ray(files, out_dir, used, overwrite, batch_size, address, workers, cpus_per_worker, detector) -> list[dict]:
+    from visionscale.cli._common import note
+    from visionscale.cli.face_recognition import literal_progress
+    from visionscale.engines.faces import detect_ray
+    from visionscale.engines.ray_engine import RayOptions
+
+    names = [_out_name(f, used) for f in files] if out_dir is not None else None
+
+    def started(info: dict) -> None:
+        resumed = f"; resuming: {info['resumed']} image(s) already done" if info["resumed"] else ""
+        note(f"ray: {info['workers']} worker(s) for {info['todo']} image(s){resumed}")
+
+    with literal_progress(transient=True, disable=len(files) <= batch_size) as progress:
+        task = progress.add_task("detecting faces", total=len(files))
+        return detect_ray(files, detector, out_dir=out_dir, out_names=names, overwrite=overwrite,
+                          batch_size=batch_size, on_start=started,
+                          ray=RayOptions(address=address, workers=workers or None, cpus_per_worker=cpus_per_worker),
+                          progress=lambda done, total: progress.update(task, completed=done))
+
+
+def _detect_local(files, out_dir, used, overwrite, model, weights, min_score, blending, batch_size, backend,
+                  precision, device) -> list[dict]:
+    from visionscale.cli.face_recognition import literal_progress
+    from visionscale.face.detector import MIN_IMAGE_SIDE, FaceDetector
+    from visionscale.io.images import read_image
+    from visionscale.io.outputs import OutputDir
+
     # Checked before the detector is built: a bad --out fails at once, and no user file is replaced.
     output = OutputDir(out_dir, kind="face-detect", overwrite=overwrite) if out_dir is not None else None
     detector = FaceDetector(model=model, weights=weights, min_score=min_score, blending=blending, batch_size=batch_size,
@@ -108,8 +143,6 @@ def detect_cmd(
     note_runner(detector.runtime)
 
     results = []
-    # Never name an annotated copy like an input image that lives in --out.
-    used = {f.name for f in files if out_dir is not None and f.absolute().parent == out_dir.absolute()}
     with (output if output is not None else nullcontext()) as staging, \
             literal_progress(transient=True, disable=len(files) <= batch_size) as progress:
         task = progress.add_task("detecting faces", total=len(files))
@@ -128,7 +161,10 @@ def detect_cmd(
                 results.append({"image": str(f), "width": a.shape[1], "height": a.shape[0],
                                 "faces": [x.to_dict() for x in faces]})
             progress.advance(task, len(chunk))
+    return results
 
+
+def _print_results(results: list[dict], as_json: bool, out_dir) -> None:
     if as_json:
         out.print_json(json.dumps(results))
     else:

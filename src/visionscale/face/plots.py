@@ -12,9 +12,32 @@ import numpy as np
 
 from visionscale.io.figures import figure_png
 
-__all__ = ["curves_png", "roc_png"]
+__all__ = ["annotate_faces", "curves_png", "roc_png"]
 
 
+
+_KEYPOINT_COLOURS = [(0, 255, 0), (0, 200, 255), (255, 0, 255), (255, 255, 0), (255, 128, 0), (128, 128, 255)]
+
+
+def annotate_faces(image: np.ndarray, faces, fmt: str = "PNG") -> bytes:
+    """``image`` (H, W, 3 uint8) with each face's box, score and keypoints drawn, encoded as ``fmt``
+    (``PNG`` or ``JPEG``): what ``face detect --out`` writes."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(image)
+    draw = ImageDraw.Draw(img)
+    line = max(1, round(min(img.size) / 200))
+    r = max(2, line * 2)
+    for f in faces:
+        draw.rectangle([f.box[0], f.box[1], f.box[2], f.box[3]], outline=(255, 0, 0), width=line)
+        draw.text((f.box[0] + line, max(f.box[1] - 12, 0)), f"{f.score:.2f}", fill=(255, 0, 0))
+        for (x, y), colour in zip(f.keypoints, _KEYPOINT_COLOURS):
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
 
 
 def curves_png(history: Sequence[dict]) -> bytes:

@@ -182,12 +182,18 @@ class OutputDir:
     A ``target`` that holds files visionscale did not write for this ``kind`` raises
     :class:`OutputExistsError` when the object is made, before any work, unless ``overwrite``.
     Files a previous ``kind`` output wrote and this one does not are removed (no stale results).
+
+    ``staging``: a folder of the caller's to stage in instead of a fresh temporary one (a job
+    that resumes: :mod:`visionscale.engines.resume`). It is kept on an exception, with what was
+    written so far, and removed after a successful move.
     """
 
-    def __init__(self, target: str | os.PathLike, *, kind: str, overwrite: bool = False):
+    def __init__(self, target: str | os.PathLike, *, kind: str, overwrite: bool = False,
+                 staging: str | os.PathLike | None = None):
         self.target = Path(target)
         self.kind = kind
         self.overwrite = overwrite
+        self._staging = Path(staging) if staging is not None else None
         if self.target.exists() and not self.target.is_dir():
             raise OutputError(f"output folder {self.target} exists and is not a folder")
         check_writable_dir(self.target)
@@ -199,13 +205,19 @@ class OutputDir:
         # Folders this creates on the way, so that a failure can take them away again.
         self._created = [p for p in [parent, *parent.parents] if not p.exists()]
         parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".partial", dir=parent))
+        if self._staging is not None:
+            self._staging.mkdir(parents=True, exist_ok=True)
+            self.path = self._staging
+        else:
+            self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".partial", dir=parent))
         return self.path
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         staging = self.path
         assert staging is not None
         if exc_type is not None:
+            if self._staging is not None:  # the caller's: kept for a resume
+                return False
             shutil.rmtree(staging, ignore_errors=True)
             for folder in self._created:  # deepest first; only while empty (another process may use it)
                 try:
