@@ -151,7 +151,7 @@ def main() -> None:
         f"{args.repeats} round-robin rounds after a warm-up round; images/second.",
         "",
         f"Ours, default backend: `FaceDetector(\"{args.model}\", threads={args.threads})` = {rt['backend']} "
-        f"({rt.get('provider', 'PyTorch')}): a batch goes to {args.threads} worker threads with one ONNX Runtime thread each, "
+        f"({rt.get('provider', 'PyTorch')}): one image or one chunk runs on one ONNX Runtime session with {args.threads} threads, a larger batch goes to {args.threads} worker threads with one ONNX Runtime thread each, "
         f"at most 8 images per ONNX Runtime call "
         f"(constructed in {built_s:.1f} s: the ONNX export is cached). Eager: `backend=\"eager\"`, "
         f"`torch.set_num_threads({args.threads})`. MediaPipe: the tasks `FaceDetector` on the same `.tflite`, "
@@ -178,7 +178,7 @@ def main() -> None:
     same = "; ".join(f"{w}x{h}: {a} faces found by ours, {b} by MediaPipe" for (w, h), (a, b) in found.items())
     lines += ["", f"Faces on the {args.images} photos per size: {same}. Ratios > 1: ours faster. The network-alone rows "
               f"make one call on the whole batch, ours in one {rt['backend']} thread; the pipeline splits a batch "
-              f"over the worker threads (a single image: one call, one ONNX Runtime thread). "
+              f"over the worker threads (a single image: one call on the all-threads session). "
               f"CPU numbers on a shared machine are noisy, compare the ratios (measured in the same rounds)."]
 
     title = f"BlazeFace ({args.model}, {ours.input_size} px) on CPU: images/second (`benchmarks/bench_blazeface.py`)"
