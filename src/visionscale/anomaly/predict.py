@@ -21,7 +21,7 @@ Every file of a run is checked when it is loaded (see :mod:`visionscale.anomaly.
 
 from __future__ import annotations
 
-from visionscale.errors import InvalidValueError, check_finite, check_int
+from visionscale.errors import check_int
 from visionscale.tiling import Tiling
 
 import contextlib
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from visionscale.device import resolve_device
 from visionscale.anomaly.data import DataError, ReadLog, Sample, load_dataset
 from visionscale.anomaly.streaming_metrics import PixelStats
-from visionscale.anomaly.regions import threshold_at_fpr, write_region_outputs
+from visionscale.anomaly.regions import choose_image_threshold, write_region_outputs
 from visionscale.anomaly.runs import LoadedRun, RunError, load_run, validate_run_files
 from visionscale.anomaly.tiles import ImageScore, score_images
 from visionscale.anomaly.metrics import ImageMetrics, roc_curve
@@ -60,7 +60,6 @@ __all__ = [
     "predict",
     "evaluate",
     "records_csv",
-    "output_names",
     "image_record",
     "write_image_outputs",
     "write_predictions",
@@ -70,7 +69,6 @@ __all__ = [
 
 Progress = Callable[[str, int, int], None]
 
-output_names = unique_names  # the per-image file prefixes (a, a-1, ...), as the engines name them
 
 
 def predict(
@@ -185,17 +183,9 @@ def write_predictions(folder: Path, records: Sequence[dict]) -> None:
 
 def image_threshold(run: LoadedRun, threshold: float | None = None, target_fpr: float | None = None) -> float:
     """The image threshold: given, set at a target false-positive rate, or the run's saved one."""
-    if threshold is not None and target_fpr is not None:
-        raise InvalidValueError("threshold and target_fpr exclude each other").about("threshold", "target_fpr")
-    if threshold is not None:
-        return check_finite("threshold", threshold)
-    if target_fpr is not None:
-        normal = run.calibration.get("normal_scores")
-        if not normal:
-            raise RunError(f"{run.path}/calibration.json has no normal calibration scores (the run was fitted by an "
-                           f"older visionscale): refit it to set a threshold by target_fpr")
-        return threshold_at_fpr(normal, target_fpr)
-    return run.calibration["image_threshold"]
+    return choose_image_threshold(run.calibration, threshold, target_fpr, RunError(
+        f"{run.path}/calibration.json has no normal calibration scores (the run was fitted by an older "
+        f"visionscale): refit it to set a threshold by target_fpr"))
 
 
 def _write_overlay(path: Path, amap: np.ndarray, cal: dict, dst: Path) -> Path:

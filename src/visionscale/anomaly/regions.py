@@ -601,6 +601,25 @@ def fpr_threshold(normal_scores: Sequence[float] | np.ndarray, target_fpr: float
     return FprThreshold(float(t), fpr, achieved, n, k > 0)
 
 
+def choose_image_threshold(calibration: dict, threshold: float | None = None, target_fpr: float | None = None,
+                           no_normal_scores: Exception | None = None) -> float:
+    """The image threshold: ``threshold`` if given, else one set at ``target_fpr`` on the
+    calibration's normal scores, else the calibration's saved ``image_threshold``.
+
+    ``no_normal_scores`` is raised when ``target_fpr`` is asked for and the calibration has no
+    normal scores (runs fitted by older versions); the caller says what to do about it."""
+    if threshold is not None and target_fpr is not None:
+        raise InvalidValueError("threshold and target_fpr exclude each other").about("threshold", "target_fpr")
+    if threshold is not None:
+        return check_finite("threshold", threshold)
+    if target_fpr is not None:
+        normal = calibration.get("normal_scores")
+        if not normal:
+            raise no_normal_scores or InvalidValueError("the calibration has no normal scores").about("target_fpr")
+        return threshold_at_fpr(normal, target_fpr)
+    return float(calibration["image_threshold"])
+
+
 def threshold_at_fpr(normal_scores: Sequence[float] | np.ndarray, target_fpr: float) -> float:
     """The smallest threshold ``t`` such that at most ``target_fpr`` of the normal scores are ``>= t``.
 

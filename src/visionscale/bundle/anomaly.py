@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from visionscale.anomaly.records import HEATMAP_MAX_SIDE, label_of, normalize, records_csv, unique_names
-from visionscale.anomaly.regions import defect_regions, resample_map, threshold_at_fpr, write_region_outputs
+from visionscale.anomaly.regions import choose_image_threshold, defect_regions, resample_map, write_region_outputs
 from visionscale.bundle.format import BundleError, require
 from visionscale.bundle.imaging import pre_resize, to_model_input
-from visionscale.errors import InvalidValueError, check_finite, check_int
+from visionscale.errors import InvalidValueError, check_int
 from visionscale.io.atomic import write_atomic
 from visionscale.io.images import ImageReadError, collect_images, read_image, read_image_and_size
 from visionscale.io.outputs import OutputDir
@@ -201,17 +201,9 @@ class AnomalyPredictor:
 
     def threshold(self, threshold: float | None = None, target_fpr: float | None = None) -> float:
         """The image threshold: given, set at a target false-positive rate, or the run's saved one."""
-        if threshold is not None and target_fpr is not None:
-            raise InvalidValueError("threshold and target_fpr exclude each other").about("threshold", "target_fpr")
-        if threshold is not None:
-            return check_finite("threshold", threshold)
-        if target_fpr is not None:
-            normal = self.calibration.get("normal_scores")
-            if not normal:
-                raise BundleError("this bundle's calibration has no normal calibration scores: a threshold by "
-                                  "target_fpr needs them (refit the run with a newer visionscale)")
-            return threshold_at_fpr(normal, target_fpr)
-        return float(self.calibration["image_threshold"])
+        return choose_image_threshold(self.calibration, threshold, target_fpr, BundleError(
+            "this bundle's calibration has no normal calibration scores: a threshold by target_fpr needs them "
+            "(refit the run with a newer visionscale)"))
 
     def _record(self, item, score: float, thr: float) -> dict:
         return {"path": None if isinstance(item, np.ndarray) else str(item), "score": score,

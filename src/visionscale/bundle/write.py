@@ -100,7 +100,7 @@ def write_bundle(run_or_model: str | os.PathLike, out: str | os.PathLike, *, arc
 def _write_anomaly(run_dir: Path, out: Path, *, overwrite: bool, opset: int) -> BundleResult:
     from visionscale.anomaly.runs import load_run
     from visionscale.anomaly.tiles import image_scores_from_tiles
-    from visionscale.runtime.export import export_onnx
+    from visionscale.runtime.export import export_onnx, json_default
 
     run = load_run(run_dir, "cpu")
     if run.tile_bank == "per-position":
@@ -168,14 +168,6 @@ def _write_anomaly(run_dir: Path, out: Path, *, overwrite: bool, opset: int) -> 
         manifest = {"format": FORMAT, "version": VERSION, "kind": "anomaly", "graphs": {"model": graph},
                     "preprocess": pre, "postprocess": post, "calibration": run.calibration, "card": card,
                     "needs": ["onnxruntime", "numpy", "pillow"], "overlays_need": ["matplotlib"]}
-        write_atomic(tmp / MANIFEST, (json.dumps(manifest, indent=1, default=_json_default) + "\n").encode())
+        write_atomic(tmp / MANIFEST, (json.dumps(manifest, indent=1, default=json_default) + "\n").encode())
         write_atomic(tmp / CHECKSUMS, checksum_lines(tmp).encode())
     return BundleResult(out, None, manifest, res.parity)
-
-
-def _json_default(o):
-    if isinstance(o, float):
-        return None
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"cannot serialise {type(o).__name__}")

@@ -152,13 +152,14 @@ def predict(run, images: Sequence[str | os.PathLike], out_dir: str | os.PathLike
 def _predict_ray(run, images, out_dir, *, ray: RayOptions, device, backend, precision, batch_size, skip_bad,
                  write: dict, progress, threshold: float, tiling, memory_budget, overwrite, on_start):
     from visionscale.anomaly.data import SKIP_HINT, DataError, ReadLog
-    from visionscale.anomaly.predict import output_names, write_predictions
+    from visionscale.anomaly.predict import write_predictions
+    from visionscale.anomaly.records import unique_names
     from visionscale.errors import check_int
     from visionscale.io.images import collect_images
 
     check_int("batch_size", batch_size, minimum=1)
     paths = collect_images(images)
-    names = dict(zip(paths, output_names(paths)))
+    names = dict(zip(paths, unique_names(paths)))
     tiling_d = tiling.as_dict() if tiling is not None else None
     job = None
     if out_dir is not None:

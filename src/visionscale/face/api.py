@@ -254,11 +254,11 @@ class FaceRecognizer:
         return self._aligner
 
     # -- faces -----------------------------------------------------------------------------
-    def find_faces(self, images: Sequence, labels: Sequence[str] | None = None) -> list[list[Face]]:
+    def find_faces(self, images: Sequence) -> list[list[Face]]:
         """Every face of each image, largest first, aligned but not embedded.
 
         Without a detector each image is one face (the whole image)."""
-        arrays, auto_labels = _load(images)
+        arrays, _ = _load(images)
         if self._detector is None:
             return [[Face((0.0, 0.0, float(a.shape[1]), float(a.shape[0])), 1.0, float(a.shape[1]), chip=a)]
                     for a in arrays]
@@ -283,9 +283,9 @@ class FaceRecognizer:
             out.append(faces)
         return out
 
-    def embed_faces(self, images: Sequence, labels: Sequence[str] | None = None) -> list[list[Face]]:
+    def embed_faces(self, images: Sequence) -> list[list[Face]]:
         """:meth:`find_faces`, with ``embedding`` set on every usable face (one batched pass)."""
-        per_image = self.find_faces(images, labels)
+        per_image = self.find_faces(images)
         usable = [f for faces in per_image for f in faces if f.usable]
         if usable:
             emb = self.embedder.embed([f.chip for f in usable], batch_size=self.batch_size, forward=self._forward)
@@ -357,7 +357,7 @@ class FaceRecognizer:
         return VerifyResult(d, d < t, t, self.model_id)
 
     def identify(self, gallery, images: Sequence, k: int = 3, threshold: float | None = None,
-                 largest_only: bool = False, labels: Sequence[str] | None = None) -> list[list[FaceIdentification]]:
+                 largest_only: bool = False) -> list[list[FaceIdentification]]:
         """For each image, who every face in it is (largest first), against ``gallery``
         (a :class:`~visionscale.face.gallery.Gallery` built with this recognizer's model).
 
@@ -365,7 +365,7 @@ class FaceRecognizer:
         ``usable=False`` and no match. ``largest_only`` keeps just the largest face of each image.
         """
         t = self.threshold if threshold is None else float(threshold)
-        per_image = self.embed_faces(images, labels)
+        per_image = self.embed_faces(images)
         if largest_only:
             per_image = [faces[:1] for faces in per_image]
         usable = [f for faces in per_image for f in faces if f.usable]

@@ -380,7 +380,7 @@ def export_onnx(
             notes=notes,
         )
         with named_write_errors(sidecar):
-            write_atomic(sidecar, json.dumps(result.to_dict(), indent=1, default=_json_default).encode())
+            write_atomic(sidecar, json.dumps(result.to_dict(), indent=1, default=json_default).encode())
     return result
 
 
@@ -454,7 +454,7 @@ def export_tensorrt(
             exporter=f"torch_tensorrt {trt.__version__}", opset=None, export_seconds=seconds,
         )
         with named_write_errors(sidecar):
-            write_atomic(sidecar, json.dumps(result.to_dict(), indent=1, default=_json_default).encode())
+            write_atomic(sidecar, json.dumps(result.to_dict(), indent=1, default=json_default).encode())
     return result
 
 
@@ -470,7 +470,8 @@ def export_model(model, out, *, format: str = "onnx", **kw) -> ExportResult:
     return export_tensorrt(model, out, **kw)
 
 
-def _json_default(o):
+def json_default(o):
+    """``json.dumps`` ``default=``: paths as strings; anything else unknown is an error."""
     if isinstance(o, float):
         return None
     if isinstance(o, Path):
