@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FACE_DATA, free_port, running
+from serve_util import FACE_DATA, free_port, running
 
 httpx = pytest.importorskip("httpx")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FACE_DATA, running
+from serve_util import FACE_DATA, running
 
 CHROMIUM = next((p for p in (os.environ.get("VISIONSCALE_CHROMIUM"), shutil.which("chromium"),
                              shutil.which("chromium-browser"), "/usr/bin/chromium") if p and Path(p).is_file()), None)
