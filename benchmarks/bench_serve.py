@@ -1,8 +1,9 @@
 """Bounded load test of the HTTP service (``visionscale serve``) against 127.0.0.1 only.
 
 Usage: python benchmarks/bench_serve.py [--requests 2000] [--concurrency 16] [--max-batch 1,8]
-                                        [--run RUN] [--write]
-       (--write updates the "HTTP service load test" section of docs/benchmarks.md)
+                                        [--framework fastapi[,litserve]] [--rounds 1] [--run RUN] [--write]
+       (--write updates the "HTTP service load test" section of docs/benchmarks.md, or with
+       litserve in --framework the "Serving framework comparison" section)
 
 Fits a tiny PatchCore run (``patchcore_tiny``, 64 px, the 64 px brick demo, random backbone: a
 few seconds) unless ``--run`` is given, then for each ``--max-batch`` value starts
@@ -11,7 +12,13 @@ its interpreter), waits for /readyz, and sends ``--requests`` POST /v1/anomaly/s
 (the demo's 64 px test PNGs in turn, ``images=none``: scores, labels and regions, no overlay) from
 ``--concurrency`` concurrent connections (httpx, asyncio). Reports per configuration: p50/p95/p99
 latency, throughput, the count of 5xx (must be 0) and of other non-200 answers, the server's
-resident memory (VmRSS) after warm-up and after the load, and the mean batch size from /metrics.
+resident memory (VmRSS of the server process and its children) after warm-up and after the load,
+and the mean batch size from /metrics.
+
+``--framework litserve`` serves the same endpoint and model with LitServe instead
+(``benchmarks/litserve_anomaly.py``; needs ``pip install litserve``), so the framework choice in
+docs/serve.md rests on a measurement; ``--rounds R`` repeats every configuration R times,
+interleaved, and reports each configuration's median-throughput round.
 """
 
 from __future__ import annotations
@@ -39,11 +46,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return pids
+
+
 def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """Resident memory of ``pid`` and its descendants (LitServe runs its model in child processes)."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
 
 
 def _fit(tmp: Path) -> tuple[Path, list[Path]]:
@@ -96,20 +122,27 @@ def _batch_mean(metrics: str) -> float | None:
     return float(s.group(1)) / float(c.group(1)) if s and c and float(c.group(1)) else None
 
 
-def bench_one(run: Path, images: list[bytes], max_batch: int, n: int, concurrency: int) -> dict:
+def bench_one(run: Path, images: list[bytes], max_batch: int, n: int, concurrency: int,
+              framework: str = "fastapi") -> dict:
     import httpx
 
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "visionscale.cli.main", "serve", str(run), "--port", str(port),
-                             "--device", "cpu", "--max-batch", str(max_batch), "--log-level", "warning"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if framework == "litserve":
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "litserve_anomaly.py"), str(run), "--port", str(port),
+               "--max-batch", str(max_batch)]
+        ready = "/health"
+    else:
+        cmd = [sys.executable, "-m", "visionscale.cli.main", "serve", str(run), "--port", str(port),
+               "--device", "cpu", "--max-batch", str(max_batch), "--log-level", "warning"]
+        ready = "/readyz"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while True:
             try:
-                if httpx.get(base + "/readyz", timeout=5).status_code == 200:
+                if httpx.get(base + ready, timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -120,23 +153,49 @@ def bench_one(run: Path, images: list[bytes], max_batch: int, n: int, concurrenc
         rss_before = _rss(proc.pid)
         res = asyncio.run(_load(base, images, n, concurrency))
         rss_after = _rss(proc.pid)
-        res.update(max_batch=max_batch, rss_before_mib=rss_before / 2**20, rss_after_mib=rss_after / 2**20,
-                   mean_batch=_batch_mean(httpx.get(base + "/metrics").text))
+        res.update(framework=framework, max_batch=max_batch, rss_before_mib=rss_before / 2**20,
+                   rss_after_mib=rss_after / 2**20,
+                   mean_batch=_batch_mean(httpx.get(base + "/metrics").text) if framework == "fastapi" else None)
         return res
     finally:
-        proc.terminate()
-        proc.wait(30)
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # LitServe's worker processes too
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
-def table(results: list[dict]) -> str:
-    rows = ["| --max-batch | requests | concurrency | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | 5xx | other non-200 "
-            "| mean batch | server RSS before → after (MiB) |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def table(results: list[dict], rounds: bool = False) -> str:
+    head = ("| framework | --max-batch | requests | concurrency | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) "
+            "| 5xx | other non-200 | mean batch | server RSS before → after (MiB) |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    if rounds:
+        head += " req/s of each round |"
+        rule += "---|"
+    rows = [head, rule]
     for r in results:
-        rows.append(f"| {r['max_batch']} | {r['requests']} | {r['concurrency']} | {r['throughput_rps']:.1f} | "
-                    f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['n_5xx']} | "
-                    f"{r['n_other_non_200']} | {r['mean_batch']:.2f} | "
-                    f"{r['rss_before_mib']:.0f} → {r['rss_after_mib']:.0f} |")
+        mb = "n/a" if r["mean_batch"] is None else f"{r['mean_batch']:.2f}"
+        row = (f"| {r.get('framework', 'fastapi')} | {r['max_batch']} | {r['requests']} | {r['concurrency']} | "
+               f"{r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['n_5xx']} | "
+               f"{r['n_other_non_200']} | {mb} | {r['rss_before_mib']:.0f} → {r['rss_after_mib']:.0f} |")
+        if rounds:
+            row += " " + ", ".join(str(x) for x in r.get("rounds_rps", [])) + " |"
+        rows.append(row)
     return "\n".join(rows)
 
 
@@ -145,6 +204,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-batch", default="1,8", help="comma list: one server per value")
+    ap.add_argument("--framework", default="fastapi", help="comma list of fastapi, litserve")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved repetitions; the median-throughput round is kept")
     ap.add_argument("--run", type=Path, default=None)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
@@ -158,13 +219,38 @@ def main() -> None:
         images = [p.read_bytes() for p in files]
         with open("/proc/loadavg") as fh:
             load_before = fh.read().split()[:3]
-        results = [bench_one(run, images, int(b), args.requests, args.concurrency) for b in args.max_batch.split(",")]
+        configs = [(f, int(b)) for f in args.framework.split(",") for b in args.max_batch.split(",")]
+        rounds: dict[tuple, list[dict]] = {c: [] for c in configs}
+        for _ in range(args.rounds):
+            for f, b in configs:
+                rounds[(f, b)].append(bench_one(run, images, b, args.requests, args.concurrency, f))
+        results = []
+        for c in configs:
+            rs = sorted(rounds[c], key=lambda r: r["throughput_rps"])
+            results.append({**rs[len(rs) // 2], "rounds_rps": [round(r["throughput_rps"], 1) for r in rounds[c]]})
         with open("/proc/loadavg") as fh:
             load_after = fh.read().split()[:3]
     print(json.dumps(results, indent=2))
     print(table(results))
     print(f"load average before {' '.join(load_before)}, after {' '.join(load_after)}")
-    if args.write:
+    if args.write and args.framework != "fastapi":
+        from benchlib import machine, update_section
+
+        body = (f"Machine: {machine()}. Load average (1/5/15 min) {' '.join(load_before)} before, "
+                f"{' '.join(load_after)} after.\n\n"
+                f"Command: `python benchmarks/bench_serve.py --requests {args.requests} --concurrency "
+                f"{args.concurrency} --max-batch {args.max_batch} --framework {args.framework} --rounds "
+                f"{args.rounds} --write`. The same endpoint (POST /v1/anomaly/score, 64 px PNG uploads, "
+                f"`patchcore_tiny` at 64 px, one torch thread, scored by the same `RunAnomalyService`) served "
+                f"by our FastAPI app (`visionscale serve`, uvicorn, one process) and by LitServe "
+                f"{_version('litserve')} (`benchmarks/litserve_anomaly.py`: one API server process, one "
+                f"inference worker process, `batch_timeout` 2 ms like our `--max-wait-ms`). Each row is the "
+                f"median-throughput of {args.rounds} interleaved rounds (all rounds' req/s in the last column). "
+                f"RSS counts the server and its child processes.\n\n"
+                + table(results, rounds=True))
+        print(update_section("bench-serve-frameworks", "Serving framework comparison (`benchmarks/bench_serve.py "
+                             "--framework fastapi,litserve`)", body))
+    elif args.write:
         from benchlib import machine, update_section
 
         body = (f"Machine: {machine()}. Load average (1/5/15 min) {' '.join(load_before)} before, "
