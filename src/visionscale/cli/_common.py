@@ -202,3 +202,13 @@ def note_runner(forward) -> None:
         provider = f", provider {info['provider']}" if "provider" in info else ""
         what = f"running {info['backend']} {info['precision']} on {info['device']}{provider}"
         note(what)
+
+
+def note_nodes(info: dict) -> None:
+    """Where a Ray job's images were computed, on stderr: ``ray: 8 image(s) on 2 node(s) (...)``."""
+    nodes = info.get("nodes") or {}
+    if not nodes:
+        return
+    per = ", ".join(f"{node[:8]}: {n}" for node, n in sorted(nodes.items(), key=lambda kv: -kv[1]))
+    note(f"ray: {sum(nodes.values())} image(s) on {len(nodes)} node(s) ({per})")
+

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from visionscale.cli._common import CLIGroup, err, fail, note, note_runner, out, split_csv, warn
+from visionscale.cli._common import CLIGroup, err, fail, note, note_nodes, note_runner, out, split_csv, warn
 from visionscale.cli._options import (Address, Backend, CpusPerWorker, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_PRECISION,
                                       Device, Engine, Precision)
 from visionscale.io.outputs import OutputDir
@@ -305,7 +305,8 @@ def predict_cmd(
                                precision=precision, batch_size=batch_size, skip_bad=skip_bad, overlays=heatmaps,
                                masks=masks, regions=regions, raw_maps=raw_maps, progress=progress,
                                threshold=threshold, target_fpr=target_fpr, tiling=tiling, overwrite=overwrite,
-                               memory_budget=budget, workers=workers, on_start=_note_engine)
+                               memory_budget=budget, workers=workers, on_start=_note_engine,
+                               on_end=note_nodes)
     _note_search(run)
     for n in (log.size_note(run.image_size), log.bad_note()):
         if n:

@@ -110,7 +110,7 @@ def detect_cmd(
 
 
 def _detect_ray(files, out_dir, used, overwrite, batch_size, address, workers, cpus_per_worker, detector) -> list[dict]:
-    from visionscale.cli._common import note
+    from visionscale.cli._common import note, note_nodes
     from visionscale.cli.face_recognition import literal_progress
     from visionscale.engines.faces import detect_ray
     from visionscale.engines.ray_engine import RayOptions
@@ -124,7 +124,7 @@ def _detect_ray(files, out_dir, used, overwrite, batch_size, address, workers, c
     with literal_progress(transient=True, disable=len(files) <= batch_size) as progress:
         task = progress.add_task("detecting faces", total=len(files))
         return detect_ray(files, detector, out_dir=out_dir, out_names=names, overwrite=overwrite,
-                          batch_size=batch_size, on_start=started,
+                          batch_size=batch_size, on_start=started, on_end=note_nodes,
                           ray=RayOptions(address=address, workers=workers or None, cpus_per_worker=cpus_per_worker),
                           progress=lambda done, total: progress.update(task, completed=done))
 

@@ -116,7 +116,7 @@ def predict(run, images: Sequence[str | os.PathLike], out_dir: str | os.PathLike
             masks: bool = True, regions: bool = True, raw_maps: bool = False, progress: Progress | None = None,
             threshold: float | None = None, target_fpr: float | None = None, tiling=None,
             memory_budget: int | None = None, workers: int = 0, overwrite: bool = False,
-            on_start: Callable[[dict], None] | None = None):
+            on_start: Callable[[dict], None] | None = None, on_end: Callable[[dict], None] | None = None):
     """Score images on an engine; ``(records, read_log)`` as :func:`visionscale.anomaly.predict.predict`.
 
     ``engine="local"`` is exactly :func:`~visionscale.anomaly.predict.predict` (``workers``:
@@ -126,7 +126,9 @@ def predict(run, images: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     An interrupted Ray job resumes: run it again with the same arguments and finished images are
     not scored again (:class:`~visionscale.engines.resume.ResumableOutput`). ``on_start`` gets
     ``{"workers", "resources", "startup_s", "resumed", "discarded", "todo"}`` once the job is set up
-    (``startup_s``: starting Ray; ``resumed``: images found done; ``todo``: images left).
+    (``startup_s``: starting Ray; ``resumed``: images found done; ``todo``: images left), and
+    ``on_end`` ``{"nodes": {node_id: images}}`` once the workers are done (the images this run
+    scored, per Ray node).
 
     Raises:
         As ``predict``; :class:`~visionscale.engines.ray_engine.EngineError` when the Ray job fails
@@ -146,11 +148,11 @@ def predict(run, images: Sequence[str | os.PathLike], out_dir: str | os.PathLike
                         write=dict(overlays=overlays, masks=masks, regions=regions, raw_maps=raw_maps),
                         progress=progress, threshold=P.image_threshold(run, threshold, target_fpr),
                         tiling=tiling or run.tiling, memory_budget=memory_budget, overwrite=overwrite,
-                        on_start=on_start)
+                        on_start=on_start, on_end=on_end)
 
 
 def _predict_ray(run, images, out_dir, *, ray: RayOptions, device, backend, precision, batch_size, skip_bad,
-                 write: dict, progress, threshold: float, tiling, memory_budget, overwrite, on_start):
+                 write: dict, progress, threshold: float, tiling, memory_budget, overwrite, on_start, on_end=None):
     from visionscale.anomaly.data import SKIP_HINT, DataError, ReadLog
     from visionscale.anomaly.predict import write_predictions
     from visionscale.anomaly.records import unique_names
@@ -206,8 +208,10 @@ def _predict_ray(run, images, out_dir, *, ray: RayOptions, device, backend, prec
             if on_start is not None:
                 on_start(info)
             advance(0)
-            map_items(todo, AnomalyWorker, worker_kwargs, ray, use_gpu=use_gpu,
-                      on_result=take, progress=advance)
+            done = map_items(todo, AnomalyWorker, worker_kwargs, ray, use_gpu=use_gpu,
+                             on_result=take, progress=advance)
+        if on_end is not None:  # one result row per image
+            on_end({"nodes": done["nodes"]})
         log = ReadLog()
         records = []
         for i in range(total):

@@ -68,11 +68,14 @@ class FaceDetectWorker:
 def detect_ray(files: Sequence[Path], detector: dict, *, out_dir: Path | None = None,
                out_names: Sequence[str] | None = None, overwrite: bool = False, batch_size: int = 32,
                ray: RayOptions | None = None, progress: Callable[[int, int], None] | None = None,
-               on_start: Callable[[dict], None] | None = None) -> list[dict]:
+               on_start: Callable[[dict], None] | None = None,
+               on_end: Callable[[dict], None] | None = None) -> list[dict]:
     """Detect faces in ``files`` on Ray; the result rows in file order.
 
     ``detector``: :class:`~visionscale.face.detector.FaceDetector` arguments (``weights`` a path
     string or None). ``out_names``: the annotated copy's file name per file (with ``out_dir``).
+    ``on_start`` / ``on_end``: as :func:`visionscale.engines.anomaly.predict` (``on_end`` gets
+    ``{"nodes": {node_id: images}}``).
     """
     ray = ray or RayOptions()
     if detector.get("weights"):
@@ -113,9 +116,11 @@ def detect_ray(files: Sequence[Path], detector: dict, *, out_dir: Path | None = 
             if on_start is not None:
                 on_start(dict(workers=n, resources=resources, startup_s=session["startup_s"], resumed=len(finished),
                               discarded=bool(state is not None and state.discarded), todo=len(left)))
-            map_items(todo, FaceDetectWorker, dict(detector=detector, annotate=job is not None,
-                                                   threads=ray.cpus_per_worker, cwd=os.getcwd()),
-                      ray, use_gpu=use_gpu, on_result=take, progress=advance)
+            done = map_items(todo, FaceDetectWorker, dict(detector=detector, annotate=job is not None,
+                                                          threads=ray.cpus_per_worker, cwd=os.getcwd()),
+                             ray, use_gpu=use_gpu, on_result=take, progress=advance)
+        if on_end is not None:
+            on_end({"nodes": done["nodes"]})
     missing = [files[i] for i in range(total) if i not in finished]
     if missing:  # never publish a hole
         raise EngineError(f"the Ray job returned no result for {missing[0]}; run it again to resume")

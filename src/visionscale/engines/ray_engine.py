@@ -171,6 +171,23 @@ def _unwrap(exc: BaseException) -> VisionscaleError | None:
     return None
 
 
+def _on_node(worker: type) -> type:
+    """``worker`` whose result rows also say which Ray node computed them (column ``node``)."""
+
+    class NodeStamped(worker):
+        def __call__(self, batch: dict) -> dict:
+            import numpy as np
+            import ray
+
+            out = super().__call__(batch)
+            rows = len(next(iter(out.values()))) if out else 0
+            out["node"] = np.asarray([ray.get_runtime_context().get_node_id()] * rows, dtype=object)
+            return out
+
+    NodeStamped.__name__ = NodeStamped.__qualname__ = worker.__name__  # Ray names the actors after it
+    return NodeStamped
+
+
 def map_items(items: Sequence[dict], worker: type, worker_kwargs: dict, options: RayOptions, *,
               use_gpu: bool = False, on_result: Callable[[dict], None],
               progress: Callable[[int], None] | None = None) -> dict:
@@ -180,7 +197,8 @@ def map_items(items: Sequence[dict], worker: type, worker_kwargs: dict, options:
     forward pass's worth of files in it, so a pass holds the same images as on the local engine
     and the scores are the same to the bit. Must run inside :func:`ray_session`. Each result row
     goes to ``on_result`` as it arrives (in any order: rows carry their ``index``);
-    ``progress(n)`` after each call's rows. Returns ``{"workers": n, "resources": {...}}``.
+    ``progress(n)`` after each call's rows. Returns ``{"workers": n, "resources": {...},
+    "nodes": {node_id: rows}}``: how many result rows each Ray node computed.
 
     Raises:
         VisionscaleError: A worker raised one (bad input it met): re-raised as it is.
@@ -188,7 +206,7 @@ def map_items(items: Sequence[dict], worker: type, worker_kwargs: dict, options:
     """
     ray = _ray()
     n, resources = plan_workers(options, use_gpu)
-    info = {"workers": n, "resources": resources}
+    info = {"workers": n, "resources": resources, "nodes": {}}
     if not items:
         return info
     ctx = ray.data.DataContext.get_current()
@@ -199,7 +217,7 @@ def map_items(items: Sequence[dict], worker: type, worker_kwargs: dict, options:
         # no named replacement yet; Ray Data's default (restart forever) would hang on an image
         # that kills its worker every time.
         warnings.simplefilter("ignore")
-        ds = ds.map_batches(worker, fn_constructor_kwargs=worker_kwargs, batch_size=1,
+        ds = ds.map_batches(_on_node(worker), fn_constructor_kwargs=worker_kwargs, batch_size=1,
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(n, len(items))),
                             max_restarts=options.max_restarts, max_task_retries=options.max_restarts,
                             **resources)
@@ -222,7 +240,10 @@ def map_items(items: Sequence[dict], worker: type, worker_kwargs: dict, options:
         cols = list(batch)
         count = len(batch[cols[0]]) if cols else 0
         for i in range(count):
-            on_result({c: _plain(batch[c][i]) for c in cols})
+            row = {c: _plain(batch[c][i]) for c in cols}
+            node = str(row.pop("node", "?"))
+            info["nodes"][node] = info["nodes"].get(node, 0) + 1
+            on_result(row)
         if progress is not None:
             progress(count)
     return info
