@@ -36,7 +36,7 @@ ASTRONAUTS = ["astronaut.png", "astronaut_flipped.png", "astronaut_rot15.png", "
 # measured <= 8e-7 in descriptor distance; 1e-4 is still 6000x below dlib's 0.6 threshold.
 DESC_TOL = 1e-4
 # Both sides run the same detector graph in ONNX Runtime and the same numpy steps: boxes agree to
-# float rounding (measured 0 px); 1e-3 px leaves room for other ORT thread counts.
+# float rounding (measured: equal); 1e-3 px leaves room for other ONNX Runtime thread counts.
 BOX_TOL = 1e-3
 
 
@@ -60,15 +60,16 @@ def images(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def recognizer():
+    """``FaceRecognizer()`` as users build it: BlazeFace in ONNX Runtime, dlib's descriptor in torch."""
     from visionscale.face.api import FaceRecognizer
+    from visionscale.io.weights import WeightsUnavailableError
 
+    rec = FaceRecognizer()
     try:
-        from visionscale.face.detector import FaceDetector
-
-        det = FaceDetector(model="front")
-    except Exception as exc:  # BlazeFace weights not installed
+        assert rec.detector.backend == "onnxruntime"
+    except WeightsUnavailableError as exc:
         pytest.skip(f"BlazeFace weights unavailable: {exc}")
-    return FaceRecognizer(detector=det)
+    return rec
 
 
 @pytest.fixture(scope="module")
