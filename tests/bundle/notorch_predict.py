@@ -4,26 +4,17 @@ Usage: python notorch_predict.py OUT.npz BUNDLE IMAGES [BUNDLE IMAGES ...] [--fo
 Writes, per bundle i, scores / labels / normalized scores / maps / region boxes into OUT.npz.
 """
 
+import _notorch  # first: `import torch` raises ImportError from here on
+
+import json
 import sys
 
-sys.modules["torch"] = None  # `import torch` now raises ImportError, before anything else runs
+import numpy as np
 
-import json  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-import visionscale  # noqa: E402
+import visionscale
 
 
 def main(argv):
-    import importlib
-
-    try:
-        importlib.import_module("torch")
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("torch should not be importable here")
     out = argv[0]
     rest = argv[1:]
     folder = None
@@ -45,8 +36,7 @@ def main(argv):
         pred = visionscale.load_bundle(folder[0])
         pred.predict_folder([folder[1]], folder[2], raw_maps=True)
     np.savez(out, **result)
-    loaded = sorted(m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in ("torch", "onnx"))
-    print(json.dumps({"torch_modules": loaded}))
+    print(json.dumps({"torch_modules": _notorch.loaded()}))
 
 
 if __name__ == "__main__":

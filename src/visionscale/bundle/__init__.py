@@ -3,9 +3,11 @@
 * :func:`write_bundle` (needs torch, onnx, onnxscript: it exports the model) writes a folder
   with ``bundle.json`` (format, kind, pre-processing, thresholds, model card), the ONNX
   graph(s) and ``checksums.sha256``, and optionally a ``.tar`` / ``.zip`` of it.
-* :func:`load_bundle` (needs onnxruntime, numpy and Pillow only) checks every checksum and
-  returns a predictor: :class:`~visionscale.bundle.anomaly.AnomalyPredictor` for an ``ad fit``
-  run, whose scores, labels, maps and regions are ``ad predict``'s.
+* :func:`load_bundle` (needs onnxruntime, numpy and Pillow only; face bundles also safetensors)
+  checks every checksum and returns a predictor: :class:`~visionscale.bundle.anomaly.AnomalyPredictor`
+  for an ``ad fit`` run, whose scores, labels, maps and regions are ``ad predict``'s;
+  :class:`~visionscale.bundle.face.FacePredictor` for the face pipeline (``export face``), whose
+  faces, descriptors and verify / identify answers are :class:`~visionscale.face.api.FaceRecognizer`'s.
 
 docs/deploy.md ("Bundle") describes the format. This package's ``__init__`` imports nothing
 heavy: ``import visionscale.bundle`` never imports torch.
@@ -44,6 +46,10 @@ def load_bundle(path: str | os.PathLike, *, providers=None, threads: int | None 
             from visionscale.bundle.anomaly import AnomalyPredictor
 
             return AnomalyPredictor(folder, manifest, cleanup=tmp, providers=providers, threads=threads)
+        if manifest["kind"] == "face":
+            from visionscale.bundle.face import FacePredictor
+
+            return FacePredictor(folder, manifest, cleanup=tmp, providers=providers, threads=threads)
         raise BundleError(f"bundle {path} is of kind {manifest['kind']!r}, which this visionscale cannot run yet")
     except BaseException:
         if tmp is not None:

@@ -29,7 +29,7 @@ import numpy as np
 
 from visionscale.anomaly.records import HEATMAP_MAX_SIDE, label_of, normalize, records_csv, unique_names
 from visionscale.anomaly.regions import choose_image_threshold, defect_regions, resample_map, write_region_outputs
-from visionscale.bundle.format import BundleError, require
+from visionscale.bundle.format import BundleError, require, session
 from visionscale.bundle.imaging import pre_resize, to_model_input
 from visionscale.errors import InvalidValueError, check_int
 from visionscale.io.atomic import write_atomic
@@ -42,16 +42,6 @@ __all__ = ["AnomalyPredictor", "READ_MARGIN"]
 READ_MARGIN = 4  # visionscale.anomaly.data.READ_MARGIN (a test checks they agree)
 
 ImageInput = "str | os.PathLike | np.ndarray"
-
-
-def _session(ort, path: Path, providers, threads: int | None):
-    opts = ort.SessionOptions()
-    if threads is not None:
-        opts.intra_op_num_threads = check_int("threads", threads, minimum=1)
-    try:
-        return ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types; name the file
-        raise BundleError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:300]}") from None
 
 
 class AnomalyPredictor:
@@ -69,7 +59,6 @@ class AnomalyPredictor:
 
     def __init__(self, folder: Path, manifest: dict, *, cleanup: Path | None = None, providers=None,
                  threads: int | None = None):
-        ort = require("onnxruntime", "a bundle's predictor")
         self.path = folder
         self.manifest = manifest
         pre = manifest["preprocess"]
@@ -80,7 +69,7 @@ class AnomalyPredictor:
         self.read_margin = int(pre.get("read_margin", READ_MARGIN))
         self.calibration = manifest["calibration"]
         graph = manifest["graphs"]["model"]
-        self.session = _session(ort, folder / graph["file"], providers, threads)
+        self.session = session(folder / graph["file"], providers, threads)
         self.input_name = graph["input"]
         self.batch = graph.get("batch")  # None: any batch; an int: the graph's fixed batch
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(cleanup), True) if cleanup else None

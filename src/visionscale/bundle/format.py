@@ -7,8 +7,8 @@ A bundle is a folder (or a ``.tar`` / ``.zip`` of its files, at the archive's ro
     model.onnx.json      the export report: dynamic axes, ranges, parity against eager torch
     checksums.sha256     "<sha256>  <file>" for every other file, sha256sum's format
 
-numpy and the standard library only (no torch, no onnxruntime): reading and checking a bundle
-is the same code for every kind.
+numpy and the standard library only (no torch; onnxruntime only inside :func:`session`): reading
+and checking a bundle is the same code for every kind.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from visionscale.errors import InvalidFileError, MissingDependencyError, VisionscaleError
+from visionscale.errors import InvalidFileError, MissingDependencyError, VisionscaleError, check_int
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST", "CHECKSUMS", "ARCHIVES", "BundleError", "BundleChecksumError",
-           "sha256_file", "checksum_lines", "verify", "read_manifest", "unpack", "pack", "require"]
+           "sha256_file", "checksum_lines", "verify", "read_manifest", "unpack", "pack", "require", "session"]
 
 FORMAT = "visionscale-bundle"
 VERSION = 1
@@ -185,3 +185,15 @@ def require(module: str, what: str):
         return importlib.import_module(module)
     except ImportError:
         raise MissingDependencyError(f"{what} needs the {module} package: pip install {module}") from None
+
+
+def session(path: Path, providers=None, threads: int | None = None, what: str = "a bundle's predictor"):
+    """An ONNX Runtime session for one of a bundle's graphs (``threads``: intra-op threads)."""
+    ort = require("onnxruntime", what)
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = check_int("threads", threads, minimum=1)
+    try:
+        return ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types; name the file
+        raise BundleError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:300]}") from None

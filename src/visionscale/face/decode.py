@@ -16,15 +16,20 @@ Follows MediaPipe's calculators:
   (paper section 3), which the paper prefers to NMS because it jitters less in video.
 
 Coordinates here are normalised to the letterboxed network input ([0, 1] over the tensor).
+
+numpy only, apart from :func:`decode_tensors` (the model's ``decode`` component), which imports
+torch when called: a deployment bundle decodes without torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import Tensor
 
 __all__ = ["DecodeOptions", "RawDetections", "decode", "weighted_nms", "nms", "iou_matrix"]
 
@@ -60,10 +65,11 @@ class RawDetections:
         return len(self.scores)
 
 
-def _decode_rows(regressors, anchors, opts: DecodeOptions, stack=torch.stack):
+def _decode_rows(regressors, anchors, opts: DecodeOptions, stack):
     """Boxes ``(..., 4)`` xyxy and keypoints ``(..., K, 2)`` from raw regressors ``(..., 4 + 2K)``
     and their anchors ``(..., 4)`` (broadcastable: one per regressor row, or one per anchor).
-    Tensors, or numpy arrays with ``stack=np.stack`` (the same float32 operations)."""
+    Tensors with ``stack=torch.stack``, or numpy arrays with ``stack=np.stack`` (the same float32
+    operations)."""
     ax, ay, aw, ah = anchors[..., 0], anchors[..., 1], anchors[..., 2], anchors[..., 3]
     xc = regressors[..., 0] / opts.x_scale * aw + ax
     yc = regressors[..., 1] / opts.y_scale * ah + ay
@@ -88,13 +94,18 @@ def decode_tensors(regressors: Tensor, classificators: Tensor, anchors: Tensor, 
     Returns:
         boxes ``(B, N, 4)`` xyxy, keypoints ``(B, N, K, 2)``, scores ``(B, N)``.
     """
-    boxes, keypoints = _decode_rows(regressors, anchors.to(regressors), opts)
+    import torch
+
+    boxes, keypoints = _decode_rows(regressors, anchors.to(regressors), opts, stack=torch.stack)
     t = opts.score_clipping_thresh
     return boxes, keypoints, torch.sigmoid(classificators[..., 0].clamp(-t, t))
 
 
 def _as_array(x) -> np.ndarray:
-    return x.detach().to("cpu", torch.float32).numpy() if isinstance(x, Tensor) else np.asarray(x, np.float32)
+    """A float32 numpy array of a tensor (any device) or an array, without importing torch."""
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, np.float32)
 
 
 def decode(regressors, classificators, anchors, opts: DecodeOptions) -> list[RawDetections]:

@@ -27,7 +27,6 @@ import threading
 import warnings
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,83 +34,24 @@ import torch
 
 from visionscale.errors import InvalidValueError, check_finite
 from visionscale.face.blazeface import BlazeFace, config_for
-from visionscale.face.decode import RawDetections, decode, nms, weighted_nms
-from visionscale.face.letterbox import Letterbox, letterbox_into
+from visionscale.face.decode import RawDetections
+from visionscale.face.detections import (  # noqa: F401 - FaceDetection and friends re-exported
+    BLENDINGS,
+    KEYPOINT_NAMES,
+    MIN_IMAGE_SIDE,
+    FaceDetection,
+    as_rgb_list,
+    blend,
+    detections,
+    letterbox_batch,
+)
+from visionscale.face.letterbox import Letterbox
 from visionscale.io.weights import WeightsUnavailableError, load_into, load_state_dict
 
 __all__ = ["FaceDetection", "FaceDetector", "KEYPOINT_NAMES", "MIN_IMAGE_SIDE", "as_rgb_list"]
 
-# MediaPipe's order (the person's right eye is on the image's left in a frontal photo).
-KEYPOINT_NAMES = ("right_eye", "left_eye", "nose_tip", "mouth_center", "right_ear_tragion", "left_ear_tragion")
 _POOL_PREFIX = "visionscale-face"
-MIN_IMAGE_SIDE = 8  # below this no face is resolvable; such images are rejected with an error
 ORT_CPU_BATCH = 8  # images per ONNX Runtime call on a CPU (see FaceDetector.detect)
-
-
-@dataclass
-class FaceDetection:
-    """One face.
-
-    Attributes:
-        box: ``(x0, y0, x1, y1)`` in pixels of the original image (may extend past its border,
-            as MediaPipe's boxes do).
-        score: Detection confidence in [0, 1].
-        keypoints: ``(6, 2)`` float ``x, y`` pixels in :data:`KEYPOINT_NAMES` order.
-    """
-
-    box: tuple[float, float, float, float]
-    score: float
-    keypoints: np.ndarray = field(repr=False)
-
-    @property
-    def width(self) -> float:
-        return self.box[2] - self.box[0]
-
-    @property
-    def height(self) -> float:
-        return self.box[3] - self.box[1]
-
-    @property
-    def area(self) -> float:
-        return max(self.width, 0.0) * max(self.height, 0.0)
-
-    def to_dict(self) -> dict:
-        return {
-            "box": [round(float(v), 2) for v in self.box],
-            "score": round(float(self.score), 4),
-            "keypoints": {n: [round(float(x), 2), round(float(y), 2)] for n, (x, y) in zip(KEYPOINT_NAMES, self.keypoints)},
-        }
-
-
-def as_rgb_list(images) -> list[np.ndarray]:
-    """Normalise the ``images`` argument: one array or a sequence of ``(H, W, 3)`` uint8 RGB arrays.
-
-    Grayscale ``(H, W)`` and ``(H, W, 1)`` become RGB, ``(H, W, 4)`` drops alpha.
-
-    Raises:
-        TypeError / InvalidValueError: naming the offending image's index.
-    """
-    if isinstance(images, np.ndarray):
-        images = [images]
-    out = []
-    for i, img in enumerate(images):
-        if not isinstance(img, np.ndarray):
-            raise TypeError(f"image {i}: expected a numpy array (H, W, 3) uint8, got {type(img).__name__}")
-        if img.dtype != np.uint8:
-            raise InvalidValueError(f"image {i}: expected uint8 pixels, got {img.dtype}").about("images")
-        if img.ndim == 2:
-            img = np.repeat(img[:, :, None], 3, axis=2)
-        if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
-            raise InvalidValueError(f"image {i}: expected shape (H, W, 3), got {img.shape}").about("images")
-        if img.shape[2] == 1:
-            img = np.repeat(img, 3, axis=2)
-        elif img.shape[2] == 4:
-            img = img[:, :, :3]
-        if min(img.shape[:2]) < MIN_IMAGE_SIDE:
-            raise InvalidValueError(f"image {i} is {img.shape[1]}x{img.shape[0]} px: too small for face detection "
-                                    f"(need at least {MIN_IMAGE_SIDE} px per side)").about("images")
-        out.append(img)
-    return out
 
 
 def _cached_weights(variant: str) -> Path | None:
@@ -154,7 +94,7 @@ class FaceDetector:
         from visionscale.device import resolve_device
 
         device = resolve_device(device)  # before any weights are read: a bad device fails at once
-        if blending not in ("weighted", "nms"):
+        if blending not in BLENDINGS:
             raise InvalidValueError(f"blending must be 'weighted' or 'nms', got {blending!r}").about("blending")
         if isinstance(model, BlazeFace):
             net = model
@@ -259,11 +199,8 @@ class FaceDetector:
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[Letterbox]]:
         """Letterboxed ``(B, 3, S, S)`` batch in [-1, 1] and each image's mapping."""
-        size = self.input_size
-        batch = np.empty((len(images), 3, size, size), np.float32)
-        for img, out in zip(images, batch):
-            letterbox_into(img, out)
-        return torch.from_numpy(batch), [Letterbox(img.shape[1], img.shape[0]) for img in images]
+        batch, maps = letterbox_batch(images, self.input_size)
+        return torch.from_numpy(batch), maps
 
     @torch.inference_mode()
     def raw(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,23 +220,12 @@ class FaceDetector:
     def detect_tensor(self, batch: torch.Tensor) -> list[RawDetections]:
         """Blended detections in normalised tensor coordinates for a preprocessed batch."""
         reg, cls = self.raw(batch)
-        opts = self.config.decode
-        if self.min_score != opts.min_score_thresh:
-            from dataclasses import replace
-
-            opts = replace(opts, min_score_thresh=self.min_score)
-        blend = weighted_nms if self.blending == "weighted" else nms
-        return [blend(d, self.suppression_threshold) for d in decode(reg, cls, self.net.anchors, opts)]
+        return blend(reg, cls, self.net.anchors, self.config.decode, self.min_score, self.blending,
+                     self.suppression_threshold)
 
     def _detect_chunk(self, images: Sequence[np.ndarray]) -> list[list[FaceDetection]]:
         batch, maps = self.preprocess(images)
-        results = []
-        for dets, lb in zip(self.detect_tensor(batch), maps):
-            corners = lb.to_image(dets.boxes.reshape(-1, 2, 2)).reshape(-1, 4)  # tensor -> image pixels
-            kps = lb.to_image(dets.keypoints).astype(np.float32)
-            results.append([FaceDetection(tuple(float(v) for v in box), float(score), k)
-                            for box, k, score in zip(corners, kps, dets.scores)])
-        return results
+        return detections(self.detect_tensor(batch), maps)
 
     def _executor(self):
         if self._pool is None:

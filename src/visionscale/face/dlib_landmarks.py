@@ -83,6 +83,26 @@ class ShapePredictor:
     def num_levels(self) -> int:
         return len(self.leaves)
 
+    def save_safetensors(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+        """Write the arrays to a safetensors file (as the parse cache keeps them; numpy only)."""
+        from safetensors.numpy import save_file
+
+        save_file(_to_tensors(self), str(path), metadata=metadata)
+
+    @classmethod
+    def from_safetensors(cls, path: str | os.PathLike) -> ShapePredictor:
+        """A predictor from a file :meth:`save_safetensors` wrote (numpy only, no parse).
+
+        Raises:
+            InvalidFileError: Not such a file (names it).
+        """
+        from safetensors.numpy import load_file
+
+        try:
+            return _from_tensors(load_file(str(path)))
+        except Exception as exc:  # noqa: BLE001 - safetensors' own errors, missing keys, bad levels
+            raise InvalidFileError(f"{path} does not hold a dlib shape predictor's arrays: {exc}") from None
+
 
 def find_shape_predictor_dat(name: str = SHAPE_PREDICTOR_5_NAME) -> Path | None:
     """The 5-point model: ``$VISIONSCALE_DLIB_SP5_DAT``, else the one inside an installed

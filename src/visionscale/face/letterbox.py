@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import Tensor
 
 __all__ = ["Letterbox", "letterbox_into", "letterbox_tensor"]
 
@@ -163,4 +165,6 @@ def letterbox_tensor(image: np.ndarray, size: int) -> Tensor:
 
     Only ``size x size x 4`` samples are read, so the cost barely grows with the image.
     """
+    import torch  # this module is numpy otherwise (a deployment bundle letterboxes without torch)
+
     return torch.from_numpy(letterbox_into(image, np.empty((3, size, size), np.float32)))

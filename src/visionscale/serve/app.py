@@ -2,10 +2,11 @@
 
 ``create_app(target, gallery=None, api_key=None, limits=ServeLimits())`` serves
 
-* anomaly scoring when ``target`` is a run folder (``ad fit``'s) or a bundle folder
+* anomaly scoring when ``target`` is a run folder (``ad fit``'s) or an anomaly bundle folder
   (``bundle.json``; through ``visionscale.bundle.load_bundle``),
-* faces (detect; identify, verify against a name, enroll with a gallery) when ``target`` is
-  ``"face"`` or ``gallery`` is given,
+* faces (detect, verify; identify, verify against a name, enroll with a gallery) when ``target``
+  is ``"face"`` or a face bundle folder (``export face --bundle``: ONNX Runtime, no torch), or
+  ``gallery`` is given,
 
 plus ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus text), ``/docs`` and ``/openapi.json``,
 and the web page at ``/``. docs/serve.md describes the endpoints, limits and errors.
@@ -299,12 +300,13 @@ def create_app(target: Any = None, gallery: str | os.PathLike | None = None, api
     """The FastAPI app serving ``target``.
 
     Args:
-        target: A run folder or bundle folder (anomaly scoring), ``"face"`` (faces only), an
-            object with the :class:`~visionscale.serve.services.AnomalyService` interface, or None.
+        target: A run folder or anomaly bundle folder (anomaly scoring), ``"face"`` or a face
+            bundle folder (faces only), an object with the
+            :class:`~visionscale.serve.services.AnomalyService` interface, or None.
         gallery: A gallery ``.db`` file (created if missing): faces with identify / enroll.
         api_key: When set, write endpoints (enroll, remove) need header ``X-API-Key`` equal to it.
         limits: :class:`ServeLimits`.
-        face_model: The face descriptor (default dlib's).
+        face_model: The face descriptor (default dlib's), or a face bundle folder.
         faces: Serve faces; default: when ``target == "face"`` or a gallery is given.
         device, backend, precision: Where and how the models run.
 
@@ -318,6 +320,8 @@ def create_app(target: Any = None, gallery: str | os.PathLike | None = None, api
     if api_key is not None and not api_key:
         raise InvalidValueError("api_key must not be empty (None: no key)").about("api_key")
     state = _State(limits, api_key)
+    if isinstance(target, (str, os.PathLike)) and target != "face" and S.bundle_kind(target) == "face":
+        face_model, target = os.fspath(target), "face"  # a face bundle serves faces, with or without a gallery
     serve_faces = faces if faces is not None else (target == "face" or gallery is not None)
     try:
         if target is not None and target != "face":

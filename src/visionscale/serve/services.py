@@ -12,8 +12,9 @@ The HTTP layer talks to two small interfaces, so another backend plugs in with a
   file; :class:`BundleAnomalyService` adapts ``visionscale.bundle.load_bundle(path)`` (a
   predictor with ``predict(list of RGB arrays) -> list[dict]`` with those keys).
 * :class:`FaceService`: detect / identify / verify / enroll with
-  :class:`~visionscale.face.api.FaceRecognizer` (dlib's descriptor by default) and an optional
-  :class:`~visionscale.face.gallery.Gallery`.
+  :class:`~visionscale.face.api.FaceRecognizer` (dlib's descriptor by default), or a face
+  bundle's :class:`~visionscale.bundle.face.FacePredictor` (the same methods and results, no
+  torch), and an optional :class:`~visionscale.face.gallery.Gallery`.
 
 Services are built and called in their model's worker thread only (see
 :mod:`visionscale.serve.batching`): SQLite connections must stay in the thread that opened them.
@@ -33,7 +34,7 @@ from visionscale.errors import InvalidValueError, MissingDependencyError, Vision
 from visionscale.serve.errors import ApiError
 
 __all__ = ["AnomalyService", "RunAnomalyService", "BundleAnomalyService", "FaceService", "load_anomaly_service",
-           "is_bundle", "overlay_png", "map_png", "HEATMAP_MAX_SIDE"]
+           "is_bundle", "bundle_kind", "overlay_png", "map_png", "HEATMAP_MAX_SIDE"]
 
 HEATMAP_MAX_SIDE = 1024  # px: the overlay's longer side at most, as ad predict's heatmaps
 
@@ -52,6 +53,15 @@ class AnomalyService(Protocol):
 def is_bundle(path: str | os.PathLike) -> bool:
     """A deployment bundle folder (it holds ``bundle.json``), as opposed to a run folder."""
     return (Path(path) / "bundle.json").is_file()
+
+
+def bundle_kind(path: str | os.PathLike) -> str | None:
+    """``"anomaly"`` or ``"face"`` for a bundle folder (its ``bundle.json``), None for anything else."""
+    if not is_bundle(path):
+        return None
+    from visionscale.bundle.format import read_manifest
+
+    return read_manifest(path)["kind"]
 
 
 def load_anomaly_service(path: str | os.PathLike, device: str = "cpu", backend: str = "eager",
@@ -229,9 +239,20 @@ class FaceService:
 
     def __init__(self, model: str = "face_embedder_dlib", gallery: str | os.PathLike | None = None,
                  device: str = "cpu"):
-        from visionscale.face.api import FaceRecognizer
+        if bundle_kind(model) is not None:  # a face bundle: ONNX Runtime, no torch
+            from visionscale.bundle import load_bundle
 
-        self.recognizer = FaceRecognizer(model, device=device)
+            self.recognizer = load_bundle(model)
+            if getattr(self.recognizer, "kind", None) != "face":
+                self.recognizer.close()
+                raise InvalidValueError(f"{model} is an anomaly bundle, not a face bundle").about("face_model")
+            self.source = "bundle"
+        else:
+            from visionscale.face.api import FaceRecognizer
+
+            self.recognizer = FaceRecognizer(model, device=device)
+            self.source = "model"
+        self.model_path = str(model)
         self.gallery = None
         self.gallery_path = None
         if gallery is not None:
@@ -244,11 +265,14 @@ class FaceService:
     def info(self) -> dict:
         r = self.recognizer
         return {"model": r.model_id, "dim": r.dim, "threshold": r.threshold, "metric": r.metric,
+                "source": self.source, **({"path": self.model_path} if self.source == "bundle" else {}),
                 "gallery": str(self.gallery_path) if self.gallery_path else None}
 
     def close(self) -> None:
         if self.gallery is not None:
             self.gallery.close()
+        if hasattr(self.recognizer, "close"):
+            self.recognizer.close()
 
     @staticmethod
     def _read(paths: Sequence[Path]) -> tuple[list[np.ndarray | None], list[Exception | None]]:
@@ -304,7 +328,7 @@ class FaceService:
         return out
 
     def _embed_one(self, path: Path, field: str) -> np.ndarray:
-        from visionscale.face.api import NoFaceError
+        from visionscale.face.pipeline import NoFaceError
         from visionscale.io.images import ImageReadError, read_image
 
         try:
@@ -335,10 +359,14 @@ class FaceService:
                     g = self._need_gallery()
                     if name not in g:
                         raise ApiError(404, "unknown_identity", f"no person named {name!r} in the gallery", "name")
-                    # As the gallery compares: Euclidean distance of unit vectors, the closest sample.
-                    q = ea.astype(np.float64) / np.linalg.norm(ea)
+                    # As the gallery compares, to the closest sample: plain Euclidean distance in a
+                    # "euclidean" gallery (dlib's descriptors), that of unit vectors in a "cosine" one.
+                    e = ea.astype(np.float64)
                     vecs = g.embeddings_of(name).astype(np.float64)
-                    d = float(np.sqrt(max(0.0, 2.0 - 2.0 * float(np.max(vecs @ q)))))
+                    if g.metric == "euclidean":
+                        d = float(np.sqrt(((vecs - e) ** 2).sum(1)).min())
+                    else:
+                        d = float(np.sqrt(max(0.0, 2.0 - 2.0 * float(np.max(vecs @ (e / np.linalg.norm(e)))))))
                     out.append({"distance": d, "same": d < t, "threshold": t, "name": name,
                                 "model": self.recognizer.model_id})
             except Exception as exc:  # noqa: BLE001 - answered per request (mapped to 4xx by type)
