@@ -92,13 +92,17 @@ def test_scores_labels_and_regions_equal_ad_predict(server, tiny_run, demo_image
 def test_a_bundle_is_served_like_its_run(tiny_run, demo_images, tmp_path):
     # The same run exported as a bundle (ONNX Runtime, numpy pre/post-processing) and served:
     # scores equal ad predict's within the bundle's tolerance (ONNX vs eager float32: 1e-4
-    # relative, see tests/bundle), labels equal.
+    # relative, see tests/bundle), labels equal. Served from its .zip archive, as shipped.
     pytest.importorskip("onnxruntime")
     from visionscale.anomaly.predict import load_run, predict
     from visionscale.bundle import write_bundle
     from visionscale.serve import create_app
+    from visionscale.serve.services import bundle_kind
 
-    bundle = write_bundle(tiny_run, tmp_path / "bundle").path
+    res = write_bundle(tiny_run, tmp_path / "bundle", archive="zip")
+    bundle = res.archive
+    assert bundle.is_file() and bundle_kind(bundle) == bundle_kind(res.path) == "anomaly"
+    assert bundle_kind(tmp_path) is None and bundle_kind(demo_images[0]) is None  # a folder, a PNG
     threshold = json.loads((Path(tiny_run) / "calibration.json").read_text())["image_threshold"]
     records, _ = predict(load_run(tiny_run, "cpu"), demo_images, tmp_path / "pred", batch_size=1)
     with running(create_app(bundle)) as base:

@@ -119,6 +119,37 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     return doc
 
 
+def archive_manifest(archive: str | os.PathLike) -> dict | None:
+    """``bundle.json`` of a ``.tar`` / ``.zip`` bundle, read without unpacking; None when the file
+    is not such an archive or has no ``bundle.json`` at its root."""
+    p = Path(archive)
+    if not p.is_file():
+        return None
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as zf:
+                data = zf.read(MANIFEST) if MANIFEST in zf.namelist() else None
+        elif tarfile.is_tarfile(p):
+            with tarfile.open(p) as tf:
+                try:
+                    member = tf.getmember(MANIFEST)
+                except KeyError:
+                    return None
+                fh = tf.extractfile(member) if member.isfile() else None
+                data = fh.read() if fh is not None else None
+        else:
+            return None
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError):
+        return None
+    if data is None:
+        return None
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and doc.get("format") == FORMAT else None
+
+
 def _safe_member(name: str) -> bool:
     p = Path(name)
     return bool(name) and not p.is_absolute() and ".." not in p.parts

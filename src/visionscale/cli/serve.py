@@ -17,9 +17,9 @@ from visionscale.cli._options import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_PR
 
 
 def serve_cmd(
-    target: str = typer.Argument(..., help="A run folder (`ad fit`'s), an anomaly bundle folder (holds "
-                                           "bundle.json), 'face' to serve faces only, or a face bundle folder "
-                                           "(`export face --bundle`: faces without torch)."),
+    target: str = typer.Argument(..., help="A run folder (`ad fit`'s), an anomaly bundle (a folder holding "
+                                           "bundle.json, or its .tar/.zip), 'face' to serve faces only, or a face "
+                                           "bundle (`export face --bundle`: faces without torch)."),
     gallery: Optional[Path] = typer.Option(None, "--gallery", help="Face gallery .db (created if missing): adds "
                                                                    "face detect / identify / verify / enroll."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),

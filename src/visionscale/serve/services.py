@@ -51,17 +51,25 @@ class AnomalyService(Protocol):
 
 
 def is_bundle(path: str | os.PathLike) -> bool:
-    """A deployment bundle folder (it holds ``bundle.json``), as opposed to a run folder."""
-    return (Path(path) / "bundle.json").is_file()
+    """A deployment bundle, as opposed to a run folder: a folder holding ``bundle.json``, or a
+    ``.tar`` / ``.zip`` archive of one (``export --bundle OUT --archive tar|zip``)."""
+    return bundle_kind(path) is not None
 
 
 def bundle_kind(path: str | os.PathLike) -> str | None:
-    """``"anomaly"`` or ``"face"`` for a bundle folder (its ``bundle.json``), None for anything else."""
-    if not is_bundle(path):
-        return None
-    from visionscale.bundle.format import read_manifest
+    """``"anomaly"`` or ``"face"`` for a bundle folder or archive (its ``bundle.json``), None for
+    anything else."""
+    p = Path(path)
+    if (p / "bundle.json").is_file():
+        from visionscale.bundle.format import read_manifest
 
-    return read_manifest(path)["kind"]
+        return read_manifest(p)["kind"]
+    if p.is_file():
+        from visionscale.bundle.format import archive_manifest
+
+        doc = archive_manifest(p)
+        return doc.get("kind") if doc is not None else None
+    return None
 
 
 def load_anomaly_service(path: str | os.PathLike, device: str = "cpu", backend: str = "eager",
