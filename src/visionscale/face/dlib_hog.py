@@ -110,119 +110,284 @@ def _bilinear_rows(n_in: int, n_out: int):
     return top, bottom, y - top
 
 
+class _Resize:
+    """dlib's bilinear ``resize_image`` from ``in_shape`` to ``out_shape`` (rows, cols), able to
+    compute any window of the output from a window of the input (the sample positions depend
+    on the whole sizes only, so a window is bit-identical to the same part of the full resize)."""
+
+    def __init__(self, in_shape, out_shape):
+        self.in_shape, self.out_shape = tuple(in_shape[:2]), tuple(out_shape[:2])
+        self.top, self.bottom, self.tb = _bilinear_rows(self.in_shape[0], self.out_shape[0])
+        (self.cs, self.s_left, self.s_lr, self.t_left, self.t_right,
+         self.t_lr) = _bilinear_columns(self.in_shape[1], self.out_shape[1])
+
+    def _cols(self, c0: int, c1: int):
+        """(simd columns, tail columns) of output columns c0..c1-1 as index ranges."""
+        a0, a1 = min(c0, self.cs), min(c1, self.cs)
+        b0, b1 = max(c0, self.cs), max(c1, self.cs)
+        return (a0, a1), (b0 - self.cs, b1 - self.cs)
+
+    def needed(self, rows, cols):
+        """The input window ``((r0, r1), (c0, c1))`` the output window ``rows x cols`` reads."""
+        r0, r1 = rows
+        (a0, a1), (b0, b1) = self._cols(*cols)
+        lo, hi = [], []
+        if a1 > a0:
+            lo.append(int(self.s_left[a0]))
+            hi.append(int(self.s_left[a1 - 1]) + 1)
+        if b1 > b0:
+            lo.append(int(self.t_left[b0:b1].min()))
+            hi.append(int(self.t_right[b0:b1].max()))
+        return ((int(self.top[r0]), int(self.bottom[r1 - 1]) + 1), (min(lo), max(hi) + 1))
+
+    def __call__(self, src: np.ndarray, src_origin=(0, 0), rows=None, cols=None) -> np.ndarray:
+        """Output window ``rows x cols`` (default: all) from ``src``, the input window whose
+        top-left pixel is ``src_origin``."""
+        rows = rows or (0, self.out_shape[0])
+        cols = cols or (0, self.out_shape[1])
+        n_rows, n_cols = rows[1] - rows[0], cols[1] - cols[0]
+        out = np.empty((n_rows, n_cols) + src.shape[2:], np.uint8)
+        if n_rows <= 0 or n_cols <= 0:
+            return out
+        rgb = src.ndim == 3
+        oy, ox = src_origin
+        top = self.top[rows[0]:rows[1]] - oy
+        bottom = self.bottom[rows[0]:rows[1]] - oy
+        tb = self.tb[rows[0]:rows[1]]
+        rows_t, rows_b = src[top], src[bottom]
+        ex = (slice(None), slice(None), None) if rgb else (slice(None), slice(None))
+        (a0, a1), (b0, b1) = self._cols(*cols)
+        if a1 > a0:
+            # dlib's 4-wide loop: float32 weights, ((tl*tlf + tr*trf) + bl*blf) + br*brf.
+            s_left = self.s_left[a0:a1] - ox
+            tbf = tb.astype(F32)[:, None]
+            itbf = (1 - tb).astype(F32)[:, None]
+            lr = self.s_lr[a0:a1][None, :]
+            ilr = F32(1) - lr
+            tlf, trf, blf, brf = itbf * ilr, itbf * lr, tbf * ilr, tbf * lr
+            sr = s_left + 1
+            v = (tlf[ex] * rows_t[:, s_left].astype(F32) + trf[ex] * rows_t[:, sr].astype(F32)
+                 + blf[ex] * rows_b[:, s_left].astype(F32) + brf[ex] * rows_b[:, sr].astype(F32))
+            if rgb:
+                out[:, :a1 - a0] = v.astype(np.int32).astype(np.uint8)          # truncation
+            else:
+                out[:, :a1 - a0] = (v.astype(np.float64) + 0.5).astype(np.int32).astype(np.uint8)
+        if b1 > b0:
+            # dlib's scalar tail: float64 (RGB) or mixed float32/float64 (grey) arithmetic.
+            t_left, t_right = self.t_left[b0:b1] - ox, self.t_right[b0:b1] - ox
+            tbd = tb[:, None]
+            k = a1 - a0
+            if rgb:
+                lr = self.t_lr[b0:b1][None, :, None]
+                a = (1 - lr) * rows_t[:, t_left].astype(np.float64) + lr * rows_t[:, t_right]
+                b = (1 - lr) * rows_b[:, t_left].astype(np.float64) + lr * rows_b[:, t_right]
+                v = (1 - tbd[:, :, None]) * a + tbd[:, :, None] * b
+                out[:, k:] = v.astype(np.int32).astype(np.uint8)
+            else:
+                lr = self.t_lr[b0:b1].astype(F32)[None, :]
+                a = (F32(1) - lr) * rows_t[:, t_left].astype(F32) + lr * rows_t[:, t_right].astype(F32)
+                b = (F32(1) - lr) * rows_b[:, t_left].astype(F32) + lr * rows_b[:, t_right].astype(F32)
+                v = ((1 - tbd) * a.astype(np.float64) + tbd * b.astype(np.float64)).astype(F32)
+                out[:, k:] = np.clip(v, 0, 255).astype(np.int32).astype(np.uint8)
+        return out
+
+
 def resize_bilinear(img: np.ndarray, n_rows: int, n_cols: int) -> np.ndarray:
     """dlib's ``resize_image(in, out)`` (bilinear) for uint8 ``(H, W)`` or ``(H, W, 3)``."""
     if n_rows <= 0 or n_cols <= 0 or img.shape[0] == 0 or img.shape[1] == 0:
         return np.zeros((max(n_rows, 0), max(n_cols, 0)) + img.shape[2:], np.uint8)
-    rgb = img.ndim == 3
-    top, bottom, tb = _bilinear_rows(img.shape[0], n_rows)
-    cs, s_left, s_lr, t_left, t_right, t_lr = _bilinear_columns(img.shape[1], n_cols)
-    out = np.empty((n_rows, n_cols) + img.shape[2:], np.uint8)
-    rows_t, rows_b = img[top], img[bottom]
-    ex = (slice(None), slice(None), None) if rgb else (slice(None), slice(None))
-    if cs:
-        # SIMD part: float32 weights, ((tl*tlf + tr*trf) + bl*blf) + br*brf in float32.
-        tbf = tb.astype(F32)[:, None]
-        itbf = (1 - tb).astype(F32)[:, None]
-        lr = s_lr[None, :]
-        ilr = F32(1) - lr
-        tlf, trf, blf, brf = itbf * ilr, itbf * lr, tbf * ilr, tbf * lr
-        sr = s_left + 1
-        v = (tlf[ex] * rows_t[:, s_left].astype(F32) + trf[ex] * rows_t[:, sr].astype(F32)
-             + blf[ex] * rows_b[:, s_left].astype(F32) + brf[ex] * rows_b[:, sr].astype(F32))
-        if rgb:
-            out[:, :cs] = v.astype(np.int32).astype(np.uint8)          # truncation
-        else:
-            out[:, :cs] = (v.astype(np.float64) + 0.5).astype(np.int32).astype(np.uint8)
-    if cs < n_cols:
-        tbd = tb[:, None]
-        if rgb:
-            lr = t_lr[None, :, None]
-            a = (1 - lr) * rows_t[:, t_left].astype(np.float64) + lr * rows_t[:, t_right]
-            b = (1 - lr) * rows_b[:, t_left].astype(np.float64) + lr * rows_b[:, t_right]
-            v = (1 - tbd[:, :, None]) * a + tbd[:, :, None] * b
-            out[:, cs:] = v.astype(np.int32).astype(np.uint8)
-        else:
-            lr = t_lr.astype(F32)[None, :]
-            a = ((F32(1) - lr) * rows_t[:, t_left].astype(F32) + lr * rows_t[:, t_right].astype(F32))
-            b = ((F32(1) - lr) * rows_b[:, t_left].astype(F32) + lr * rows_b[:, t_right].astype(F32))
-            v = ((1 - tbd) * a.astype(np.float64) + tbd * b.astype(np.float64)).astype(F32)
-            out[:, cs:] = np.clip(v, 0, 255).astype(np.int32).astype(np.uint8)
-    return out
+    return _Resize(img.shape, (n_rows, n_cols))(img)
+
+
+def _up_shape(shape):
+    nr, nc = shape[:2]
+    if nr == 0 or nc == 0:
+        return (0, 0)
+    return (_lround((nr - 1 + 0.75) * 2) + 1, _lround((nc - 1 + 1.25) * 2) + 1)
+
+
+def _down6_shape(shape):
+    return ((5 * shape[0]) // 6, (5 * shape[1]) // 6)
 
 
 def pyramid_up(img: np.ndarray) -> np.ndarray:
     """dlib's ``pyramid_up(img, out, pyramid_down<2>)``: the image rectangle mapped up one
     ``pyramid_down<2>`` level (``(p + (1.25, 0.75)) * 2``, rounded), then a bilinear resize:
     ``n`` rows become ``2n + 1``, ``m`` columns ``2m + 2``."""
-    nr, nc = img.shape[:2]
-    if nr == 0 or nc == 0:
-        return np.zeros((0, 0) + img.shape[2:], np.uint8)
-    bottom = _lround((nr - 1 + 0.75) * 2)
-    right = _lround((nc - 1 + 1.25) * 2)
-    return resize_bilinear(img, bottom + 1, right + 1)
+    return resize_bilinear(img, *_up_shape(img.shape))
 
 
 def pyramid_down6(img: np.ndarray) -> np.ndarray:
     """dlib's ``pyramid_down<6>`` on an image: 5/6 of the rows and columns (rounded down),
     bilinear."""
-    nr, nc = img.shape[:2]
-    return resize_bilinear(img, (5 * nr) // 6, (5 * nc) // 6)
+    return resize_bilinear(img, *_down6_shape(img.shape))
 
 
 # ---------------------------------------------------------------------------------------------
 # fHOG (fhog.h: extract_fhog_features into 31 planes)
 # ---------------------------------------------------------------------------------------------
 
-def _gradients(img: np.ndarray, y1: int, x1: int, simd_end: int):
-    """Per-pixel gradient of rows ``1..y1-1``, columns ``1..x1-1``: the channel with the
-    largest squared magnitude (dlib's SIMD columns, ``< simd_end``, break ties towards the later
-    channel, its scalar columns towards the earlier one). Returns int32 gx, gy, squared length."""
-    rows = slice(1, y1)
-    cols = slice(1, x1)
-    if img.ndim == 2:
-        im = img.astype(np.int32)
-        gx = im[rows, 2:x1 + 1] - im[rows, 0:x1 - 1]
-        gy = im[2:y1 + 1, cols] - im[0:y1 - 1, cols]
-        return gx, gy, gx * gx + gy * gy
+def _gradients(img: np.ndarray, ys, xs, simd: np.ndarray):
+    """Per-pixel gradient at local rows ``ys[0]..ys[1]-1`` and columns ``xs[0]..xs[1]-1`` of
+    ``img``: of the channel with the largest squared magnitude (dlib's SIMD columns, flagged
+    in ``simd``, break ties towards the later channel, its scalar columns towards the earlier
+    one). Returns int32 gx, gy, squared length."""
+    (y0, y1), (x0, x1) = ys, xs
     im = img.astype(np.int32)
-    gxs = im[rows, 2:x1 + 1] - im[rows, 0:x1 - 1]           # (h, w, 3)
-    gys = im[2:y1 + 1, cols] - im[0:y1 - 1, cols]
-    lens = gxs * gxs + gys * gys
+    gx = im[y0:y1, x0 + 1:x1 + 1] - im[y0:y1, x0 - 1:x1 - 1]
+    gy = im[y0 + 1:y1 + 1, x0:x1] - im[y0 - 1:y1 - 1, x0:x1]
+    if img.ndim == 2:
+        return gx, gy, gx * gx + gy * gy
+    lens = gx * gx + gy * gy                                  # (h, w, 3)
     r, g, b = lens[..., 0], lens[..., 1], lens[..., 2]
     # SIMD: (r > g ? r : g), then (that > b ? that : b).
-    s_first = np.where(r > g, 0, 1)
-    s_len = np.maximum(r, g)
-    s_pick = np.where(s_len > b, s_first, 2)
+    s_pick = np.where(np.maximum(r, g) > b, np.where(r > g, 0, 1), 2)
     # scalar: start with r; take g if g > len; then b if b > len.
-    c_first = np.where(g > r, 1, 0)
-    c_len = np.maximum(r, g)
-    c_pick = np.where(b > c_len, 2, c_first)
-    ncols = x1 - 1
-    is_simd = (np.arange(1, 1 + ncols) < simd_end)[None, :]
-    pick = np.where(is_simd, s_pick, c_pick)[..., None]
-    gx = np.take_along_axis(gxs, pick, 2)[..., 0]
-    gy = np.take_along_axis(gys, pick, 2)[..., 0]
-    ln = np.take_along_axis(lens, pick, 2)[..., 0]
-    return gx, gy, ln
+    c_pick = np.where(b > np.maximum(r, g), 2, np.where(g > r, 1, 0))
+    pick = np.where(simd[None, :], s_pick, c_pick)[..., None]
+    return (np.take_along_axis(gx, pick, 2)[..., 0], np.take_along_axis(gy, pick, 2)[..., 0],
+            np.take_along_axis(lens, pick, 2)[..., 0])
 
 
 def _orientations(gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
-    """The best of 18 signed orientations by the float32 dot product (first maximum wins;
-    a zero gradient gets 0)."""
+    """The best of 18 signed orientations by the float32 dot product with dlib's 9 directions.
+
+    dlib walks o = 0..8, taking ``dot`` (bin o) or ``-dot`` (bin o + 9) when strictly larger
+    than the best so far (which starts at 0): the first direction of largest ``|dot|`` wins, a
+    zero gradient gets bin 0."""
     fx, fy = gx.astype(F32), gy.astype(F32)
-    best = np.zeros(fx.shape, F32)
-    best_o = np.zeros(fx.shape, np.int64)
+    dots = fx[None] * _DIRECTIONS[:, 0, None, None] + fy[None] * _DIRECTIONS[:, 1, None, None]
+    mag = np.abs(dots)
+    k = np.argmax(mag, axis=0)                                 # first maximum
+    d = np.take_along_axis(dots, k[None], 0)[0]
+    return np.where(d > 0, k, np.where(d < 0, k + 9, 0))
+
+
+class _FhogGrid:
+    """dlib's fHOG cell layout for an image of ``shape`` (rows, cols)."""
+
+    def __init__(self, shape, cell_size: int = 8):
+        nr, nc = shape[:2]
+        self.shape, self.cs = (nr, nc), cell_size
+        self.cells_nr = int(nr / cell_size + 0.5)
+        self.cells_nc = int(nc / cell_size + 0.5)
+        self.hog_nr, self.hog_nc = max(self.cells_nr - 2, 0), max(self.cells_nc - 2, 0)
+        # Pixels 1..vis-1 vote (dlib's loops stop a pixel short of the last full cell or edge).
+        self.vis_nr = min(self.cells_nr * cell_size, nr) - 1
+        self.vis_nc = min(self.cells_nc * cell_size, nc) - 1
+        # dlib runs 8 pixels at a time from x = 1 while x < vis_nc - 7, then one at a time.
+        self.simd_end = 1 + 8 * max(0, (self.vis_nc - 8 + 7) // 8)
+
+    @property
+    def empty(self) -> bool:
+        return self.hog_nr == 0 or self.hog_nc == 0
+
+    def voters(self, k0: int, k1: int):
+        """Pixel range (inclusive) that votes into histogram rows (or columns) ``k0..k1-1``:
+        pixel y votes into rows ``floor((y + 0.5) / cs - 0.5) + {1, 2}``."""
+        cs = self.cs
+        return math.ceil(cs * (k0 - 1.5) - 0.5), math.ceil(cs * (k1 - 1 + 0.5) - 0.5) - 1
+
+    def crop_for_cells(self, cells_y, cells_x):
+        """The pixel window ``((y0, y1), (x0, x1))`` (starting on a cell boundary) whose pixels
+        determine the features of cells ``cells_y x cells_x``."""
+        out = []
+        for (c0, c1), n in ((cells_y, self.shape[0]), (cells_x, self.shape[1])):
+            lo, hi = self.voters(c0 + 1, c1 + 3)              # a cell reads histogram cells c+1..c+3
+            lo = max(0, (max(lo - 1, 0) // self.cs) * self.cs)
+            out.append((lo, min(n, hi + 2)))
+        return tuple(out)
+
+
+def _fhog_cells(img: np.ndarray, origin, grid: _FhogGrid, cells_y, cells_x) -> np.ndarray:
+    """fHOG features ``(31, ny, nx)`` of cells ``cells_y[0]..cells_y[1]-1`` (likewise x) of an
+    image laid out as ``grid``, computed from ``img``, its window starting at pixel ``origin``
+    (a cell boundary) and covering ``grid.crop_for_cells(cells_y, cells_x)``."""
+    cs = grid.cs
+    oy, ox = origin
+    h, w = img.shape[:2]
+    (cy0, cy1), (cx0, cx1) = cells_y, cells_x
+    ny, nx = cy1 - cy0, cx1 - cx0
+    # Histogram cells hr0..hr1-1 (dlib's hist has a 1-cell border: cell c is hist c + 1), plus
+    # one more each side so every vote of a used pixel has a place.
+    hr0, hr1, hc0, hc1 = cy0 + 1, cy1 + 3, cx0 + 1, cx1 + 3
+    # Voting pixels (image coordinates): those dlib processes, that vote into those cells.
+    vy0, vy1 = grid.voters(hr0, hr1)
+    vx0, vx1 = grid.voters(hc0, hc1)
+    py0, py1 = max(1, vy0, oy + 1), min(grid.vis_nr - 1, vy1)
+    px0, px1 = max(1, vx0, ox + 1), min(grid.vis_nc - 1, vx1)
+    if (py1 >= py0 and (py0 > max(1, vy0) or py1 + 1 > oy + h - 1)) or \
+            (px1 >= px0 and (px0 > max(1, vx0) or px1 + 1 > ox + w - 1)):
+        raise AssertionError("fHOG window does not cover the cells asked for")
+    hist = np.zeros((hr1 - hr0 + 2, hc1 - hc0 + 2, 18), F32)   # local hist row i = hr0 - 1 + i
+    if py1 >= py0 and px1 >= px0:
+        ys = np.arange(py0, py1 + 1)
+        xs = np.arange(px0, px1 + 1)
+        simd = xs < grid.simd_end
+        gx, gy, ln = _gradients(img, (py0 - oy, py1 + 1 - oy), (px0 - ox, px1 + 1 - ox), simd)
+        o = _orientations(gx, gy)
+        v = np.sqrt(ln.astype(F32))
+        yp = ((ys + 0.5) / cs - 0.5).astype(F32)
+        iyp = np.floor(yp).astype(np.int64)
+        wy0 = (yp - iyp.astype(F32)).astype(F32)
+        wy1 = (1.0 - wy0.astype(np.float64)).astype(F32)
+        xp = ((xs + 0.5) / cs - 0.5).astype(F32)
+        ixp = np.floor(xp).astype(np.int64)
+        wx0 = (xp - ixp.astype(F32)).astype(F32)
+        wx1 = (1.0 - wx0.astype(np.float64)).astype(F32)
+        simd = simd[None, :]
+        wy0c, wy1c = wy0[:, None], wy1[:, None]
+        wx0r, wx1r = wx0[None, :], wx1[None, :]
+        # SIMD: wy * (wx * v); scalar: (wy * wx) * v -- they round differently.
+        a1, a0 = wx1r * v, wx0r * v
+        w11 = np.where(simd, wy1c * a1, (wy1c * wx1r) * v)
+        w01 = np.where(simd, wy0c * a1, (wy0c * wx1r) * v)
+        w10 = np.where(simd, wy1c * a0, (wy1c * wx0r) * v)
+        w00 = np.where(simd, wy0c * a0, (wy0c * wx0r) * v)
+        # Each bin takes its votes in raster order of the pixels, as dlib adds them; np.add.at
+        # adds sequentially in index order, so the float32 sums are dlib's.
+        stride = hist.shape[1] * 18
+        base = ((iyp + 1 - (hr0 - 1)) * stride)[:, None] + ((ixp + 1 - (hc0 - 1)) * 18)[None, :] + o
+        idx = base[..., None] + np.array([0, stride, 18, stride + 18])
+        ww = np.stack([w11, w01, w10, w00], -1)
+        np.add.at(hist.reshape(-1), idx.reshape(-1), ww.reshape(-1))
+
+    # Cell energies: norm = sum_o (h[o] + h[o+9])^2 over the 9 unsigned bins, in order; norm
+    # row j is hist row j + 1, and cell c reads norm rows c..c+2.
+    inner = hist[1:-1, 1:-1]                                   # hist rows hr0..hr1-1 = norm cy0..cy1+1
+    norm = np.zeros(inner.shape[:2], F32)
+    for k in range(9):
+        t = inner[..., k] + inner[..., k + 9]
+        norm = norm + t * t
+
+    def sl(dy, dx):
+        return norm[dy:dy + ny, dx:dx + nx]
+
+    # The four 2x2-cell block energies around each cell (dlib's 4 SIMD lanes), summed in its order.
+    z = []
+    for by, bx in ((1, 1), (0, 1), (1, 0), (0, 0)):
+        z.append(((sl(by, bx) + sl(by, bx + 1)) + sl(by + 1, bx)) + sl(by + 1, bx + 1))
+    z = np.stack(z)                                            # (4, ny, nx)
+    nn = F32(0.2) * np.sqrt(z + F32(0.0001))
+    nrm = F32(0.1) / nn
+    hh = inner[1:1 + ny, 1:1 + nx]                             # the cells' own histograms
+    out = np.empty((31, ny, nx), F32)
+
+    def lanesum(t):
+        # _mm_dp_ps with ones: (l0 + l1) + (l2 + l3)
+        return (t[0] + t[1]) + (t[2] + t[3])
+
+    t = np.zeros((4, ny, nx), F32)
+    for o3 in range(0, 18, 3):
+        hs = [np.minimum(hh[..., o3 + k][None], nn) * nrm for k in range(3)]
+        for k in range(3):
+            out[o3 + k] = lanesum(hs[k])
+        t = t + ((hs[0] + hs[1]) + hs[2])
     for o in range(9):
-        dot = fx * _DIRECTIONS[o, 0] + fy * _DIRECTIONS[o, 1]
-        up = dot > best
-        best = np.where(up, dot, best)
-        best_o = np.where(up, o, best_o)
-        neg = -dot
-        up = neg > best
-        best = np.where(up, neg, best)
-        best_o = np.where(up, o + 9, best_o)
-    return best_o
+        s = hh[..., o] + hh[..., o + 9]
+        out[18 + o] = lanesum(np.minimum(s[None], nn) * nrm)
+    out[27:31] = t * F32(2 * 0.2357)
+    return out
 
 
 def extract_fhog_features(img: np.ndarray, cell_size: int = 8, filter_rows_padding: int = 1,
@@ -235,104 +400,28 @@ def extract_fhog_features(img: np.ndarray, cell_size: int = 8, filter_rows_paddi
     (likewise columns) so a filter of that size can be correlated with every window. An image
     too small for one cell gives planes of size 0.
     """
-    img = np.asarray(img)
-    if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
-        raise InvalidValueError(f"image must be uint8 (H, W) or (H, W, 3), got {img.dtype} {img.shape}"
-                                ).about("image")
-    if cell_size < 2:
-        raise InvalidValueError(f"cell_size must be >= 2 (dlib's cell size 1 is another algorithm), "
-                                f"got {cell_size}").about("cell_size")
-    nr, nc = img.shape[:2]
-    cells_nr = int(nr / cell_size + 0.5)
-    cells_nc = int(nc / cell_size + 0.5)
-    hog_nr, hog_nc = max(cells_nr - 2, 0), max(cells_nc - 2, 0)
-    if hog_nr == 0 or hog_nc == 0:
+    img = _check_image(img)
+    if int(cell_size) != cell_size or cell_size < 2:
+        raise InvalidValueError(f"cell_size must be an integer >= 2 (dlib's cell size 1 is another "
+                                f"algorithm), got {cell_size}").about("cell_size")
+    if min(filter_rows_padding, filter_cols_padding) < 1:
+        raise InvalidValueError("filter paddings must be >= 1").about("filter_rows_padding")
+    grid = _FhogGrid(img.shape, int(cell_size))
+    if grid.empty:
         return np.zeros((31, 0, 0), F32)
-    vis_nr = min(cells_nr * cell_size, nr) - 1
-    vis_nc = min(cells_nc * cell_size, nc) - 1
-    hist = np.zeros((cells_nr + 2, cells_nc + 2, 18), F32)
-    if vis_nr > 1 and vis_nc > 1:
-        # dlib runs 8 pixels at a time from x = 1 while x < vis_nc - 7, then one at a time.
-        simd_end = 1 + 8 * max(0, (vis_nc - 8 + 7) // 8)
-        gx, gy, ln = _gradients(img, vis_nr, vis_nc, simd_end)
-        o = _orientations(gx, gy)
-        v = np.sqrt(ln.astype(F32))
-        ys = np.arange(1, vis_nr)
-        xs = np.arange(1, vis_nc)
-        yp = ((ys + 0.5) / cell_size - 0.5).astype(F32)
-        iyp = np.floor(yp).astype(np.int64)
-        vy0 = (yp - iyp.astype(F32)).astype(F32)
-        vy1 = (1.0 - vy0.astype(np.float64)).astype(F32)
-        xp = ((xs + 0.5) / cell_size - 0.5).astype(F32)
-        ixp = np.floor(xp).astype(np.int64)
-        vx0 = (xp - ixp.astype(F32)).astype(F32)
-        vx1 = (1.0 - vx0.astype(np.float64)).astype(F32)
-        simd = (xs < simd_end)[None, :]
-        vy0c, vy1c = vy0[:, None], vy1[:, None]
-        vx0r, vx1r = vx0[None, :], vx1[None, :]
-        # SIMD: vy * (vx * v); scalar: (vy * vx) * v -- they round differently.
-        a1, a0 = vx1r * v, vx0r * v
-        w11 = np.where(simd, vy1c * a1, (vy1c * vx1r) * v)
-        w01 = np.where(simd, vy0c * a1, (vy0c * vx1r) * v)
-        w10 = np.where(simd, vy1c * a0, (vy1c * vx0r) * v)
-        w00 = np.where(simd, vy0c * a0, (vy0c * vx0r) * v)
-        r0 = np.broadcast_to((iyp + 1)[:, None], o.shape)
-        c0 = np.broadcast_to((ixp + 1)[None, :], o.shape)
-        # Each bin takes its votes in raster order of the pixels, as dlib adds them; np.add.at
-        # adds sequentially in index order, so the float32 sums are dlib's.
-        rr = np.stack([r0, r0 + 1, r0, r0 + 1], -1).reshape(-1)
-        cc = np.stack([c0, c0, c0 + 1, c0 + 1], -1).reshape(-1)
-        oo = np.repeat(o.reshape(-1), 4)
-        ww = np.stack([w11, w01, w10, w00], -1).reshape(-1)
-        np.add.at(hist, (rr, cc, oo), ww)
-
-    # Block energies: norm[r, c] = sum_o (h[o] + h[o+9])^2 over the cell's 9 unsigned bins,
-    # added in order.
-    inner = hist[1:cells_nr + 1, 1:cells_nc + 1]
-    norm = np.zeros((cells_nr, cells_nc), F32)
-    for k in range(9):
-        s = inner[..., k] + inner[..., k + 9]
-        norm = norm + s * s
-
-    # Four 2x2-cell block norms around each cell (dlib's 4 SIMD lanes).
-    n = norm
-    ny, nx = hog_nr, hog_nc
-
-    def sl(dy, dx):
-        return n[dy:dy + ny, dx:dx + nx]
-
-    z = []
-    for lane in range(4):
-        # lane 0: blocks at (y+1, x+1), lane 1: (y, x+1), lane 2: (y+1, x), lane 3: (y, x)
-        by, bx = [(1, 1), (0, 1), (1, 0), (0, 0)][lane]
-        s = sl(by, bx) + sl(by, bx + 1)
-        s = s + sl(by + 1, bx)
-        s = s + sl(by + 1, bx + 1)
-        z.append(s)
-    z = np.stack(z)                                           # (4, ny, nx)
-    nn = F32(0.2) * np.sqrt(z + F32(0.0001))
-    nrm = F32(0.1) / nn
-    h = hist[2:2 + ny, 2:2 + nx]                              # (ny, nx, 18)
+    feats = _fhog_cells(img, (0, 0), grid, (0, grid.hog_nr), (0, grid.hog_nc))
     rp, cp = (filter_rows_padding - 1) // 2, (filter_cols_padding - 1) // 2
-    out = np.zeros((31, ny + filter_rows_padding - 1, nx + filter_cols_padding - 1), F32)
-    view = out[:, rp:rp + ny, cp:cp + nx]
-
-    def lanesum(t):
-        # _mm_dp_ps with ones: (l0 + l1) + (l2 + l3)
-        return (t[0] + t[1]) + (t[2] + t[3])
-
-    t = np.zeros((4, ny, nx), F32)
-    for o3 in range(0, 18, 3):
-        hs = [np.minimum(h[..., o3 + k][None], nn) * nrm for k in range(3)]
-        for k in range(3):
-            view[o3 + k] = lanesum(hs[k])
-        t = t + ((hs[0] + hs[1]) + hs[2])
-    t = t * F32(2 * 0.2357)
-    for o in range(9):
-        s = h[..., o] + h[..., o + 9]
-        view[18 + o] = lanesum(np.minimum(s[None], nn) * nrm)
-    view[27:31] = t
+    out = np.zeros((31, grid.hog_nr + filter_rows_padding - 1, grid.hog_nc + filter_cols_padding - 1), F32)
+    out[:, rp:rp + grid.hog_nr, cp:cp + grid.hog_nc] = feats
     return out
+
+
+def _check_image(image) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise InvalidValueError(f"image must be uint8 (H, W) grey or (H, W, 3) RGB, got {image.dtype} "
+                                f"{image.shape}").about("image")
+    return np.ascontiguousarray(image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,43 +494,64 @@ class _SeparableFilter:
         self.col = np.stack(cols)                             # (k, height)
 
 
-def _correlate_1d(x: np.ndarray, taps: np.ndarray, axis: int, first: int, last: int,
-                  simd_cols: np.ndarray) -> np.ndarray:
-    """dlib's float_spatially_filter_image_separable, one pass, for k images at once.
+def _correlate_1d(x: np.ndarray, taps: np.ndarray, axis: int, nsimd: int) -> np.ndarray:
+    """One pass of dlib's ``float_spatially_filter_image_separable`` for k images at once.
 
-    ``x`` is ``(k, R, C)``; ``taps`` ``(k, L)``; output positions ``first..last-1`` along
-    ``axis`` (1 rows, 2 columns). Columns flagged in ``simd_cols`` are summed like dlib's 8-wide
-    loop (three interleaved partial sums), the others sequentially."""
+    ``x`` is ``(k, R, C)``, ``taps`` ``(k, L)``. Along columns (``axis=2``):
+    ``out[:, i, j] = sum_n x[:, i, j + n] * taps[:, n]``, shape ``(k, R, C - L + 1)``; along rows
+    (``axis=1``) likewise with ``x[:, i + n, j]``. The first ``nsimd`` output columns are summed
+    as dlib's 8-wide loop sums them (taps n = 0, 3, 6.. | 1, 4, 7.. | 2, 5, 8.. in three
+    partial sums, then ``a + (b + c)``), the rest one tap after another as its scalar loop does."""
     L = taps.shape[1]
-    n_out = last - first
+    n_rows = x.shape[1] - L + 1 if axis == 1 else x.shape[1]
+    n_cols = x.shape[2] - L + 1 if axis == 2 else x.shape[2]
 
-    def tap(n):
-        sl = [slice(None)] * 3
-        sl[axis] = slice(n, n + n_out)
-        return x[tuple(sl)] * taps[:, n][:, None, None]
+    def tap(n, c0, c1):
+        v = x[:, :, n + c0:n + c1] if axis == 2 else x[:, n:n + n_rows, c0:c1]
+        return v * taps[:, n][:, None, None]
 
-    # sequential
-    seq = tap(0)
-    for n in range(1, L):
-        seq = seq + tap(n)
-    if not simd_cols.any():
-        return seq
-    acc = [None, None, None]
-    n = 0
-    while n < L - 2:
-        for k in range(3):
-            term = tap(n + k)
-            acc[k] = term if acc[k] is None else acc[k] + term
-        n += 3
-    while n < L:
-        term = tap(n)
-        acc[0] = term if acc[0] is None else acc[0] + term
-        n += 1
-    if acc[1] is None:
-        simd = acc[0]
-    else:
-        simd = acc[0] + (acc[1] + acc[2])
-    return np.where(simd_cols, simd, seq)
+    parts = []
+    if nsimd > 0:
+        acc = [None, None, None]
+        n = 0
+        while n < L - 2:
+            for k in range(3):
+                term = tap(n + k, 0, nsimd)
+                acc[k] = term if acc[k] is None else acc[k] + term
+            n += 3
+        while n < L:
+            term = tap(n, 0, nsimd)
+            acc[0] = term if acc[0] is None else acc[0] + term
+            n += 1
+        parts.append(acc[0] if acc[1] is None else acc[0] + (acc[1] + acc[2]))
+    if nsimd < n_cols:
+        seq = tap(0, max(nsimd, 0), n_cols)
+        for n in range(1, L):
+            seq = seq + tap(n, max(nsimd, 0), n_cols)
+        parts.append(seq)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
+
+
+def _span(a, b):
+    """Bounding range of two ``(lo, hi)`` ranges (either may be None)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return (min(a[0], b[0]), max(a[1], b[1]))
+
+
+@dataclass
+class _LevelJob:
+    """What to scan on one pyramid level: saliency rows/cols ``sal`` (dlib's padded feature
+    coordinates), the fHOG cells they read, and the pixel window those need."""
+
+    level: int
+    shape: tuple
+    grid: _FhogGrid
+    sal: tuple
+    cells: tuple
+    window: tuple
 
 
 class HogFaceDetector:
@@ -499,30 +609,6 @@ class HogFaceDetector:
             if not (w >= self.min_level_width and h >= self.min_level_height and levels < self.max_levels):
                 return levels
 
-    def _filter_level(self, feats: np.ndarray, filt: _SeparableFilter):
-        """Saliency of one filter on one level's planar features (float32), and its valid area
-        ``(top, left, bottom, right)`` (inclusive), as dlib's separable filtering computes it."""
-        _, nr, nc = feats.shape
-        if nr == 0 or nc == 0:
-            return None, None
-        L_r, L_c = filt.row.shape[1], filt.col.shape[1]
-        first_col, last_col = L_r // 2, nc - (L_r - 1) // 2
-        first_row, last_row = L_c // 2, nr - (L_c - 1) // 2
-        if last_col <= first_col or last_row <= first_row:
-            return None, None
-        cols = np.arange(first_col, last_col)
-        nsimd = 0
-        c = first_col
-        while c < last_col - 7:
-            c += 8
-            nsimd += 8
-        simd_cols = (cols < first_col + nsimd)[None, None, :]
-        x = feats[filt.planes]                                  # (k, nr, nc)
-        scratch = _correlate_1d(x, filt.row, 2, first_col, last_col, simd_cols)   # (k, nr, ncols)
-        res = _correlate_1d(scratch, filt.col, 1, first_row, last_row, simd_cols)  # (k, nrows, ncols)
-        sal = np.cumsum(res, axis=0, dtype=F32)[-1]             # added term by term, in order
-        return sal, (first_row, first_col)
-
     def _window_rect(self, r: int, c: int, level: int):
         """A saliency peak at (row r, col c) of ``level`` -> the image box (dlib's
         fhog_to_image of the window, then pyramid_down<6>.rect_up ``level`` times)."""
@@ -540,34 +626,131 @@ class HogFaceDetector:
             box = [p * (6 / 5.0) + 0.3 for p in box]
         return [_lround(p) for p in box]
 
-    def scan(self, image: np.ndarray, levels=None, adjust_threshold: float = 0.0):
-        """Raw detections of every filter on ``image`` (already upsampled), before suppression:
-        ``[(score, (l, t, r, b), filter, level), ...]`` in the image's coordinates.
+    def _job(self, level: int, shape, rows=None, cols=None):
+        """The scan of level ``level`` (image ``shape``) restricted to saliency rows/cols
+        (default: all of dlib's valid area), or None if nothing is left to scan."""
+        grid = _FhogGrid(shape, self.cell_size)
+        if grid.empty:
+            return None
+        fh, fw = self.fhog_height, self.fhog_width
+        nr_p, nc_p = grid.hog_nr + fh - 1, grid.hog_nc + fw - 1
+        r0, r1 = fh // 2, nr_p - (fh - 1) // 2                 # dlib's valid filter area
+        c0, c1 = fw // 2, nc_p - (fw - 1) // 2
+        if rows is not None:
+            r0, r1 = max(r0, rows[0]), min(r1, rows[1])
+        if cols is not None:
+            c0, c1 = max(c0, cols[0]), min(c1, cols[1])
+        if r1 <= r0 or c1 <= c0:
+            return None
+        rp, cp = (fh - 1) // 2, (fw - 1) // 2
+        # padded rows r - fh//2 .. r + (fh-1)//2 hold cells (padded - rp), zero outside the image
+        cy = (max(r0 - fh // 2 - rp, 0), min(r1 + (fh - 1) // 2 - rp, grid.hog_nr))
+        cx = (max(c0 - fw // 2 - cp, 0), min(c1 + (fw - 1) // 2 - cp, grid.hog_nc))
+        if cy[1] <= cy[0] or cx[1] <= cx[0]:
+            return None
+        return _LevelJob(level, tuple(shape[:2]), grid, ((r0, r1), (c0, c1)), (cy, cx),
+                         grid.crop_for_cells(cy, cx))
 
-        ``levels`` (an iterable of ints) limits the scan to those pyramid levels; the pyramid
-        images are still built in full, each from the previous one, as dlib builds them."""
-        nlev = self.num_levels(image.shape[0], image.shape[1])
-        wanted = set(range(nlev)) if levels is None else {int(l) for l in levels if 0 <= int(l) < nlev}
+    def _scan_level(self, job: _LevelJob, img: np.ndarray, origin, adjust_threshold: float, out: list):
+        """Correlate every filter with one level's features inside ``job`` (dlib's arithmetic)
+        and append its detections ``(score, rect, filter, level)`` to ``out``."""
+        fh, fw = self.fhog_height, self.fhog_width
+        rp, cp = (fh - 1) // 2, (fw - 1) // 2
+        (r0, r1), (c0, c1) = job.sal
+        (cy0, cy1), (cx0, cx1) = job.cells
+        p0, q0 = r0 - fh // 2, c0 - fw // 2                      # first padded row/col read
+        sub = np.zeros((31, r1 - r0 + fh - 1, c1 - c0 + fw - 1), F32)
+        sub[:, cy0 + rp - p0:cy1 + rp - p0, cx0 + cp - q0:cx1 + cp - q0] = \
+            _fhog_cells(img, origin, job.grid, job.cells[0], job.cells[1])
+        # dlib's 8-wide filter loops cover columns first_col, +8, .. while c < last_col - 7.
+        nc_p = job.grid.hog_nc + fw - 1
+        first_col, last_col = fw // 2, nc_p - (fw - 1) // 2
+        simd_end = first_col + 8 * max(0, -(-(last_col - 7 - first_col) // 8))
+        nsimd = int(np.clip(simd_end - c0, 0, c1 - c0))
+        for fi, filt in enumerate(self.filters):
+            x = sub[filt.planes]                                 # (terms, rows, cols)
+            scratch = _correlate_1d(x, filt.row, 2, nsimd)
+            res = _correlate_1d(scratch, filt.col, 1, nsimd)
+            sal = np.cumsum(res, axis=0, dtype=F32)[-1]          # added term by term, in order
+            rr, cc = np.nonzero(sal.astype(np.float64) >= filt.threshold + adjust_threshold)
+            for r, c in zip(rr.tolist(), cc.tolist()):
+                out.append((float(sal[r, c]) - filt.threshold,
+                            tuple(self._window_rect(r + r0, c + c0, job.level)), fi, job.level))
+
+    def _sal_range(self, lo: float, hi: float, axis: int):
+        """Saliency indices (along ``axis``: 0 rows, 1 cols) whose window centre lies in
+        [lo, hi] (level pixels)."""
+        box = self._window_rect(0, 0, 0)
+        centre0 = (box[axis + 1 if axis == 0 else 0] + box[axis + 3 if axis == 0 else 2]) / 2
+        cs = self.cell_size
+        return (math.floor((lo - centre0) / cs), math.ceil((hi - centre0) / cs) + 1)
+
+    def scan(self, image: np.ndarray, upsample: int = 1, adjust_threshold: float = 0.0,
+             levels=None, roi=None):
+        """Raw detections of every filter before suppression, in the upsampled image's pixels:
+        ``[(score, (l, t, r, b), filter, level), ...]``.
+
+        ``levels`` (ints) limits the scan to those pyramid levels; ``roi`` (``(l, t, r, b)`` in
+        input pixels) to windows centred inside it. Only the pixels those windows depend on
+        are resampled and described, with dlib's arithmetic, so what is found equals what a
+        full scan finds there."""
+        shapes_up = [tuple(image.shape[:2])]
+        for _ in range(upsample):
+            shapes_up.append(_up_shape(shapes_up[-1]))
+        base = shapes_up[-1]
+        if base[0] == 0 or base[1] == 0:
+            return []
+        nlev = self.num_levels(*base)
+        wanted = sorted(set(range(nlev)) if levels is None else {int(v) for v in levels if 0 <= int(v) < nlev})
+        if not wanted:
+            return []
+        shapes = [base]
+        for _ in range(1, wanted[-1] + 1):
+            shapes.append(_down6_shape(shapes[-1]))
+        jobs = {}
+        for lev in wanted:
+            rows = cols = None
+            if roi is not None:
+                box = [float(v) for v in roi]
+                for _ in range(upsample):
+                    box = [(box[0] + 1.25) * 2, (box[1] + 0.75) * 2, (box[2] + 1.25) * 2, (box[3] + 0.75) * 2]
+                for _ in range(lev):
+                    box = [(v - 0.3) * (5 / 6.0) for v in box]
+                rows, cols = self._sal_range(box[1], box[3], 0), self._sal_range(box[0], box[2], 1)
+            job = self._job(lev, shapes[lev], rows, cols)
+            if job is not None:
+                jobs[lev] = job
+        if not jobs:
+            return []
+        # Which window of every image in the chain is needed (from the top level down).
+        top = max(jobs)
+        need = [None] * (top + 1)
+        resizes = [None] + [_Resize(shapes[i - 1], shapes[i]) for i in range(1, top + 1)]
+        for lev in range(top, -1, -1):
+            w = jobs[lev].window if lev in jobs else None
+            if lev < top and need[lev + 1] is not None:
+                src = resizes[lev + 1].needed(*need[lev + 1])
+                w = src if w is None else (_span(w[0], src[0]), _span(w[1], src[1]))
+            need[lev] = w
+        up_resizes = [_Resize(shapes_up[i - 1], shapes_up[i]) for i in range(1, len(shapes_up))]
+        need_up = [None] * len(shapes_up)
+        need_up[-1] = need[0]
+        for i in range(len(shapes_up) - 1, 0, -1):
+            need_up[i - 1] = up_resizes[i - 1].needed(*need_up[i])
+        (y0, y1), (x0, x1) = need_up[0]
+        cur, origin = image[y0:y1, x0:x1], (y0, x0)
+        for i in range(1, len(shapes_up)):
+            rows, cols = need_up[i]
+            cur, origin = up_resizes[i - 1](cur, origin, rows, cols), (rows[0], cols[0])
         out = []
-        cur = image
-        for lev in range(nlev):
+        for lev in range(top + 1):
             if lev > 0:
-                if lev > max(wanted, default=-1):
-                    break
-                cur = pyramid_down6(cur)
-            if lev not in wanted:
-                continue
-            feats = extract_fhog_features(cur, self.cell_size, self.fhog_height, self.fhog_width)
-            for fi, filt in enumerate(self.filters):
-                sal, origin = self._filter_level(feats, filt)
-                if sal is None:
-                    continue
-                thresh = filt.threshold + adjust_threshold
-                rr, cc = np.nonzero(sal.astype(np.float64) >= thresh)
-                for r, c in zip(rr.tolist(), cc.tolist()):
-                    score = float(sal[r, c])
-                    out.append((score - filt.threshold, tuple(self._window_rect(r + origin[0], c + origin[1], lev)),
-                                fi, lev))
+                rows, cols = need[lev]
+                cur, origin = resizes[lev](cur, origin, rows, cols), (rows[0], cols[0])
+            if lev in jobs:
+                (wy0, wy1), (wx0, wx1) = jobs[lev].window
+                win = cur[wy0 - origin[0]:wy1 - origin[0], wx0 - origin[1]:wx1 - origin[1]]
+                self._scan_level(jobs[lev], win, (wy0, wx0), adjust_threshold, out)
         return out
 
     def suppress(self, dets):
@@ -582,30 +765,32 @@ class HogFaceDetector:
         return kept
 
     def __call__(self, image: np.ndarray, upsample: int = 1, adjust_threshold: float = 0.0,
-                 levels=None) -> list[HogDetection]:
-        """Faces in ``image`` (uint8 ``(H, W, 3)`` RGB or ``(H, W)`` grey), as
-        ``dlib.get_frontal_face_detector()`` finds them with ``run(image, upsample,
-        adjust_threshold)``: boxes in input pixels, best first.
+                 levels=None, roi=None) -> list[HogDetection]:
+        """Faces in ``image`` (uint8 ``(H, W, 3)`` RGB or ``(H, W)`` grey) as
+        ``dlib.get_frontal_face_detector().run(image, upsample, adjust_threshold)`` finds them:
+        boxes in input pixels, best first.
 
-        ``levels`` restricts the scan to those pyramid levels (of the upsampled image); the
-        detections there are dlib's, but suppression then only sees those levels."""
-        image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
-            raise InvalidValueError(f"image must be uint8 (H, W) grey or (H, W, 3) RGB, got {image.dtype} "
-                                    f"{image.shape}").about("image")
-        if int(upsample) != upsample or upsample < 0:
-            raise InvalidValueError(f"upsample must be an integer >= 0, got {upsample}").about("upsample")
-        img = image
-        for _ in range(int(upsample)):
-            img = pyramid_up(img)
-        dets = self.suppress(self.scan(np.ascontiguousarray(img), levels, adjust_threshold))
+        ``levels`` / ``roi`` restrict the scan (see :meth:`scan`); suppression then only sees
+        what was scanned, so a restricted result equals the full one when nothing outside the
+        restriction would have suppressed it."""
+        image = _check_image(image)
+        if int(upsample) != upsample or not 0 <= upsample <= 4:
+            raise InvalidValueError(f"upsample must be an integer 0..4, got {upsample}").about("upsample")
+        upsample = int(upsample)
+        dets = self.suppress(self.scan(image, upsample, adjust_threshold, levels, roi))
         res = []
         for score, rect, fi, lev in dets:
             box = [float(p) for p in rect]
-            for _ in range(int(upsample)):
+            for _ in range(upsample):
                 box = [box[0] / 2.0 - 1.25, box[1] / 2.0 - 0.75, box[2] / 2.0 - 1.25, box[3] / 2.0 - 0.75]
             res.append(HogDetection(tuple(_lround(p) for p in box), score, fi, lev))
         return res
+
+    def level_for_width(self, width: float, upsample: int = 1) -> float:
+        """The (fractional) pyramid level at which a face whose dlib box is ``width`` input
+        pixels wide fills the detection window."""
+        win = self._window_rect(0, 0, 0)
+        return math.log(max(width, 1.0) * 2 ** upsample / (win[2] - win[0] + 1)) / math.log(1.2)
 
 
 @lru_cache(maxsize=1)
