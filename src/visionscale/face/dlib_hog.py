@@ -154,26 +154,33 @@ class _Resize:
         top = self.top[rows[0]:rows[1]] - oy
         bottom = self.bottom[rows[0]:rows[1]] - oy
         tb = self.tb[rows[0]:rows[1]]
-        rows_t, rows_b = src[top], src[bottom]
-        ex = (slice(None), slice(None), None) if rgb else (slice(None), slice(None))
         (a0, a1), (b0, b1) = self._cols(*cols)
         if a1 > a0:
             # dlib's 4-wide loop: float32 weights, ((tl*tlf + tr*trf) + bl*blf) + br*brf.
             s_left = self.s_left[a0:a1] - ox
+            sf = src[:, s_left[0]:s_left[-1] + 2].astype(F32)   # the source columns read
+            cl = np.take(sf, s_left - s_left[0], axis=1)
+            cr = np.take(sf, s_left - s_left[0] + 1, axis=1)
             tbf = tb.astype(F32)[:, None]
             itbf = (1 - tb).astype(F32)[:, None]
             lr = self.s_lr[a0:a1][None, :]
             ilr = F32(1) - lr
-            tlf, trf, blf, brf = itbf * ilr, itbf * lr, tbf * ilr, tbf * lr
-            sr = s_left + 1
-            v = (tlf[ex] * rows_t[:, s_left].astype(F32) + trf[ex] * rows_t[:, sr].astype(F32)
-                 + blf[ex] * rows_b[:, s_left].astype(F32) + brf[ex] * rows_b[:, sr].astype(F32))
+            v = None
+            for wgt, part, rr in ((itbf * ilr, cl, top), (itbf * lr, cr, top),
+                                  (tbf * ilr, cl, bottom), (tbf * lr, cr, bottom)):
+                t = np.take(part, rr, axis=0)
+                t *= wgt[:, :, None] if rgb else wgt
+                if v is None:
+                    v = t
+                else:
+                    v += t
             if rgb:
-                out[:, :a1 - a0] = v.astype(np.int32).astype(np.uint8)          # truncation
+                out[:, :a1 - a0] = v.astype(np.uint8)             # truncation
             else:
-                out[:, :a1 - a0] = (v.astype(np.float64) + 0.5).astype(np.int32).astype(np.uint8)
+                out[:, :a1 - a0] = (v.astype(np.float64) + 0.5).astype(np.uint8)
         if b1 > b0:
             # dlib's scalar tail: float64 (RGB) or mixed float32/float64 (grey) arithmetic.
+            rows_t, rows_b = src[top], src[bottom]
             t_left, t_right = self.t_left[b0:b1] - ox, self.t_right[b0:b1] - ox
             tbd = tb[:, None]
             k = a1 - a0
