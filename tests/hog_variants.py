@@ -122,3 +122,18 @@ VARIANTS = {
     "blank": [(1, 0.0)],
     "noise": [(1, 0.0), (1, -1.0)],
 }
+
+
+def heldout() -> dict[str, np.ndarray]:
+    """The held-out set of benchmarks/bench_dlib_hog.py (never used by the tests or to choose
+    the pipeline's settings): the whole astronaut at 4 scales x 5 rotations x 2 flips."""
+    a = astronaut()
+    out = {}
+    for s in (0.45, 0.7, 1.0, 1.4):
+        for r in (-10, -4, 0, 5, 11):
+            for f in (0, 1):
+                img = a[:, ::-1] if f else a
+                img = scale(img, s) if s != 1.0 else img
+                img = rotate(img, r) if r else img
+                out[f"astronaut_s{s}_r{r}_f{f}"] = np.ascontiguousarray(img)
+    return out

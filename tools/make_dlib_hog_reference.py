@@ -10,7 +10,7 @@ with a Python that has dlib, numpy and Pillow, from the repository root:
 
     # benchmarks/data/dlib_hog_heldout.json: dlib's whole pipeline (HOG boxes, upsample 1;
     # 5-point landmarks; descriptors, no jitter) on held-out astronaut variants
-    # (benchmarks/bench_dlib_hog.py makes the same arrays)
+    # (tests/hog_variants.heldout(); benchmarks/bench_dlib_hog.py makes the same arrays)
     python tools/make_dlib_hog_reference.py heldout
 
     # the same for any image files (e.g. photos you may not redistribute; keep the output local)
@@ -34,12 +34,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def _write(path: Path, obj) -> None:
+def _write(path: Path, obj, compact: bool = False) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.write_text((json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=1)) + "\n")
     os.replace(tmp, path)
     print(f"wrote {path}")
 
@@ -109,11 +108,11 @@ def main() -> None:
     if args.mode == "tests":
         tests_mode()
     elif args.mode == "heldout":
-        from bench_dlib_hog import heldout_images
+        import hog_variants as hv
 
-        ref = _pipeline(heldout_images(), args.models)
+        ref = _pipeline(hv.heldout(), args.models)
         (ROOT / "benchmarks" / "data").mkdir(exist_ok=True)
-        _write(ROOT / "benchmarks" / "data" / "dlib_hog_heldout.json", ref)
+        _write(ROOT / "benchmarks" / "data" / "dlib_hog_heldout.json", ref, compact=True)
     else:
         from PIL import Image
 
@@ -122,7 +121,7 @@ def main() -> None:
         images = {os.path.basename(f): np.asarray(Image.open(f).convert("RGB")) for f in sorted(glob.glob(args.glob))}
         ref = _pipeline(images, args.models)
         ref["glob"] = args.glob
-        _write(args.out, ref)
+        _write(args.out, ref, compact=True)
 
 
 if __name__ == "__main__":

@@ -8,27 +8,36 @@ landmark model and chip cutting bit for bit (:mod:`~visionscale.face.dlib_landma
 :mod:`~visionscale.face.dlib_chip`) and replace only the detector.
 
 The shape predictor was trained on boxes from dlib's HOG detector, which frame a face
-differently from BlazeFace's boxes (tighter, and higher: they start at the eyebrows).
-:func:`dlib_rect` maps a BlazeFace detection to the box dlib's detector would give. It uses
-BlazeFace's keypoints, which locate the face better than its box does: with ``eyes`` the
-midpoint of the two eye keypoints, ``mouth`` the mouth keypoint and ``v = mouth - eyes``::
+differently from BlazeFace's boxes (tighter, and higher: they start at the eyebrows), and it is
+sensitive to its start box: its landmarks move by 0.4 px on average between two boxes 7 % apart,
+and one landmark one pixel off moves the descriptor by 0.03-0.07. So the box is dlib's own:
 
-    side   = K * (|left_eye - right_eye| + |v|)
-    centre = eyes + C * v
+1. :func:`dlib_rect` maps a BlazeFace detection to roughly the box dlib's detector would give.
+   It uses BlazeFace's keypoints, which locate the face better than its box does: with ``eyes``
+   the midpoint of the two eye keypoints, ``mouth`` the mouth keypoint and
+   ``v = mouth - eyes``::
 
-**Calibration** (:data:`CALIBRATION`; measured with dlib 20.0.1 built from source, not needed at
-run time): dlib's HOG detector (upsample 1) and our BlazeFace ran on 160 real photos of two people
-(the test photos of the ``face_recognition`` 1.3.0 source package, resized and rotated by up to 15
-degrees, flipped, at four scales; not redistributed), and ``K`` and ``C`` are the least-squares fit
-of dlib's boxes (K = 1.1385, C = 0.3573; the side's residual is 10 %: dlib's boxes come in
-discrete sizes 20 % apart, and in steps of its HOG cells). Held out: 41 faces of scikit-image's
-astronaut in the same variations. From our boxes, dlib's landmark model gives the same integer
-landmarks as from dlib's boxes for 20 of the 41, and the descriptors differ from dlib's by 0.039
-(median), 0.075 (90th percentile), 0.097 at most; from dlib's own boxes our pipeline matches
-dlib to 1.2e-6. The difference comes from the landmark model, not from the fit: its landmarks
-move by 0.4 px on average between two boxes 7 % apart (dlib's own quantisation), and every
-fitted variant we tried (adding BlazeFace's box, ears and nose; snapping the side to dlib's
-sizes; fitting for landmark agreement rather than box agreement) did no better.
+       side   = K * (|left_eye - right_eye| + |v|)
+       centre = eyes + C * v
+
+   ``K`` and ``C`` (:data:`CALIBRATION`) are the least-squares fit of dlib 20.0.1's HOG boxes
+   (upsample 1) on 160 real photos of two people (the test photos of the ``face_recognition``
+   1.3.0 source package, resized, rotated by up to 15 degrees and flipped; not redistributed):
+   K = 1.1385, C = 0.3573; the side's residual is 10 %, since dlib's boxes come in discrete
+   sizes 20 % apart and in steps of its 8 px HOG cells. No smooth mapping hits them: alone, this
+   box equalled dlib's for none of 40 held-out astronaut faces and the descriptors were 0.032
+   (median), 0.057 (90th percentile), 0.110 at most from dlib's.
+2. :func:`hog_rect` snaps it to dlib's box: our exact port of dlib's HOG detector
+   (:mod:`~visionscale.face.dlib_hog`) scans the pyramid levels around that box's size, in a
+   window around it, and the best detection containing the eye and nose keypoints is the box.
+   Where dlib's detector finds nothing there (profile or strongly turned faces, tiny ones) the
+   calibrated box stays; :attr:`AlignedFace.box_source` says which (``"hog"`` / ``"calibrated"``).
+
+Measured (``benchmarks/bench_dlib_hog.py``, docs/benchmarks.md): on the 40 held-out astronaut
+variants every box is dlib's and every descriptor equals dlib's to float32 rounding; on 198 faces
+of the ``face_recognition`` photos in the same variations, likewise wherever dlib's detector
+finds the face. The snap costs 50-100 ms per face of 40-100 px on a shared 2-core CPU (it
+resamples and describes only the pixels those windows read), more for large faces.
 
 The landmarks are rounded to integer pixels, as dlib's ``full_object_detection`` stores them,
 before the chip is cut: with float landmarks the descriptor moves by 0.05 even from dlib's box.
@@ -96,7 +105,8 @@ def hog_rect(image: np.ndarray, keypoints: np.ndarray, detector: HogFaceDetector
     Scans only near the calibrated box (:func:`dlib_rect`): the :data:`HOG_LEVEL_SPAN` pyramid
     levels either side of its size and windows centred within :data:`HOG_ROI_MARGIN` of its side,
     then keeps, after dlib's suppression among those, the best-scoring box that contains both
-    eye keypoints and the mouth keypoint. ``image`` is uint8 RGB ``(H, W, 3)`` or grey ``(H, W)``.
+    eye keypoints and the nose tip (not the mouth: dlib's boxes sit high and often end just
+    above BlazeFace's mouth keypoint). ``image`` is uint8 RGB ``(H, W, 3)`` or grey ``(H, W)``.
     """
     kp = _check_keypoints(keypoints)
     det = detector if detector is not None else default_hog_detector()
@@ -109,7 +119,7 @@ def hog_rect(image: np.ndarray, keypoints: np.ndarray, detector: HogFaceDetector
     mid = int(round(level))
     levels = range(max(mid - HOG_LEVEL_SPAN, 0), mid + HOG_LEVEL_SPAN + 1)
     found = det(image, upsample, levels=levels, roi=roi)
-    pts = kp[[0, 1, 3]]
+    pts = kp[[0, 1, 2]]
     for d in found:                                            # best first
         l, t, r, b = d.rect
         if ((pts[:, 0] >= l) & (pts[:, 0] <= r) & (pts[:, 1] >= t) & (pts[:, 1] <= b)).all():
