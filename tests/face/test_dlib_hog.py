@@ -110,8 +110,8 @@ def test_no_hog_face_falls_back_to_the_calibrated_box():
     grey = np.full((200, 200, 3), 128, np.uint8)
     kp = np.array([[80.0, 90.0], [120.0, 90.0], [100.0, 110.0], [100.0, 130.0]])
     assert hog_rect(grey, kp) is None
-    aligner = DlibAligner.__new__(DlibAligner)                  # no landmark model needed here
-    aligner.hog, aligner.upsample = True, 1
+    aligner = DlibAligner(predictor=object())                   # face_rect needs no landmark model
+    assert aligner.hog is True and aligner.upsample == 1
     rect, source = aligner.face_rect(grey, kp)
     assert source == "calibrated" and list(rect) == list(dlib_rect(kp))
     aligner.hog = False
