@@ -28,6 +28,8 @@ def main(argv):
         result[f"{i}_keypoints"] = np.array([f.keypoints for f in faces], dtype=np.float64).reshape(-1, 6, 2)
         result[f"{i}_landmarks"] = np.array([f.landmarks for f in faces], dtype=np.int64).reshape(-1, 5, 2)
         result[f"{i}_usable"] = np.array([f.usable for f in faces], dtype=bool)
+        result[f"{i}_dlib_boxes"] = np.array([f.dlib_box for f in faces], dtype=np.int64).reshape(-1, 4)
+        result[f"{i}_box_sources"] = np.array(json.dumps([f.box_source for f in faces]))
         result[f"{i}_embeddings"] = np.array([f.embedding if f.usable else np.full(pred.dim, np.nan) for f in faces],
                                              dtype=np.float32).reshape(-1, pred.dim)
     detected = pred.detect(images)

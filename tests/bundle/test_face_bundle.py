@@ -116,13 +116,18 @@ def test_faces_and_descriptors_equal_face_recognizers(notorch, images):
         np.testing.assert_allclose(got[f"{i}_boxes"], [f.box for f in faces], rtol=0, atol=BOX_TOL)
         np.testing.assert_allclose(got[f"{i}_keypoints"], [f.keypoints for f in faces], rtol=0, atol=BOX_TOL)
         np.testing.assert_allclose(got[f"{i}_scores"], [f.score for f in faces], rtol=0, atol=1e-6)
-        # dlib's landmarks are integers: equal, so the chips (and what the descriptor sees) are equal.
+        # dlib's boxes (snapped to the bundle's copy of the HOG detector) and landmarks are
+        # integers: equal, so the chips (and what the descriptor sees) are equal.
+        np.testing.assert_array_equal(got[f"{i}_dlib_boxes"], [f.dlib_box for f in faces])
+        assert json.loads(str(got[f"{i}_box_sources"])) == [f.box_source for f in faces]
         np.testing.assert_array_equal(got[f"{i}_landmarks"], [f.landmarks for f in faces])
         assert list(got[f"{i}_usable"]) == [f.usable for f in faces]
         for e, f in zip(got[f"{i}_embeddings"], faces):
             if f.usable:
                 assert float(np.linalg.norm(e.astype(np.float64) - f.embedding)) <= DESC_TOL
     assert list(got["5_usable"]) == [False]  # the astronaut at 128 px: found, too small to describe
+    # The four astronauts: dlib's own box (its HOG detector's) on every one.
+    assert [json.loads(str(got[f"{i}_box_sources"])) for i in range(4)] == [["hog"]] * 4
 
 
 def test_verify_and_identify_decisions_equal_face_recognizers(notorch, recognizer, images):
@@ -146,12 +151,14 @@ def test_face_bundle_describes_itself(bundle):
     assert m["kind"] == "face" and m["format"] == "visionscale-bundle"
     listed = sorted(line.split("  ")[1] for line in (bundle / "checksums.sha256").read_text().splitlines())
     assert listed == ["bundle.json", "descriptor.onnx", "descriptor.onnx.json", "detector.onnx",
-                      "detector.onnx.json", "landmarks5.safetensors"]
+                      "detector.onnx.json", "hog_frontal.LICENSE.txt", "hog_frontal.npz", "landmarks5.safetensors"]
     det = m["graphs"]["detector"]
     assert det["preprocess"]["input_size"] == 128 and det["decode"]["blending"] == "weighted"
     assert det["decode"]["min_score"] == 0.5 and det["decode"]["suppression_threshold"] == 0.3
     assert det["decode"]["anchors"]["strides"] == [8, 16, 16, 16]
     assert m["alignment"]["chip_size"] == 150 and m["alignment"]["chip_padding"] == 0.25
+    snap = m["alignment"]["box_snap"]
+    assert snap["file"] == "hog_frontal.npz" and snap["upsample"] == 1 and "BSL-1.0" in snap["license"]
     rec = m["recognition"]
     assert (rec["metric"], rec["threshold"], rec["min_face"], rec["dim"]) == ("euclidean", 0.6, 32, 128)
     card = m["card"]
@@ -163,7 +170,7 @@ def test_face_bundle_describes_itself(bundle):
     assert card["versions"]["export"]["onnxruntime"]
 
 
-@pytest.mark.parametrize("victim", ["descriptor.onnx", "landmarks5.safetensors", "bundle.json"])
+@pytest.mark.parametrize("victim", ["descriptor.onnx", "landmarks5.safetensors", "hog_frontal.npz", "bundle.json"])
 def test_a_changed_face_bundle_file_is_refused(bundle, tmp_path, victim):
     b = tmp_path / "b"
     shutil.copytree(bundle, b)

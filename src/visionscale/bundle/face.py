@@ -106,7 +106,15 @@ class FacePredictor(FacePipeline):
         self.mean, self.std = tuple(pre["mean"]), tuple(pre["std"])
         align = manifest["alignment"]
         predictor = ShapePredictor.from_safetensors(folder / align["landmarks"]["file"])
-        self.aligner = DlibAligner(predictor, size=int(align["chip_size"]), padding=float(align["chip_padding"]))
+        snap = align.get("box_snap")
+        if snap:  # dlib's HOG detector, from the bundle's own copy of its filters
+            from visionscale.face.dlib_hog import HogFaceDetector
+
+            hog, upsample = HogFaceDetector(folder / snap["file"]), int(snap.get("upsample", 1))
+        else:  # a bundle without it aligns from the calibrated box only, as it says
+            hog, upsample = False, 1
+        self.aligner = DlibAligner(predictor, size=int(align["chip_size"]), padding=float(align["chip_padding"]),
+                                   hog=hog, upsample=upsample)
         rec = manifest["recognition"]
         self._model_id = rec["model_id"]
         self.dim = int(rec["dim"])

@@ -35,6 +35,8 @@ FACE_SOURCES = ("face", "face_embedder_dlib")
 DETECTOR_GRAPH = "detector.onnx"
 DESCRIPTOR_GRAPH = "descriptor.onnx"
 LANDMARKS = "landmarks5.safetensors"
+HOG = "hog_frontal.npz"  # dlib's HOG face detector's filters: the box snap of the alignment
+HOG_LICENSE = "hog_frontal.LICENSE.txt"
 
 
 @dataclass
@@ -262,7 +264,7 @@ def _write_face(out: Path, *, overwrite: bool, opset: int) -> BundleResult:
     from dataclasses import asdict
 
     from visionscale.face.blazeface import WEIGHTS
-    from visionscale.face.dlib_align import CALIBRATION
+    from visionscale.face.dlib_align import CALIBRATION, HOG_LEVEL_SPAN, HOG_ROI_MARGIN
     from visionscale.face.dlib_landmarks import SHAPE_PREDICTOR_5_NAME, find_shape_predictor_dat
     from visionscale.face.dlib_resnet import DLIB_DAT_NAME, find_dlib_dat
     from visionscale.face.onnx_graph import onnx_for
@@ -291,6 +293,10 @@ def _write_face(out: Path, *, overwrite: bool, opset: int) -> BundleResult:
         sp_dat, desc_dat = find_shape_predictor_dat(), find_dlib_dat()
         aligner.predictor.save_safetensors(tmp / LANDMARKS, metadata={
             "source": SHAPE_PREDICTOR_5_NAME, "sha256": sha256_file(sp_dat), "license": "CC0-1.0"})
+        from visionscale.face import dlib_hog
+
+        shutil.copyfile(dlib_hog.WEIGHTS_PATH, tmp / HOG)
+        shutil.copyfile(dlib_hog.WEIGHTS_PATH.with_name("dlib_hog_frontal.LICENSE.txt"), tmp / HOG_LICENSE)
         cfg = det.config
         size = cfg.input_size
         detector = {
@@ -320,6 +326,13 @@ def _write_face(out: Path, *, overwrite: bool, opset: int) -> BundleResult:
             "rect_from_keypoints": {**CALIBRATION, "rule": "eyes = midpoint of the eye keypoints, v = mouth - eyes; "
                                     "side = K (|left_eye - right_eye| + |v|), centre = eyes + C v "
                                     "(visionscale.face.dlib_align.dlib_rect)"},
+            "box_snap": None if aligner.hog is False else {
+                "file": HOG, "license": "BSL-1.0 (dlib; see " + HOG_LICENSE + ")", "upsample": aligner.upsample,
+                "level_span": HOG_LEVEL_SPAN, "roi_margin": HOG_ROI_MARGIN,
+                "rule": "dlib's HOG frontal face detector (get_frontal_face_detector) scanned only near the "
+                        "calibrated box: pyramid levels within level_span of its size, windows within roi_margin of "
+                        "its side; its best detection holding both eye keypoints and the nose keypoint replaces the "
+                        "calibrated box (visionscale.face.dlib_align.hog_rect); none: the calibrated box"},
             "landmarks": {"file": LANDMARKS, "points": aligner.predictor.num_parts, "source": SHAPE_PREDICTOR_5_NAME,
                           "rule": "dlib's shape_predictor on the truncated grey mean, landmarks rounded to integer "
                                   "pixels, then dlib's get_face_chip (visionscale.face.dlib_landmarks, dlib_chip)"},

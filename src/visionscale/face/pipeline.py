@@ -97,6 +97,11 @@ class Face:
         chip: The aligned crop the embedder gets.
         keypoints: The detector's six keypoints (``(6, 2)`` image pixels, BlazeFace's order);
             None without a detector.
+        dlib_box: For the dlib descriptor: dlib's inclusive ``(left, top, right, bottom)`` box
+            the landmarks were predicted from; None otherwise.
+        box_source: Where ``dlib_box`` came from: ``"hog"`` (dlib's HOG detector near the face:
+            the box dlib's own pipeline uses) or ``"calibrated"`` (mapped from the keypoints,
+            where the HOG detector finds no face: profiles, strong rotations); None otherwise.
     """
 
     box: tuple[float, float, float, float]
@@ -108,6 +113,8 @@ class Face:
     embedding: np.ndarray | None = field(default=None, repr=False)
     chip: np.ndarray | None = field(default=None, repr=False)
     keypoints: np.ndarray | None = field(default=None, repr=False)
+    dlib_box: tuple[int, int, int, int] | None = None
+    box_source: str | None = None
 
     @property
     def area(self) -> float:
@@ -118,6 +125,9 @@ class Face:
              "width": round(float(self.width), 1), "usable": self.usable}
         if self.landmarks is not None:
             d["landmarks"] = np.asarray(self.landmarks).round(2).tolist()
+        if self.dlib_box is not None:
+            d["dlib_box"] = [int(v) for v in self.dlib_box]
+            d["box_source"] = self.box_source
         if self.reason:
             d["reason"] = self.reason
         return d
@@ -212,7 +222,8 @@ class FacePipeline:
                 if self.alignment == "dlib5":
                     al = self.aligner(img, det)
                     face = Face(box, float(det.score), float(al.width), al.landmarks, chip=al.chip,
-                                keypoints=keypoints)
+                                keypoints=keypoints, dlib_box=tuple(int(v) for v in al.rect),
+                                box_source=getattr(al, "box_source", None))
                 else:
                     face = Face(box, float(det.score), box[2] - box[0], keypoints, keypoints=keypoints)
                 if face.width < self.min_face:
