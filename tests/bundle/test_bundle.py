@@ -229,6 +229,25 @@ def test_predictor_in_process_accepts_arrays_and_matches_paths(runs):
             pred.predict([np.zeros((20, 20, 3), np.uint8)])
 
 
+def test_providers_are_what_was_asked_for_or_an_error(runs, monkeypatch):
+    import onnxruntime as ort
+
+    bundle = runs["efficientad"]["bundle"]
+    with load_bundle(bundle, providers="cpu", threads=1) as pred:  # an alias, as the Runner takes them
+        assert pred.session.get_providers() == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        # A CPU-only onnxruntime: asking for CUDA is refused, not quietly run on the CPU.
+        with pytest.raises(BundleError, match="CUDAExecutionProvider requested but not available.*onnxruntime-gpu"):
+            load_bundle(bundle, providers=["cuda", "cpu"])
+        # A build that lists CUDA but cannot enable it (no CUDA libraries): the session drops it,
+        # and the bundle says so instead of running on the CPU.
+        monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        with pytest.raises(BundleError, match="did not enable CUDAExecutionProvider"):
+            load_bundle(bundle, providers=["cuda", "cpu"])
+    with pytest.raises(BundleError, match="no execution providers given"):
+        load_bundle(bundle, providers=" , ")
+
+
 def test_write_refuses_what_is_not_a_run(tmp_path):
     with pytest.raises(BundleError, match="neither an anomaly run folder"):
         write_bundle(tmp_path, tmp_path / "b")

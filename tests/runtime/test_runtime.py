@@ -395,7 +395,7 @@ def test_task_metric_says_what_data_is_missing(tmp_path):
 
 def test_provider_failure_condenses_onnxruntime_gpu_output():
     """Lines as onnxruntime-gpu 1.31.1 printed them on a machine without CUDA libraries."""
-    from visionscale.runtime.backends.onnxruntime import provider_failure
+    from visionscale.io.ort import provider_failure
 
     text = ("\x1b[1;31m2026-11-24 23:55:59.98 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] "
             "/src/provider_bridge_ort.cc:2043 onnxruntime::Provider& onnxruntime::ProviderLibrary::Get() "

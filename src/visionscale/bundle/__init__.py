@@ -28,12 +28,15 @@ def load_bundle(path: str | os.PathLike, *, providers=None, threads: int | None 
     Args:
         path: The folder :func:`write_bundle` wrote, or its archive (extracted to a temporary
             folder that the predictor's ``close()`` removes).
-        providers: ONNX Runtime execution providers (default ``["CPUExecutionProvider"]``).
+        providers: ONNX Runtime execution providers: full names or aliases (``cpu``, ``cuda``,
+            ``tensorrt``), a list or a comma string (default ``["CPUExecutionProvider"]``).
+            Each must be offered and enabled: never a quiet fallback to the CPU.
         threads: ONNX Runtime intra-op threads (default: its own choice).
 
     Raises:
         BundleChecksumError: A file does not match ``checksums.sha256`` (the message names it).
-        BundleError: Not a bundle, a file missing, a newer format version.
+        BundleError: Not a bundle, a file missing, a newer format version, an execution
+            provider this onnxruntime does not offer or could not enable (the message says why).
         MissingDependencyError: onnxruntime is not installed.
     """
     from visionscale.bundle.format import open_folder, read_manifest, verify

@@ -219,12 +219,18 @@ def require(module: str, what: str):
 
 
 def session(path: Path, providers=None, threads: int | None = None, what: str = "a bundle's predictor"):
-    """An ONNX Runtime session for one of a bundle's graphs (``threads``: intra-op threads)."""
+    """An ONNX Runtime session for one of a bundle's graphs (``threads``: intra-op threads).
+
+    ``providers``: aliases (``cpu``, ``cuda``, ``tensorrt``) or full names, a list or a comma
+    string; default the CPU provider. Every one must be offered by the installed onnxruntime and
+    enabled by the session: asking for CUDA never quietly runs on the CPU (a BundleError says
+    what ONNX Runtime said instead)."""
+    from visionscale.io.ort import open_session, provider_names
+
     ort = require("onnxruntime", what)
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3
     if threads is not None:
         opts.intra_op_num_threads = check_int("threads", threads, minimum=1)
-    try:
-        return ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types; name the file
-        raise BundleError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:300]}") from None
+    wanted = provider_names(ort, providers or ["CPUExecutionProvider"], BundleError)
+    return open_session(ort, path, wanted, opts, unavailable=BundleError, failed=BundleError)

@@ -8,13 +8,7 @@ quietly runs on the CPU; this backend reads the providers back from the session 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
-import re
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# The torch-free session helpers (aliases, provider checks, captured output) live in
+# visionscale.io.ort: the bundle predictors use them too.
+from visionscale.io.ort import open_session, provider_names
 from visionscale.runtime.errors import BackendUnavailableError, RunnerError
 from visionscale.runtime.outputs import OutputSpec
-
-PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-}
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -67,98 +53,11 @@ def resolve_providers(providers: list[str] | tuple[str, ...] | str | None, devic
     """
     ort = import_onnxruntime()
     if providers is None:
-        wanted = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-    else:
-        items = providers.split(",") if isinstance(providers, str) else list(providers)
-        wanted = [PROVIDER_ALIASES.get(p.strip().lower(), p.strip()) for p in items if p.strip()]
-        if not wanted:
-            raise RunnerError("no execution providers given")
-    have = list(ort.get_available_providers())
-    missing = [p for p in wanted if p not in have]
-    if missing:
-        hint = " (install onnxruntime-gpu, matching your CUDA and cuDNN, for the CUDA and TensorRT providers)" \
-            if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in missing) else ""
-        raise BackendUnavailableError(
-            f"ONNX Runtime execution provider(s) {', '.join(missing)} requested but not available; the installed "
-            f"onnxruntime {ort.__version__} offers: {', '.join(have)}{hint}. Not falling back.")
-    return wanted
-
-
-@contextlib.contextmanager
-def capture_output(into: list[str]):
-    """Collect what is written to the process's stdout and stderr (file descriptors 1 and 2,
-    native code included) while the block runs, and append it to ``into`` as one string.
-
-    onnxruntime-gpu reports why a provider failed (``libcublasLt.so.13: cannot open shared
-    object file``) from C++ on stderr and prints its fallback notice ("EP Error ... Falling back
-    to ['CPUExecutionProvider'] and retrying") on stdout, where it would corrupt ``--json``
-    output; the Runner puts the reason into its error instead.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass
-    with tempfile.TemporaryFile() as tmp:
-        try:
-            saved = [os.dup(1), os.dup(2)]
-        except OSError:  # no file descriptors to redirect (an embedded interpreter): capture nothing
-            yield
-            return
-        py_out, py_err = sys.stdout, sys.stderr
-        text = io.TextIOWrapper(tmp, encoding="utf-8", errors="replace", write_through=True)
-        try:
-            os.dup2(tmp.fileno(), 1)
-            os.dup2(tmp.fileno(), 2)
-            sys.stdout = sys.stderr = text  # Python-level prints (also when pytest or rich replaced the streams)
-            yield
-        finally:
-            sys.stdout, sys.stderr = py_out, py_err
-            text.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            tmp.seek(0)
-            into.append(tmp.read().decode("utf-8", errors="replace"))
-            text.detach()
-
-
-_CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-_preloaded = False
-
-
-def preload_cuda_libraries(ort) -> None:
-    """``onnxruntime.preload_dlls()`` (onnxruntime-gpu >= 1.21) once per process: loads CUDA and
-    cuDNN from the ``nvidia-*`` pip packages (``pip install onnxruntime-gpu[cuda,cudnn]``) or a
-    compatible PyTorch, so the CUDA provider finds them without ``LD_LIBRARY_PATH``."""
-    global _preloaded
-    if _preloaded or not hasattr(ort, "preload_dlls"):
-        return
-    _preloaded = True
-    try:
-        ort.preload_dlls()
-    except Exception:  # noqa: BLE001 - best effort; the session check below says what failed
-        pass
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def provider_failure(text: str) -> str:
-    """The lines of ONNX Runtime's output that say why a provider failed, condensed to one line:
-    the provider library that did not load and why, and what the provider requires."""
-    session, preload = [], []
-    for line in _ANSI.sub("", text).splitlines():
-        line = line.strip()
-        m = re.search(r"Failed to load library (\S+) with error: (.+)", line)
-        if m:
-            session.append(f"{Path(m.group(1)).name}: {m.group(2).strip()}")
-        elif "Failed to create" in line:
-            session.append(re.sub(r"^.*?\] ", "", line).split(" Please ")[0].rstrip("."))
-        elif m := re.search(r"Failed to load (lib\S+?): (.+)", line):  # onnxruntime.preload_dlls
-            preload.append(m.group(2).strip())
-    return "; ".join(dict.fromkeys(session or preload))[:600]
+        return ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+    items = providers.split(",") if isinstance(providers, str) else list(providers)
+    if not any(p.strip() for p in items):
+        raise RunnerError("no execution providers given")
+    return provider_names(ort, items, BackendUnavailableError)
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:
@@ -187,24 +86,9 @@ class OnnxRuntimeBackend:
         # Same thread count as PyTorch, so CPU comparisons are like for like.
         opts.intra_op_num_threads = int(threads or torch.get_num_threads())
         opts.log_severity_level = 3
-        said: list[str] = []
-        try:
-            with capture_output(said):
-                if any(p in _CUDA_PROVIDERS for p in requested):
-                    preload_cuda_libraries(ort)
-                self.session = ort.InferenceSession(str(self.path), opts, providers=requested)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise RunnerError(f"ONNX Runtime cannot load {self.path} with {requested}: {exc}") from None
+        self.session = open_session(ort, self.path, requested, opts, unavailable=BackendUnavailableError,
+                                    failed=RunnerError)
         used = list(self.session.get_providers())
-        dropped = [p for p in requested if p not in used]
-        if dropped:
-            why = provider_failure(said[0] if said else "")
-            raise BackendUnavailableError(
-                f"ONNX Runtime did not enable {', '.join(dropped)} for {self.path} (the session runs on {', '.join(used)}); "
-                + (f"it said: {why.rstrip('.')}. " if why else "usually the CUDA/cuDNN/TensorRT libraries it needs are missing or "
-                   "mismatched. ") + "Not falling back.")
-        if said and said[0].strip():
-            sys.stderr.write(said[0])  # what it printed while the session started, now that it ran as asked
         self.requested = requested
         self.providers = used
         # Outputs are handed back on the Runner's device, as the PyTorch backends do (the
