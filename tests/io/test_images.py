@@ -172,7 +172,13 @@ def test_collect_images_expands_folders_keeps_files_and_names_what_is_missing(tm
     with pytest.raises(FileNotFoundError, match="input not found: .*missing.png"):
         collect_images([tmp_path / "b.png", tmp_path / "missing.png"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no images in folder .*empty"):
+    with pytest.raises(FileNotFoundError, match="no images in folder .*empty$"):
+        collect_images([tmp_path / "empty"])
+    # An MVTec-style test folder (images only in its subfolders): the message points at them.
+    (tmp_path / "empty" / "good").mkdir()
+    Image.fromarray(img).save(tmp_path / "empty" / "good" / "000.png")
+    with pytest.raises(FileNotFoundError, match=r"no images in folder .*empty, but its subfolders hold 1 \(the "
+                                                r"first: .*good.000\.png\): give the subfolders instead"):
         collect_images([tmp_path / "empty"])
     with pytest.raises(FileNotFoundError, match="no input images"):
         collect_images([])

@@ -840,7 +840,10 @@ def collect_images(items: Sequence[str | os.PathLike], recursive: bool = False) 
         if p.is_dir():
             found = list_images(p, recursive=recursive)
             if not found:
-                raise InputNotFoundError(f"no images in folder {p}")
+                below = [] if recursive else list_images(p, recursive=True)
+                hint = (f", but its subfolders hold {len(below)} (the first: {below[0]}): give the subfolders "
+                        f"instead") if below else ""
+                raise InputNotFoundError(f"no images in folder {p}{hint}")
             files += found
         elif p.exists():
             files.append(p)
