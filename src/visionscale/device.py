@@ -8,10 +8,15 @@ what this machine has, so a typo or a CPU-only build never surfaces as a traceba
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from visionscale.errors import DeviceError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a device is resolved, not here: the CLI's options read DEVICE_HELP, and
+# `visionscale serve BUNDLE` runs on machines without torch.
 
 __all__ = ["DeviceError", "resolve_device", "DEVICE_HELP"]
 
@@ -20,6 +25,8 @@ _SPEC = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 
 
 def _have() -> str:
+    import torch
+
     if not torch.cuda.is_available():
         return (f"no CUDA GPU is available (torch {torch.__version__}, "
                 f"CUDA build: {torch.version.cuda or 'no'})")
@@ -29,6 +36,8 @@ def _have() -> str:
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """Turn ``device`` into a :class:`torch.device` this machine has, or raise :class:`DeviceError`."""
+    import torch
+
     if device is None:
         device = "auto"
     if isinstance(device, torch.device):

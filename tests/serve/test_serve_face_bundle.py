@@ -84,31 +84,46 @@ def test_face_bundle_served_like_face_recognizer(face_bundle, tmp_path):
         assert _post(base, "/v1/anomaly/score", files={"file": _png(astro)}).status_code == 404
 
 
+# `visionscale serve BUNDLE` as a user runs it, in a process where `import torch` raises: the
+# command line itself (its options, the device resolver) must not import torch either.
 _NO_TORCH = """
-import json, sys
+import sys
 sys.modules["torch"] = None  # `import torch` raises ImportError from here on
-import httpx
-sys.path.insert(0, {here!r})
-from serve_util import running
-from visionscale.serve import create_app
-
-files = {{"image_a": ("a.png", open({a!r}, "rb").read(), "image/png"),
-         "image_b": ("b.png", open({b!r}, "rb").read(), "image/png")}}
-with running(create_app({bundle!r})) as base:
-    det = httpx.post(base + "/v1/face/detect", files={{"file": files["image_a"]}}, timeout=60).json()
-    ver = httpx.post(base + "/v1/face/verify", files=files, timeout=60).json()
-print(json.dumps({{"detect": det, "verify": ver,
-                  "torch": sorted(m for m, v in sys.modules.items() if v is not None and m.split(".")[0] == "torch")}}))
+from visionscale.cli.main import app
+sys.argv = ["visionscale", "serve", {bundle!r}, "--port", "{port}", "--log-level", "warning"]
+app()
 """
 
 
 def test_face_bundle_served_without_torch(face_bundle):
-    code = _NO_TORCH.format(here=str(HERE), a=str(FACE_DATA / "astronaut.png"), b=str(FACE_DATA / "astronaut_rot15.png"),
-                            bundle=str(face_bundle))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(SRC)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got["torch"] == []
-    assert len(got["detect"]["faces"]) == 1 and got["detect"]["faces"][0]["usable"]
-    assert got["verify"]["same"] is True and got["verify"]["distance"] < 0.6
+    import time
+
+    from serve_util import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _NO_TORCH.format(bundle=str(face_bundle), port=port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(SRC)})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(base + "/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the server did not get ready in 120 s"
+            time.sleep(0.2)
+        det = _post(base, "/v1/face/detect", files={"file": _png(FACE_DATA / "astronaut.png")}).json()
+        ver = _post(base, "/v1/face/verify", files={"image_a": _png(FACE_DATA / "astronaut.png"),
+                                                    "image_b": _png(FACE_DATA / "astronaut_rot15.png")}).json()
+        info = httpx.get(base + "/v1/info", timeout=30).json()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert info["face"]["source"] == "bundle" and info["anomaly"] is None
+    assert len(det["faces"]) == 1 and det["faces"][0]["usable"]
+    assert det["faces"][0]["box_source"] == "hog"  # dlib's box, from the bundle's HOG filters
+    assert ver["same"] is True and ver["distance"] < 0.6
