@@ -6,21 +6,15 @@ which). The bundle is written once for the module (about 15 s).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
-from serve_util import FACE_DATA, running
+from serve_util import FACE_DATA, free_port, running, serving_process
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("onnxruntime")
-HERE = Path(__file__).resolve().parent
-SRC = HERE.parents[1] / "src"
 # The bundle's descriptors against FaceRecognizer's (ONNX Runtime against eager torch): float32
 # rounding, measured <= 8e-7 in distance (tests/bundle).
 DESC_TOL = 1e-4
@@ -96,33 +90,12 @@ app()
 
 
 def test_face_bundle_served_without_torch(face_bundle):
-    import time
-
-    from serve_util import free_port
-
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", _NO_TORCH.format(bundle=str(face_bundle), port=port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(SRC)})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(base + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "the server did not get ready in 120 s"
-            time.sleep(0.2)
+    with serving_process(["-c", _NO_TORCH.format(bundle=str(face_bundle), port=port)], port) as base:
         det = _post(base, "/v1/face/detect", files={"file": _png(FACE_DATA / "astronaut.png")}).json()
         ver = _post(base, "/v1/face/verify", files={"image_a": _png(FACE_DATA / "astronaut.png"),
                                                     "image_b": _png(FACE_DATA / "astronaut_rot15.png")}).json()
         info = httpx.get(base + "/v1/info", timeout=30).json()
-    finally:
-        proc.terminate()
-        proc.wait(30)
     assert info["face"]["source"] == "bundle" and info["anomaly"] is None
     assert len(det["faces"]) == 1 and det["faces"][0]["usable"]
     assert det["faces"][0]["box_source"] == "hog"  # dlib's box, from the bundle's HOG filters

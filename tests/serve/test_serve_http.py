@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve_util import FACE_DATA, free_port, running
+from serve_util import FACE_DATA, free_port, running, serving_process
 
 httpx = pytest.importorskip("httpx")
 
@@ -331,29 +331,11 @@ def test_concurrent_enrolls_of_one_name_all_land(face_server):
 
 def test_cli_serve_answers_over_http(tiny_run, demo_images):
     port = free_port()
-    src = Path(__file__).resolve().parents[2] / "src"
-    proc = subprocess.Popen([sys.executable, "-m", "visionscale.cli.main", "serve", str(tiny_run), "--port",
-                             str(port), "--device", "cpu", "--log-level", "warning"],
-                            env={**__import__("os").environ, "PYTHONPATH": str(src)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(base + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "visionscale serve did not get ready"
-            time.sleep(0.2)
+    with serving_process(["-m", "visionscale.cli.main", "serve", str(tiny_run), "--port", str(port),
+                          "--device", "cpu", "--log-level", "warning"], port) as base:
         r = _post(base, "/v1/anomaly/score", files={"file": _png(demo_images[0])})
         assert r.status_code == 200 and r.json()["label"] in ("normal", "anomalous")
         assert "visionscale" in httpx.get(base + "/").text
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_cli_serve_refuses_a_bad_target_in_one_line(tmp_path):
