@@ -103,8 +103,13 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise BundleError(f"{folder} is not a bundle: {MANIFEST} is missing")
+    return _check_manifest(path.read_bytes(), path, folder)
+
+
+def _check_manifest(data: bytes, path, bundle) -> dict:
+    """The parsed ``bundle.json`` at ``path`` (of bundle ``bundle``), checked (see :func:`read_manifest`)."""
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(data)
     except ValueError as exc:
         raise InvalidFileError(f"invalid bundle file {path}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -112,7 +117,7 @@ def read_manifest(folder: str | os.PathLike) -> dict:
                                f"{doc.get('format') if isinstance(doc, dict) else doc!r}")
     version = doc.get("version")
     if not isinstance(version, int) or version < 1 or version > VERSION:
-        raise BundleError(f"bundle {folder} has format version {version!r}; this visionscale reads versions 1 to "
+        raise BundleError(f"bundle {bundle} has format version {version!r}; this visionscale reads versions 1 to "
                           f"{VERSION}: upgrade visionscale")
     if doc.get("kind") not in ("anomaly", "face"):
         raise InvalidFileError(f"invalid bundle file {path}: kind must be 'anomaly' or 'face', got {doc.get('kind')!r}")
@@ -120,8 +125,9 @@ def read_manifest(folder: str | os.PathLike) -> dict:
 
 
 def archive_manifest(archive: str | os.PathLike) -> dict | None:
-    """``bundle.json`` of a ``.tar`` / ``.zip`` bundle, read without unpacking; None when the file
-    is not such an archive or has no ``bundle.json`` at its root."""
+    """``bundle.json`` of a ``.tar`` / ``.zip`` bundle, read without unpacking and checked as
+    :func:`read_manifest` checks it; None when the file is not such an archive or has no
+    ``bundle.json`` at its root."""
     p = Path(archive)
     if not p.is_file():
         return None
@@ -141,13 +147,7 @@ def archive_manifest(archive: str | os.PathLike) -> dict | None:
             return None
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError):
         return None
-    if data is None:
-        return None
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        return None
-    return doc if isinstance(doc, dict) and doc.get("format") == FORMAT else None
+    return None if data is None else _check_manifest(data, f"{p}:{MANIFEST}", p)
 
 
 def _safe_member(name: str) -> bool:

@@ -68,7 +68,7 @@ def bundle_kind(path: str | os.PathLike) -> str | None:
         from visionscale.bundle.format import archive_manifest
 
         doc = archive_manifest(p)
-        return doc.get("kind") if doc is not None else None
+        return doc["kind"] if doc is not None else None
     return None
 
 
