@@ -373,6 +373,22 @@ def test_euclidean_metric_keeps_raw_vectors_and_plain_distances(tmp_path, backen
         assert r.distance < 0.6 and r.matches[1].distance > 0.6
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_distance_to_a_person_is_identifys(tmp_path, metric):
+    rng = np.random.default_rng(5)
+    emb, owner, q, _ = _clustered(rng, 20, d=32, extra=5, raw=metric == "euclidean")
+    with Gallery(tmp_path / "g.db", model="m", metric=metric, index="exact") as g:
+        _fill(g, emb, owner)
+        for r, x in zip(g.identify(embeddings=q, k=3), q):
+            for m in r.matches:
+                # Both in float64 from the same float32 rows: equal up to summation order.
+                assert g.distance(m.name, x) == pytest.approx(m.distance, rel=1e-9, abs=1e-12)
+        with pytest.raises(GalleryError, match="no person named 'nobody'"):
+            g.distance("nobody", q[0])
+        with pytest.raises(ModelMismatchError, match="dimensions"):
+            g.distance("p0", q[0][:8])
+
+
 def test_metric_is_claimed_and_never_mixed(tmp_path):
     p = tmp_path / "g.db"
     with Gallery(p, embedder=_Embedder("dlib128", metric="euclidean")) as g:

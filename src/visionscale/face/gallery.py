@@ -651,6 +651,21 @@ class Gallery:
             raise GalleryError(f"no person named {name!r} in {self.path}")
         return np.stack([np.frombuffer(r[0], dtype="<f4") for r in rows]).astype(np.float32)
 
+    def distance(self, name: str, embedding) -> float:
+        """Distance of ``embedding`` to ``name`` as :meth:`identify` measures it: to the closest
+        of that person's embeddings, Euclidean for a ``euclidean`` gallery, ``sqrt(2 - 2 cos)``
+        for a ``cosine`` one (float64).
+
+        Raises:
+            GalleryError: No such person, or a bad embedding (shape, dimension, NaN, all zero).
+        """
+        metric = self.metric
+        e = _prepare(np.ravel(embedding), self.dim, metric, "the embedding")[0].astype(np.float64)  # as identify's
+        vecs = self.embeddings_of(name).astype(np.float64)
+        if metric == "euclidean":
+            return float(np.sqrt(max(0.0, float(((vecs - e) ** 2).sum(1).min()))))
+        return float(np.sqrt(max(0.0, 2.0 - 2.0 * float(np.max(vecs @ e)))))
+
     # -- index --------------------------------------------------------------------------
     @property
     def cache_path(self) -> Path:

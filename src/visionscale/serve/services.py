@@ -367,14 +367,7 @@ class FaceService:
                     g = self._need_gallery()
                     if name not in g:
                         raise ApiError(404, "unknown_identity", f"no person named {name!r} in the gallery", "name")
-                    # As the gallery compares, to the closest sample: plain Euclidean distance in a
-                    # "euclidean" gallery (dlib's descriptors), that of unit vectors in a "cosine" one.
-                    e = ea.astype(np.float64)
-                    vecs = g.embeddings_of(name).astype(np.float64)
-                    if g.metric == "euclidean":
-                        d = float(np.sqrt(((vecs - e) ** 2).sum(1)).min())
-                    else:
-                        d = float(np.sqrt(max(0.0, 2.0 - 2.0 * float(np.max(vecs @ (e / np.linalg.norm(e)))))))
+                    d = g.distance(name, ea)  # as the gallery compares: to the closest sample
                     out.append({"distance": d, "same": d < t, "threshold": t, "name": name,
                                 "model": self.recognizer.model_id})
             except Exception as exc:  # noqa: BLE001 - answered per request (mapped to 4xx by type)
